@@ -1,0 +1,38 @@
+//! The `rask` command.
+//!
+//! This is the only crate that knows about command-line parsing and exit statuses; everything it
+//! does is a thin layer over the library crates.
+
+mod bench;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// rask: parallel task graphs, Dask's model with a fraction of its overhead.
+#[derive(Parser)]
+#[command(name = "rask", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a workflow file (see the README for the format) and print its outputs.
+    Run(run::RunArgs),
+    /// Validate a workflow file and print its task graph in Graphviz dot syntax.
+    Graph(run::GraphArgs),
+    /// Benchmarks, side by side with Dask.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run::run(&args),
+        Command::Graph(args) => run::graph(&args),
+        Command::Bench(args) => bench::bench(&args),
+    }
+}

@@ -1,0 +1,246 @@
+//! `rask run` and `rask graph`: workflow files on the embedded local cluster.
+//!
+//! Exit statuses follow the workflow specification: 0 every output computed, 1 some output
+//! failed (the others are still reported), 2 the file or command line is invalid (nothing ran),
+//! 3 the cluster could not be used.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use rask_graph::workflow::{self, Workflow};
+use rask_graph::{Executor, TaskResult, Value};
+use rask_local::{LocalConfig, SyncScheduler, ThreadedScheduler};
+
+/// Arguments of `rask run`.
+#[derive(clap::Args)]
+pub(crate) struct RunArgs {
+    /// Workflow file, or `-` for standard input.
+    file: PathBuf,
+    /// Print exactly one JSON object mapping each output key to its value.
+    #[arg(long)]
+    json: bool,
+    /// Run on this cluster (tcp://HOST:PORT) instead of an embedded one.
+    #[arg(long, value_name = "ADDRESS")]
+    scheduler: Option<String>,
+    /// Workers of the embedded cluster (named local-0, local-1, ...).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    workers: u32,
+    /// Threads per worker of the embedded cluster [default: number of cores].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    threads_per_worker: Option<u32>,
+    /// Memory limit per worker (e.g. 4GiB, 512MB); must parse, enforced once memory management lands.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// Resources each embedded worker advertises, e.g. `GPU=1,MEM=4`. Without it, each worker
+    /// advertises the largest amount any single task asks for.
+    #[arg(long, value_name = "NAME=AMOUNT,...", value_parser = parse_resources)]
+    resources: Option<BTreeMap<String, f64>>,
+    /// Use the single-threaded, deterministic scheduler (for debugging).
+    #[arg(long)]
+    sync: bool,
+}
+
+/// Arguments of `rask graph`.
+#[derive(clap::Args)]
+pub(crate) struct GraphArgs {
+    /// Workflow file, or `-` for standard input.
+    file: PathBuf,
+}
+
+/// Parses `4GiB`, `512MB`, `1000000`, `1.5G` into bytes.
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
+    };
+    Ok((n * mult) as u64)
+}
+
+fn parse_resources(s: &str) -> Result<BTreeMap<String, f64>, String> {
+    let mut m = BTreeMap::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let (name, amount) =
+            part.split_once('=').ok_or_else(|| format!("invalid resource {part:?}: expected NAME=AMOUNT"))?;
+        let amount: f64 = amount.trim().parse().map_err(|_| format!("invalid amount in {part:?}"))?;
+        if !(amount > 0.0) {
+            return Err(format!("invalid resource {part:?}: the amount must be > 0"));
+        }
+        m.insert(name.trim().to_owned(), amount);
+    }
+    Ok(m)
+}
+
+/// Reads and validates a workflow; on failure prints the problem and returns exit status 2.
+fn load(file: &PathBuf) -> Result<Workflow, ExitCode> {
+    let name = file.display().to_string();
+    let mut text = String::new();
+    let read = if name == "-" {
+        std::io::stdin().read_to_string(&mut text).map(|_| ())
+    } else {
+        std::fs::File::open(file).and_then(|mut f| f.read_to_string(&mut text)).map(|_| ())
+    };
+    if let Err(e) = read {
+        eprintln!("rask: cannot read {name}: {e}");
+        return Err(ExitCode::from(2));
+    }
+    let registry = rask_ops::global();
+    workflow::parse(&text, &*registry).map_err(|e| {
+        match e {
+            workflow::WorkflowError::Syntax { .. } => eprintln!("rask: {name}: {e}"),
+            workflow::WorkflowError::Invalid(problems) => {
+                eprintln!("rask: {name}: invalid workflow:");
+                for p in problems {
+                    eprintln!("  {p}");
+                }
+            }
+        }
+        ExitCode::from(2)
+    })
+}
+
+pub(crate) fn graph(args: &GraphArgs) -> ExitCode {
+    match load(&args.file) {
+        Ok(w) => {
+            print!("{}", rask_graph::to_dot(&w.graph));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+pub(crate) fn run(args: &RunArgs) -> ExitCode {
+    let w = match load(&args.file) {
+        Ok(w) => w,
+        Err(code) => return code,
+    };
+    if let Some(addr) = &args.scheduler {
+        eprintln!("rask: cannot use the cluster at {addr}: this build of rask has no distributed runtime yet");
+        return ExitCode::from(3);
+    }
+    let mut cfg =
+        LocalConfig { workers: args.workers as usize, resources: args.resources.clone(), ..LocalConfig::default() };
+    if let Some(t) = args.threads_per_worker {
+        cfg.threads_per_worker = t as usize;
+    }
+    let start = Instant::now();
+    let results = if args.sync {
+        SyncScheduler::new(cfg).run(&w.graph, &w.outputs)
+    } else {
+        ThreadedScheduler::new(cfg).run(&w.graph, &w.outputs)
+    };
+    let results = match results {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rask: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let elapsed = start.elapsed();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    let keys: Vec<&str> = w.outputs.iter().map(|o| w.graph.key(*o).as_str()).collect();
+    let written = if args.json { print_json(&keys, &results) } else { print_summary(&keys, &results) };
+    if let Err(e) = written {
+        // A closed pipe (e.g. `| head`) is not worth a panic.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("rask: cannot write results: {e}");
+        }
+    }
+    eprintln!(
+        "rask: {} tasks, {} outputs, {} failed, {:.3} s",
+        w.graph.len(),
+        results.len(),
+        failed,
+        elapsed.as_secs_f64()
+    );
+    if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
+/// The `--json` form: one object, outputs in the file's order, errors as `{"$error": ...}`.
+fn json_of(r: &TaskResult) -> serde_json::Value {
+    match r {
+        Ok(v) => v.to_json(),
+        Err(e) => serde_json::json!({"$error": {"key": e.key.as_str(), "message": e.message}}),
+    }
+}
+
+fn print_json(keys: &[&str], results: &[TaskResult]) -> std::io::Result<()> {
+    let out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, out);
+    out.write_all(b"{")?;
+    for (i, (k, r)) in keys.iter().zip(results).enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        serde_json::to_writer(&mut out, k)?;
+        out.write_all(b":")?;
+        serde_json::to_writer(&mut out, &json_of(r))?;
+    }
+    out.write_all(b"}\n")?;
+    out.flush()
+}
+
+fn print_summary(keys: &[&str], results: &[TaskResult]) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let width = keys.iter().map(|k| k.chars().count()).max().unwrap_or(0).min(40);
+    for (k, r) in keys.iter().zip(results) {
+        match r {
+            Ok(Value::Str(s)) if s.contains('\n') || s.len() > 200 => {
+                let first = s.lines().next().unwrap_or_default();
+                let more = s.lines().count().saturating_sub(1);
+                writeln!(out, "{k:<width$}  = {first:?} (+{more} more lines, {} bytes)", s.len())?;
+            }
+            Ok(v) => writeln!(out, "{k:<width$}  = {}", short(&v.to_json().to_string()))?,
+            Err(e) if e.key.as_str() == *k => writeln!(out, "{k:<width$}  FAILED: {}", e.message)?,
+            Err(e) => writeln!(out, "{k:<width$}  FAILED: upstream task {} failed: {}", e.key, e.message)?,
+        }
+    }
+    out.flush()
+}
+
+fn short(s: &str) -> String {
+    const MAX: usize = 200;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let cut = (0..=MAX).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+    format!("{}... ({} bytes)", &s[..cut], s.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("512MB"), Ok(512_000_000));
+        assert_eq!(parse_size("1.5k"), Ok(1500));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn resources_parse_and_reject_non_positive_amounts() {
+        let r = parse_resources("GPU=1, MEM=2.5").expect("valid");
+        assert_eq!(r.get("GPU"), Some(&1.0));
+        assert_eq!(r.get("MEM"), Some(&2.5));
+        assert!(parse_resources("GPU=0").is_err());
+        assert!(parse_resources("GPU").is_err());
+    }
+}

@@ -1,0 +1,90 @@
+//! Task keys and typed ids.
+//!
+//! A [`Key`] is the user-facing, stable name of a task (a workflow file's task name, or a content
+//! hash for lazy calls). A [`TaskId`] is the dense index of a task inside one [`crate::Graph`]:
+//! schedulers index plain vectors with it, so the hot path never hashes a string.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::Arc;
+
+/// The stable name of a task. Cheap to clone (one `Arc`).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(Arc<str>);
+
+impl Key {
+    /// Creates a key from a name.
+    #[must_use]
+    pub fn new(name: &str) -> Self {
+        Key(Arc::from(name))
+    }
+
+    /// The key as a string slice.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The task prefix, as Dask groups tasks: the part before the first `-` (or the whole key).
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        self.0.split_once('-').map_or(&self.0, |(p, _)| p)
+    }
+}
+
+impl From<&str> for Key {
+    fn from(s: &str) -> Self {
+        Key::new(s)
+    }
+}
+
+impl From<String> for Key {
+    fn from(s: String) -> Self {
+        Key(Arc::from(s))
+    }
+}
+
+impl Borrow<str> for Key {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+/// Dense index of a task within one graph. Only meaningful together with that graph.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct TaskId(pub u32);
+
+impl TaskId {
+    /// The id as a vector index.
+    #[inline]
+    #[must_use]
+    pub fn idx(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// Dense index of an op name within one graph (op names are interned per graph, so a million
+/// `noop` tasks share one string and executors resolve each op to a function once).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct OpId(pub u32);
+
+impl OpId {
+    /// The id as a vector index.
+    #[inline]
+    #[must_use]
+    pub fn idx(self) -> usize {
+        self.0 as usize
+    }
+}
