@@ -77,7 +77,7 @@ fn parse_resources(s: &str) -> Result<BTreeMap<String, f64>, String> {
         let (name, amount) =
             part.split_once('=').ok_or_else(|| format!("invalid resource {part:?}: expected NAME=AMOUNT"))?;
         let amount: f64 = amount.trim().parse().map_err(|_| format!("invalid amount in {part:?}"))?;
-        if !(amount > 0.0) {
+        if !amount.is_finite() || amount <= 0.0 {
             return Err(format!("invalid resource {part:?}: the amount must be > 0"));
         }
         m.insert(name.trim().to_owned(), amount);
@@ -197,16 +197,22 @@ fn print_json(keys: &[&str], results: &[TaskResult]) -> std::io::Result<()> {
 fn print_summary(keys: &[&str], results: &[TaskResult]) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let width = keys.iter().map(|k| k.chars().count()).max().unwrap_or(0).min(40);
+    let indent = |text: &str| text.replace('\n', &format!("\n{:width$}    ", ""));
     for (k, r) in keys.iter().zip(results) {
         match r {
-            Ok(Value::Str(s)) if s.contains('\n') || s.len() > 200 => {
-                let first = s.lines().next().unwrap_or_default();
-                let more = s.lines().count().saturating_sub(1);
-                writeln!(out, "{k:<width$}  = {first:?} (+{more} more lines, {} bytes)", s.len())?;
+            Ok(Value::Str(s)) if s.trim_end_matches('\n').contains('\n') => {
+                let lines = s.lines().count();
+                writeln!(out, "{k:<width$}  = ({lines} lines, {} bytes)", s.len())?;
+                for line in s.lines().take(5) {
+                    writeln!(out, "{:width$}    | {}", "", short(line))?;
+                }
+                if lines > 5 {
+                    writeln!(out, "{:width$}    | ...", "")?;
+                }
             }
             Ok(v) => writeln!(out, "{k:<width$}  = {}", short(&v.to_json().to_string()))?,
-            Err(e) if e.key.as_str() == *k => writeln!(out, "{k:<width$}  FAILED: {}", e.message)?,
-            Err(e) => writeln!(out, "{k:<width$}  FAILED: upstream task {} failed: {}", e.key, e.message)?,
+            Err(e) if e.key.as_str() == *k => writeln!(out, "{k:<width$}  FAILED: {}", indent(&e.message))?,
+            Err(e) => writeln!(out, "{k:<width$}  FAILED: upstream task {} failed: {}", e.key, indent(&e.message))?,
         }
     }
     out.flush()

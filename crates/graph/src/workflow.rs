@@ -292,7 +292,7 @@ impl RawTask {
         };
         let mut resources = Vec::new();
         for (name, amount) in self.resources.iter().flatten() {
-            if !(*amount > 0.0) {
+            if !amount.is_finite() || *amount <= 0.0 {
                 return Err(format!("resource {name:?} must be a number > 0, got {amount}"));
             }
             resources.push((Arc::from(name.as_str()), *amount));

@@ -49,9 +49,7 @@ impl<'g> Plan<'g> {
         // A failed dependency fails this task without running it; the first failed dependency
         // (in argument order) is the reported cause, so every executor reports the same one.
         for d in self.graph.deps(t) {
-            if let Err(e) = dep(*d) {
-                return Err(e);
-            }
+            dep(*d)?;
         }
         let value_of = |d: TaskId| dep(d).unwrap_or_default();
         let task = self.graph.task(t);
@@ -116,6 +114,9 @@ impl<'g> Plan<'g> {
     }
 }
 
+/// How long a timed-out attempt may take to acknowledge cancellation.
+const CANCEL_GRACE: Duration = Duration::from_millis(500);
+
 /// Runs an attempt on its own thread so the caller can give up at the deadline. The abandoned
 /// thread is told to stop (ops such as `shell` and `sleep` honour that; `shell` kills its
 /// process group) and its late result is dropped.
@@ -144,6 +145,10 @@ fn call_with_timeout(
         Ok(Err(m)) => Err((FailureKind::Panic, m)),
         Err(_) => {
             cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            // Give a cooperative op (`shell`, `sleep`) a moment to stop and clean up — `shell`
+            // kills its process group — so nothing outlives the run. A function that ignores
+            // cancellation is abandoned after the grace period; its late result is dropped.
+            let _ = rx.recv_timeout(CANCEL_GRACE);
             Err((FailureKind::Timeout, format!("timed out after {}", fmt_secs(limit))))
         }
     }

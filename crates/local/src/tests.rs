@@ -25,9 +25,12 @@ fn cfg(registry: Registry, threads: usize) -> LocalConfig {
     LocalConfig { threads_per_worker: threads, registry: Arc::new(registry), ..LocalConfig::default() }
 }
 
+/// A named way of running a graph.
+type Runner = (String, Box<dyn Fn(&Graph, &[TaskId]) -> Vec<TaskResult>>);
+
 /// Both schedulers (threaded with 1, 2 and 4 threads), each with fusion on and off.
-fn all_schedulers(registry: &Registry) -> Vec<(String, Box<dyn Fn(&Graph, &[TaskId]) -> Vec<TaskResult>>)> {
-    let mut v: Vec<(String, Box<dyn Fn(&Graph, &[TaskId]) -> Vec<TaskResult>>)> = Vec::new();
+fn all_schedulers(registry: &Registry) -> Vec<Runner> {
+    let mut v: Vec<Runner> = Vec::new();
     for fuse in [true, false] {
         let s = SyncScheduler::new(LocalConfig { fuse, ..cfg(registry.clone(), 1) });
         v.push((format!("sync fuse={fuse}"), Box::new(move |g, o| s.run(g, o).expect("runs"))));

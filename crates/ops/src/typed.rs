@@ -203,6 +203,9 @@ impl<T: FromValue> FromValue for BTreeMap<String, T> {
 /// What a typed function may return: a value, or `Result<value, error>` whose error message
 /// becomes the task's failure message.
 pub trait IntoOpResult {
+    /// The value type on success (what a typed handle to the task's result holds).
+    type Output;
+
     /// Converts.
     ///
     /// # Errors
@@ -211,12 +214,16 @@ pub trait IntoOpResult {
 }
 
 impl<T: IntoValue> IntoOpResult for T {
+    type Output = T;
+
     fn into_op_result(self) -> Result<Value, OpError> {
         Ok(self.into_value())
     }
 }
 
 impl<T: IntoValue, E: Display> IntoOpResult for Result<T, E> {
+    type Output = T;
+
     fn into_op_result(self) -> Result<Value, OpError> {
         self.map(IntoValue::into_value).map_err(|e| OpError(e.to_string()))
     }
@@ -224,6 +231,9 @@ impl<T: IntoValue, E: Display> IntoOpResult for Result<T, E> {
 
 /// A Rust closure that can become an op; `Args` is the tuple of its argument types.
 pub trait IntoOp<Args>: Send + Sync + 'static {
+    /// What the function produces on success.
+    type Output;
+
     /// Wraps the closure into an [`OpFn`]; `name` appears in its error messages.
     fn into_op(self, name: &str) -> OpFn;
 }
@@ -236,6 +246,8 @@ macro_rules! into_op {
             R: IntoOpResult,
             $($a: FromValue,)*
         {
+            type Output = R::Output;
+
             fn into_op(self, name: &str) -> OpFn {
                 let name: Arc<str> = Arc::from(name);
                 Arc::new(move |_ctx: &TaskCtx<'_>, args: &[Value]| {
