@@ -5,14 +5,16 @@
 //! 3 the cluster could not be used.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use rask_graph::workflow::{self, Workflow};
 use rask_graph::{Executor, TaskResult, Value};
-use rask_local::{LocalConfig, SyncScheduler, ThreadedScheduler};
+use rask_local::{LocalConfig, Progress, SyncScheduler, ThreadedScheduler};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Arguments of `rask run`.
 #[derive(clap::Args)]
@@ -137,12 +139,14 @@ pub(crate) fn run(args: &RunArgs) -> ExitCode {
     if let Some(t) = args.threads_per_worker {
         cfg.threads_per_worker = t as usize;
     }
+    let bar = std::io::stderr().is_terminal().then(|| ProgressBar::start(&mut cfg));
     let start = Instant::now();
     let results = if args.sync {
         SyncScheduler::new(cfg).run(&w.graph, &w.outputs)
     } else {
         ThreadedScheduler::new(cfg).run(&w.graph, &w.outputs)
     };
+    drop(bar);
     let results = match results {
         Ok(r) => r,
         Err(e) => {
@@ -168,6 +172,49 @@ pub(crate) fn run(args: &RunArgs) -> ExitCode {
         elapsed.as_secs_f64()
     );
     if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
+/// A progress bar on standard error, redrawn from the run's [`Progress`] by a helper thread.
+/// Only used when standard error is a terminal; dropping it stops and clears the bar.
+struct ProgressBar {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProgressBar {
+    fn start(cfg: &mut LocalConfig) -> Self {
+        let progress = Arc::new(Progress::default());
+        cfg.progress = Some(Arc::clone(&progress));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("rask-progress".into())
+            .spawn(move || {
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:40}] {pos}/{len} tasks")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                );
+                while !stop2.load(Ordering::Relaxed) {
+                    bar.set_length(progress.total() as u64);
+                    bar.set_position(progress.done() as u64);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                bar.finish_and_clear();
+            })
+            .ok();
+        ProgressBar { stop, thread }
+    }
+}
+
+impl Drop for ProgressBar {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The `--json` form: one object, outputs in the file's order, errors as `{"$error": ...}`.

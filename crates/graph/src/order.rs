@@ -254,3 +254,69 @@ mod tests {
         assert!(seen.iter().all(|r| (*r as usize) < g.len()));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::{ArgSpec, GraphBuilder, Key, TaskSpec};
+    use proptest::prelude::*;
+
+    /// Random DAG: task i depends on up to 3 earlier tasks.
+    fn random_dag() -> impl Strategy<Value = Graph> {
+        prop::collection::vec(prop::collection::vec(any::<prop::sample::Index>(), 0..4), 1..80).prop_map(|deps| {
+            let mut b = GraphBuilder::new();
+            for (i, ds) in deps.iter().enumerate() {
+                let args = if i == 0 {
+                    vec![]
+                } else {
+                    ds.iter().map(|d| ArgSpec::Ref(Key::from(format!("k{}", d.index(i))))).collect()
+                };
+                b.add(TaskSpec::new(format!("k{i}"), "f", args));
+            }
+            b.build().expect("random DAG is valid")
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn order_is_a_permutation_that_respects_dependencies(g in random_dag(), pick in any::<prop::sample::Index>()) {
+            let outputs = [TaskId(pick.index(g.len()) as u32)];
+            let rank = order(&g, &outputs);
+            let mut sorted = rank.clone();
+            sorted.sort_unstable();
+            prop_assert_eq!(sorted, (0..g.len() as u32).collect::<Vec<_>>());
+            for t in g.ids() {
+                for d in g.deps(t) {
+                    prop_assert!(rank[d.idx()] < rank[t.idx()], "{:?} before its dependency {:?}", t, d);
+                }
+            }
+        }
+
+        #[test]
+        fn topo_order_respects_dependencies_and_cull_keeps_the_closure(g in random_dag(), pick in any::<prop::sample::Index>()) {
+            let topo = g.topo_order();
+            prop_assert_eq!(topo.len(), g.len());
+            let mut pos = vec![0; g.len()];
+            for (i, t) in topo.iter().enumerate() {
+                pos[t.idx()] = i;
+            }
+            for t in g.ids() {
+                for d in g.deps(t) {
+                    prop_assert!(pos[d.idx()] < pos[t.idx()]);
+                }
+            }
+            let out = TaskId(pick.index(g.len()) as u32);
+            let (culled, outs) = g.cull(&[out]).unwrap_or_else(|| (g.clone(), vec![out]));
+            prop_assert_eq!(culled.key(outs[0]), g.key(out));
+            // Every kept task's dependencies are kept, with the same keys.
+            for t in culled.ids() {
+                let orig = g.id(culled.key(t).as_str()).expect("kept keys exist in the original");
+                let mut a: Vec<&Key> = culled.deps(t).iter().map(|d| culled.key(*d)).collect();
+                let mut b: Vec<&Key> = g.deps(orig).iter().map(|d| g.key(*d)).collect();
+                a.sort();
+                b.sort();
+                prop_assert_eq!(a, b);
+            }
+        }
+    }
+}

@@ -22,6 +22,7 @@ mod threaded;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rask_graph::{Graph, Key, TaskId, TaskResult};
 use rask_ops::Registry;
@@ -67,6 +68,41 @@ pub struct LocalConfig {
     pub fuse: bool,
     /// The functions tasks call.
     pub registry: Arc<Registry>,
+    /// Where to publish progress (tasks finished / total), e.g. for a progress bar.
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// Progress of a run, readable from any thread while it runs.
+///
+/// Counts are published in small batches (the threaded scheduler does not touch a shared
+/// counter per task), so a reader sees them advance smoothly but slightly behind.
+#[derive(Debug, Default)]
+pub struct Progress {
+    total: AtomicUsize,
+    done: AtomicUsize,
+}
+
+impl Progress {
+    /// Tasks the current run will execute (after culling and fusion).
+    #[must_use]
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Tasks finished so far (succeeded or failed).
+    #[must_use]
+    pub fn done(&self) -> usize {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn start(&self, total: usize) {
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(&self, n: usize) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 impl Default for LocalConfig {
@@ -77,6 +113,7 @@ impl Default for LocalConfig {
             resources: None,
             fuse: true,
             registry: rask_ops::global(),
+            progress: None,
         }
     }
 }
@@ -152,6 +189,9 @@ pub(crate) fn prepare<'g>(
     }
     let workers = cfg.workers.max(1) as f64;
     let capacity = per_worker.into_iter().map(|(n, a)| (n, a * workers)).collect();
+    if let Some(p) = &cfg.progress {
+        p.start(g.len());
+    }
     Ok((g, outs, capacity))
 }
 

@@ -44,6 +44,9 @@ impl Executor for SyncScheduler {
                 plan.execute(t, &dep, &mut buf)
             };
             slots[t.idx()] = Some(result);
+            if let Some(p) = &self.cfg.progress {
+                p.add(1);
+            }
             for d in g.deps(t) {
                 consumers[d.idx()] -= 1;
                 if consumers[d.idx()] == 0 {

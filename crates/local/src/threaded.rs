@@ -82,7 +82,11 @@ struct Shared<'p, 'g> {
     done: AtomicUsize,
     threads: usize,
     pool: Option<Mutex<Pool>>,
+    progress: Option<Arc<crate::Progress>>,
 }
+
+/// Tasks a thread finishes before it publishes them to [`crate::Progress`].
+const PROGRESS_BATCH: usize = 64;
 
 impl Executor for ThreadedScheduler {
     type Error = LocalError;
@@ -107,6 +111,7 @@ impl Executor for ThreadedScheduler {
             done: AtomicUsize::new(0),
             threads,
             pool: (!capacity.is_empty()).then(|| Mutex::new(Pool { free: capacity, parked: BinaryHeap::new() })),
+            progress: self.cfg.progress.clone(),
         };
         if n > 0 {
             std::thread::scope(|s| -> Result<(), LocalError> {
@@ -142,6 +147,7 @@ impl Shared<'_, '_> {
         let mut local: BinaryHeap<Reverse<u32>> = BinaryHeap::new();
         let mut buf: Vec<Value> = Vec::new();
         let mut finished = 0usize;
+        let mut unreported = 0usize;
         loop {
             let r = match local.peek() {
                 Some(&Reverse(r)) if r <= self.top.load(Ordering::Relaxed) => {
@@ -171,6 +177,12 @@ impl Shared<'_, '_> {
                 self.release(t);
             }
             finished += 1;
+            if let Some(p) = &self.progress {
+                unreported += 1;
+                if unreported == PROGRESS_BATCH || local.is_empty() {
+                    p.add(std::mem::take(&mut unreported));
+                }
+            }
         }
     }
 
