@@ -8,6 +8,7 @@
 //! graph, so the hot path is one indirect call.
 
 mod builtins;
+mod run;
 mod shell;
 mod typed;
 
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use rask_graph::workflow::{OpCatalog, OpCheckError};
 use rask_graph::{ArgSpec, Key, Value};
 
+pub use run::{CallPolicy, attempt_once, run_call};
 pub use typed::{FromValue, IntoOp, IntoOpResult, IntoValue, TypeError};
 
 /// An op: takes the task context and the resolved positional arguments, returns a value or an
