@@ -1,0 +1,155 @@
+//! Frames: `len (u32 BE) | header_len (u32 BE) | header | blob0 | blob1 | ...`.
+//!
+//! The header is postcard: `(Vec<M>, Vec<u64>)` — a batch of messages and the blob lengths.
+//! Reading allocates one buffer per frame and hands out blobs as zero-copy slices of it; writing
+//! sends blobs straight from their `Bytes` without copying them into a frame buffer.
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::{MAX_FRAME, ProtocolError};
+
+/// A decoded frame: its messages and blobs.
+#[derive(Debug)]
+pub struct Frame<M> {
+    /// The batch of messages.
+    pub messages: Vec<M>,
+    /// Out-of-band binary data the messages refer to by index.
+    pub blobs: Vec<Bytes>,
+}
+
+/// Writes one frame.
+///
+/// # Errors
+/// On I/O failure, or if the frame would exceed [`MAX_FRAME`].
+///
+/// # Cancel safety
+/// Not cancel safe: a cancelled write leaves a partial frame; close the connection.
+pub async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
+    w: &mut W,
+    messages: &[M],
+    blobs: &[Bytes],
+) -> Result<(), ProtocolError> {
+    let lens: Vec<u64> = blobs.iter().map(|b| b.len() as u64).collect();
+    let header =
+        postcard::to_stdvec(&(messages, &lens)).map_err(|e| ProtocolError::Malformed(format!("cannot encode: {e}")))?;
+    let total = 4 + header.len() + blobs.iter().map(Bytes::len).sum::<usize>();
+    if total > MAX_FRAME {
+        return Err(ProtocolError::FrameTooLarge { size: total, limit: MAX_FRAME });
+    }
+    let mut head = Vec::with_capacity(8 + header.len());
+    head.extend_from_slice(&(total as u32).to_be_bytes());
+    head.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    head.extend_from_slice(&header);
+    w.write_all(&head).await?;
+    for b in blobs {
+        w.write_all(b).await?;
+    }
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+///
+/// # Errors
+/// On I/O failure, an oversized frame, or bytes that do not decode as `M`.
+///
+/// # Cancel safety
+/// Not cancel safe; keep the read loop in one task.
+pub async fn read_frame<R: AsyncRead + Unpin, M: DeserializeOwned>(r: &mut R) -> Result<Option<Frame<M>>, ProtocolError> {
+    let Some(raw) = read_raw(r).await? else { return Ok(None) };
+    decode(raw).map(Some)
+}
+
+/// Reads one length-prefixed frame without decoding it.
+pub(crate) async fn read_raw<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Bytes>, ProtocolError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let size = u32::from_be_bytes(len) as usize;
+    if size > MAX_FRAME {
+        return Err(ProtocolError::FrameTooLarge { size, limit: MAX_FRAME });
+    }
+    let mut buf = BytesMut::zeroed(size);
+    r.read_exact(&mut buf).await?;
+    Ok(Some(buf.freeze()))
+}
+
+/// Decodes a frame body (everything after the length prefix).
+///
+/// # Errors
+/// When the body is truncated, inconsistent or not postcard for `M`.
+pub fn decode<M: DeserializeOwned>(mut body: Bytes) -> Result<Frame<M>, ProtocolError> {
+    let bad = |what: &str| ProtocolError::Malformed(what.to_owned());
+    if body.len() < 4 {
+        return Err(bad("frame shorter than its header length"));
+    }
+    let hlen = u32::from_be_bytes([body[0], body[1], body[2], body[3]]) as usize;
+    if body.len() < 4 + hlen {
+        return Err(bad("frame shorter than its header"));
+    }
+    let _ = body.split_to(4);
+    let header = body.split_to(hlen);
+    let (messages, lens): (Vec<M>, Vec<u64>) =
+        postcard::from_bytes(&header).map_err(|e| ProtocolError::Malformed(format!("undecodable header: {e}")))?;
+    let mut blobs = Vec::with_capacity(lens.len());
+    for l in lens {
+        let l = usize::try_from(l).map_err(|_| bad("blob length overflows"))?;
+        if l > body.len() {
+            return Err(bad("blob extends past the end of the frame"));
+        }
+        blobs.push(body.split_to(l));
+    }
+    if !body.is_empty() {
+        return Err(bad("trailing bytes after the last blob"));
+    }
+    Ok(Frame { messages, blobs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn frame_round_trips_messages_and_blobs() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        let blob = Bytes::from(vec![7u8; 100_000]);
+        write_frame(&mut a, &["hello".to_owned(), "world".to_owned()], std::slice::from_ref(&blob)).await.expect("write");
+        drop(a);
+        let f: Frame<String> = read_frame(&mut b).await.expect("read").expect("one frame");
+        assert_eq!(f.messages, ["hello", "world"]);
+        assert_eq!(f.blobs, [blob]);
+        assert!(read_frame::<_, String>(&mut b).await.expect("clean end").is_none());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn oversized_length_is_refused_before_allocating() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&u32::MAX.to_be_bytes()).await.expect("write");
+        let err = read_frame::<_, String>(&mut b).await.expect_err("too large");
+        assert!(matches!(err, ProtocolError::FrameTooLarge { .. }), "{err}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn truncated_frame_is_an_error_not_a_hang() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&100u32.to_be_bytes()).await.expect("write");
+        a.write_all(b"short").await.expect("write");
+        drop(a);
+        assert!(read_frame::<_, String>(&mut b).await.is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic_the_decoder(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<crate::msg::ToScheduler>(Bytes::from(body.clone()));
+            let _ = decode::<crate::msg::FromScheduler>(Bytes::from(body.clone()));
+            let _ = decode::<crate::msg::PeerMsg>(Bytes::from(body));
+        }
+    }
+}

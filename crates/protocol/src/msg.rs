@@ -1,0 +1,118 @@
+//! Every message, grouped by direction. Each frame carries a batch of one of these enums.
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{WireBody, WireError, WireTask, WireValue};
+
+/// Sent to the scheduler by clients and workers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToScheduler {
+    /// Client: add these tasks (keys already known are reused) and hold futures for `wanted`.
+    SubmitGraph {
+        /// The tasks.
+        tasks: Vec<WireTask>,
+        /// Keys the client holds futures for.
+        wanted: Vec<String>,
+    },
+    /// Client: the futures of these keys were dropped.
+    Release {
+        /// The keys.
+        keys: Vec<String>,
+    },
+    /// Client: stop these keys (and what depends on them) if nobody else wants them.
+    Cancel {
+        /// The keys.
+        keys: Vec<String>,
+    },
+    /// Worker: a task finished and its value is held here.
+    TaskFinished {
+        /// The task.
+        key: String,
+        /// Size of the value.
+        nbytes: u64,
+        /// Run time in microseconds (for scheduling estimates).
+        duration_us: u64,
+    },
+    /// Worker: a task failed (after its retries).
+    TaskFailed {
+        /// The task.
+        key: String,
+        /// Why.
+        error: WireError,
+    },
+    /// Worker: these keys could not be computed because an input could not be fetched.
+    MissingInputs {
+        /// The task that could not start.
+        key: String,
+        /// Inputs that no peer could provide.
+        missing: Vec<String>,
+    },
+    /// Anyone: still alive.
+    Heartbeat,
+}
+
+/// Sent by the scheduler to clients and workers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FromScheduler {
+    /// To a client: a wanted key is in memory on these workers (data addresses).
+    KeyInMemory {
+        /// The key.
+        key: String,
+        /// Where it can be fetched.
+        workers: Vec<String>,
+        /// Its size.
+        nbytes: u64,
+    },
+    /// To a client: a wanted key failed.
+    KeyErred {
+        /// The key.
+        key: String,
+        /// The root failure.
+        error: WireError,
+    },
+    /// To a client: a wanted key was cancelled.
+    KeyCancelled {
+        /// The key.
+        key: String,
+    },
+    /// To a worker: run this task; inputs not held locally are at the given peers.
+    Compute {
+        /// The task.
+        key: String,
+        /// What to run.
+        body: WireBody,
+        /// (input key, data addresses holding it), in dependency order.
+        inputs: Vec<(String, Vec<String>)>,
+        /// Re-runs after a failed attempt.
+        retries: u32,
+        /// Per-attempt time limit in microseconds.
+        timeout_us: Option<u64>,
+        /// Lower runs first on the worker.
+        priority: (i64, u64, u32),
+    },
+    /// To a worker: drop these values.
+    Free {
+        /// The keys.
+        keys: Vec<String>,
+    },
+    /// To a worker or client: the scheduler is going away.
+    Shutdown {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Between a client or worker and a worker's data port.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PeerMsg {
+    /// Ask for values.
+    GetData {
+        /// The keys.
+        keys: Vec<String>,
+    },
+    /// The values asked for (`None`: not held here).
+    Data {
+        /// (key, value) in the order asked.
+        values: Vec<(String, Option<WireValue>)>,
+    },
+}

@@ -1,0 +1,321 @@
+//! Wire forms of values, task specs and task errors, and their conversion to and from the core
+//! types. Conversion happens here, at the boundary; no core crate sees these types.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rask_graph::{Annotations, Arg, Body, FailureKind, Graph, Key, TaskError, TaskId, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::ProtocolError;
+
+/// Binary values at least this large travel as out-of-band blobs (no copy); smaller ones inline.
+pub const BLOB_THRESHOLD: usize = 4096;
+
+/// A [`Value`] on the wire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum WireValue {
+    /// `null`.
+    Null,
+    /// A boolean.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A string.
+    Str(String),
+    /// Small binary data, inline.
+    Bytes(Bytes),
+    /// Large binary data: index into the frame's blobs.
+    Blob(u32),
+    /// A list.
+    List(Vec<WireValue>),
+    /// An object (sorted by key).
+    Map(Vec<(String, WireValue)>),
+}
+
+/// Converts a value, moving large binary parts into `blobs` (zero-copy: `Bytes` clones).
+#[must_use]
+pub fn value_to_wire(v: &Value, blobs: &mut Vec<Bytes>) -> WireValue {
+    match v {
+        Value::Null => WireValue::Null,
+        Value::Bool(b) => WireValue::Bool(*b),
+        Value::Int(i) => WireValue::Int(*i),
+        Value::Float(f) => WireValue::Float(*f),
+        Value::Str(s) => WireValue::Str(s.to_string()),
+        Value::Bytes(b) if b.len() >= BLOB_THRESHOLD => {
+            blobs.push(b.clone());
+            WireValue::Blob(blobs.len() as u32 - 1)
+        }
+        Value::Bytes(b) => WireValue::Bytes(b.clone()),
+        Value::List(items) => WireValue::List(items.iter().map(|v| value_to_wire(v, blobs)).collect()),
+        Value::Map(m) => WireValue::Map(m.iter().map(|(k, v)| (k.clone(), value_to_wire(v, blobs))).collect()),
+    }
+}
+
+/// Converts back, taking blobs from the frame (zero-copy).
+///
+/// # Errors
+/// When a blob index is out of range.
+pub fn value_from_wire(w: WireValue, blobs: &[Bytes]) -> Result<Value, ProtocolError> {
+    Ok(match w {
+        WireValue::Null => Value::Null,
+        WireValue::Bool(b) => Value::Bool(b),
+        WireValue::Int(i) => Value::Int(i),
+        WireValue::Float(f) => Value::Float(f),
+        WireValue::Str(s) => Value::from(s),
+        WireValue::Bytes(b) => Value::Bytes(b),
+        WireValue::Blob(i) => Value::Bytes(
+            blobs.get(i as usize).cloned().ok_or_else(|| ProtocolError::Malformed(format!("blob {i} missing")))?,
+        ),
+        WireValue::List(items) => {
+            Value::list(items.into_iter().map(|v| value_from_wire(v, blobs)).collect::<Result<_, _>>()?)
+        }
+        WireValue::Map(entries) => Value::Map(Arc::new(
+            entries
+                .into_iter()
+                .map(|(k, v)| Ok((k, value_from_wire(v, blobs)?)))
+                .collect::<Result<BTreeMap<_, _>, ProtocolError>>()?,
+        )),
+    })
+}
+
+/// An argument tree on the wire; references are by key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum WireArg {
+    /// A literal (binary data inline).
+    Lit(WireValue),
+    /// The value of the task with this key.
+    Ref(String),
+    /// Inside a fused chain: the value of an earlier link.
+    Link(u32),
+    /// A list with references inside.
+    List(Vec<WireArg>),
+    /// An object with references inside.
+    Map(Vec<(String, WireArg)>),
+}
+
+/// One call: op name and arguments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireCall {
+    /// Op name, resolved by the worker's registry.
+    pub op: String,
+    /// Arguments.
+    pub args: Vec<WireArg>,
+}
+
+/// What a task runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum WireBody {
+    /// One call.
+    Call(WireCall),
+    /// A fused chain of (link key, call).
+    Chain(Vec<(String, WireCall)>),
+}
+
+/// Scheduling annotations on the wire.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct WireAnnotations {
+    /// Higher runs first.
+    pub priority: i64,
+    /// Re-runs after a failed attempt (done by the worker).
+    pub retries: u32,
+    /// Resources held while running.
+    pub resources: Vec<(String, f64)>,
+    /// Restrict to these worker names or addresses.
+    pub workers: Vec<String>,
+    /// Fall back to any worker.
+    pub allow_other_workers: bool,
+    /// Per-attempt time limit in microseconds.
+    pub timeout_us: Option<u64>,
+}
+
+/// A task as a client submits it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireTask {
+    /// Unique key.
+    pub key: String,
+    /// Keys of the tasks it needs (data and ordering), in argument order, each once.
+    pub deps: Vec<String>,
+    /// What to run.
+    pub body: WireBody,
+    /// Non-default annotations.
+    pub annotations: Option<WireAnnotations>,
+    /// Position in the graph's memory-friendly order (lower first), from `rask_graph::order`.
+    pub order: u32,
+}
+
+/// A task failure on the wire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireError {
+    /// Root key.
+    pub key: String,
+    /// Message.
+    pub message: String,
+    /// Cause.
+    pub kind: WireFailure,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+/// [`FailureKind`] on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireFailure {
+    /// Op error.
+    Error,
+    /// Panic.
+    Panic,
+    /// Timeout.
+    Timeout,
+    /// Unknown op.
+    UnknownOp,
+    /// Could not be scheduled.
+    Unrunnable,
+}
+
+impl From<&TaskError> for WireError {
+    fn from(e: &TaskError) -> Self {
+        let kind = match e.kind {
+            FailureKind::Error => WireFailure::Error,
+            FailureKind::Panic => WireFailure::Panic,
+            FailureKind::Timeout => WireFailure::Timeout,
+            FailureKind::UnknownOp => WireFailure::UnknownOp,
+            FailureKind::Unrunnable => WireFailure::Unrunnable,
+        };
+        WireError { key: e.key.as_str().to_owned(), message: e.message.clone(), kind, attempts: e.attempts }
+    }
+}
+
+impl From<WireError> for TaskError {
+    fn from(e: WireError) -> Self {
+        let kind = match e.kind {
+            WireFailure::Error => FailureKind::Error,
+            WireFailure::Panic => FailureKind::Panic,
+            WireFailure::Timeout => FailureKind::Timeout,
+            WireFailure::UnknownOp => FailureKind::UnknownOp,
+            WireFailure::Unrunnable => FailureKind::Unrunnable,
+        };
+        TaskError { key: Key::from(e.key), message: e.message, kind, attempts: e.attempts }
+    }
+}
+
+fn arg_to_wire(g: &Graph, a: &Arg) -> WireArg {
+    match a {
+        Arg::Lit(v) => WireArg::Lit(inline(v)),
+        Arg::Ref(t) => WireArg::Ref(g.key(*t).as_str().to_owned()),
+        Arg::Link(i) => WireArg::Link(*i),
+        Arg::List(items) => WireArg::List(items.iter().map(|a| arg_to_wire(g, a)).collect()),
+        Arg::Map(e) => WireArg::Map(e.iter().map(|(k, a)| (k.clone(), arg_to_wire(g, a))).collect()),
+    }
+}
+
+/// A value with all binary data inline (task specs carry no blobs).
+fn inline(v: &Value) -> WireValue {
+    match v {
+        Value::Bytes(b) => WireValue::Bytes(b.clone()),
+        Value::List(items) => WireValue::List(items.iter().map(inline).collect()),
+        Value::Map(m) => WireValue::Map(m.iter().map(|(k, v)| (k.clone(), inline(v))).collect()),
+        other => value_to_wire(other, &mut Vec::new()),
+    }
+}
+
+/// Converts a graph's tasks to their wire form; `rank` is each task's order position.
+#[must_use]
+pub fn graph_to_wire(g: &Graph, rank: &[u32]) -> Vec<WireTask> {
+    g.ids()
+        .map(|t: TaskId| {
+            let task = g.task(t);
+            let call = |c: &rask_graph::Call| WireCall {
+                op: g.op_name(c.op).to_owned(),
+                args: c.args.iter().map(|a| arg_to_wire(g, a)).collect(),
+            };
+            let body = match &task.body {
+                Body::Call(c) => WireBody::Call(call(c)),
+                Body::Chain(links) => {
+                    WireBody::Chain(links.iter().map(|l| (l.key.as_str().to_owned(), call(&l.call))).collect())
+                }
+            };
+            let annotations = task.annotations.as_deref().map(annotations_to_wire);
+            WireTask {
+                key: g.key(t).as_str().to_owned(),
+                deps: g.deps(t).iter().map(|d| g.key(*d).as_str().to_owned()).collect(),
+                body,
+                annotations,
+                order: rank.get(t.idx()).copied().unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+/// Annotations to their wire form.
+#[must_use]
+pub fn annotations_to_wire(a: &Annotations) -> WireAnnotations {
+    WireAnnotations {
+        priority: a.priority,
+        retries: a.retries,
+        resources: a.resources.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+        workers: a.workers.iter().map(ToString::to_string).collect(),
+        allow_other_workers: a.allow_other_workers,
+        timeout_us: a.timeout.map(|d| d.as_micros().min(u128::from(u64::MAX)) as u64),
+    }
+}
+
+impl WireAnnotations {
+    /// The per-attempt time limit.
+    #[must_use]
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_us.map(Duration::from_micros)
+    }
+}
+
+/// Resolves an argument tree against values looked up by key (`link` for fused chains).
+///
+/// # Errors
+/// When a referenced key has no value (a scheduler bug or a lost input).
+pub fn resolve_arg(
+    a: &WireArg,
+    lookup: &impl Fn(&str) -> Option<Value>,
+    links: &[Value],
+) -> Result<Value, ProtocolError> {
+    Ok(match a {
+        WireArg::Lit(v) => value_from_wire(v.clone(), &[])?,
+        WireArg::Ref(k) => lookup(k).ok_or_else(|| ProtocolError::Malformed(format!("input {k:?} is not available")))?,
+        WireArg::Link(i) => links.get(*i as usize).cloned().unwrap_or_default(),
+        WireArg::List(items) => {
+            Value::list(items.iter().map(|a| resolve_arg(a, lookup, links)).collect::<Result<_, _>>()?)
+        }
+        WireArg::Map(e) => Value::Map(Arc::new(
+            e.iter()
+                .map(|(k, a)| Ok((k.clone(), resolve_arg(a, lookup, links)?)))
+                .collect::<Result<BTreeMap<_, _>, ProtocolError>>()?,
+        )),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_with_large_bytes_as_blobs() {
+        let big = Bytes::from(vec![1u8; 10_000]);
+        let v = Value::list(vec![
+            Value::Int(1),
+            Value::Bytes(big.clone()),
+            Value::Bytes(Bytes::from_static(b"small")),
+            Value::str("s"),
+            Value::Float(1.5),
+        ]);
+        let mut blobs = Vec::new();
+        let w = value_to_wire(&v, &mut blobs);
+        assert_eq!(blobs.len(), 1);
+        assert_eq!(blobs[0].as_ptr(), big.as_ptr(), "no copy");
+        let encoded = postcard::to_stdvec(&w).expect("encode");
+        let decoded: WireValue = postcard::from_bytes(&encoded).expect("decode");
+        assert_eq!(value_from_wire(decoded, &blobs).expect("blobs present"), v);
+        assert!(value_from_wire(WireValue::Blob(5), &blobs).is_err());
+    }
+}
