@@ -57,7 +57,9 @@ pub async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
 ///
 /// # Cancel safety
 /// Not cancel safe; keep the read loop in one task.
-pub async fn read_frame<R: AsyncRead + Unpin, M: DeserializeOwned>(r: &mut R) -> Result<Option<Frame<M>>, ProtocolError> {
+pub async fn read_frame<R: AsyncRead + Unpin, M: DeserializeOwned>(
+    r: &mut R,
+) -> Result<Option<Frame<M>>, ProtocolError> {
     let Some(raw) = read_raw(r).await? else { return Ok(None) };
     decode(raw).map(Some)
 }
@@ -119,7 +121,9 @@ mod tests {
     async fn frame_round_trips_messages_and_blobs() {
         let (mut a, mut b) = tokio::io::duplex(1 << 20);
         let blob = Bytes::from(vec![7u8; 100_000]);
-        write_frame(&mut a, &["hello".to_owned(), "world".to_owned()], std::slice::from_ref(&blob)).await.expect("write");
+        write_frame(&mut a, &["hello".to_owned(), "world".to_owned()], std::slice::from_ref(&blob))
+            .await
+            .expect("write");
         drop(a);
         let f: Frame<String> = read_frame(&mut b).await.expect("read").expect("one frame");
         assert_eq!(f.messages, ["hello", "world"]);

@@ -282,7 +282,9 @@ pub fn resolve_arg(
 ) -> Result<Value, ProtocolError> {
     Ok(match a {
         WireArg::Lit(v) => value_from_wire(v.clone(), &[])?,
-        WireArg::Ref(k) => lookup(k).ok_or_else(|| ProtocolError::Malformed(format!("input {k:?} is not available")))?,
+        WireArg::Ref(k) => {
+            lookup(k).ok_or_else(|| ProtocolError::Malformed(format!("input {k:?} is not available")))?
+        }
         WireArg::Link(i) => links.get(*i as usize).cloned().unwrap_or_default(),
         WireArg::List(items) => {
             Value::list(items.iter().map(|a| resolve_arg(a, lookup, links)).collect::<Result<_, _>>()?)

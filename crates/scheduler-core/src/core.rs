@@ -1,0 +1,1130 @@
+//! The scheduler state machine. See the crate documentation for the policies.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use rask_graph::{FailureKind, Key, TaskError};
+
+/// A connected worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(pub u32);
+
+/// A connected client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u32);
+
+/// Slab index of a task inside the core (never leaves it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Tid(u32);
+
+/// Scheduling priority: smaller runs first. (negated user priority, submission number, order).
+pub type Prio = (i64, u64, u32);
+
+/// Tunables.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Tasks in flight per worker thread, at least (Dask's `worker-saturation`).
+    pub saturation: f64,
+    /// Work to keep in flight per worker thread, in microseconds of estimated run time; lets
+    /// workers whose tasks are tiny receive more of them per round-trip.
+    pub target_busy_us: f64,
+    /// Upper bound on tasks in flight per worker thread.
+    pub max_in_flight_per_thread: usize,
+    /// Assumed transfer bandwidth between workers, bytes per microsecond (for placement).
+    pub bandwidth_bytes_per_us: f64,
+    /// How often a task may be sent back because its inputs could not be fetched.
+    pub max_input_failures: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            saturation: 1.1,
+            target_busy_us: 2000.0,
+            max_in_flight_per_thread: 4096,
+            bandwidth_bytes_per_us: 1000.0,
+            max_input_failures: 3,
+        }
+    }
+}
+
+/// What a worker offers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerSpec {
+    /// Name (restrictions may use it).
+    pub name: Arc<str>,
+    /// Data address (restrictions may use it too).
+    pub address: Arc<str>,
+    /// Threads running tasks.
+    pub nthreads: u32,
+    /// Advertised resources.
+    pub resources: Vec<(Arc<str>, f64)>,
+}
+
+/// Where a task may run.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Restrictions {
+    /// Resources held while running.
+    pub resources: Vec<(Arc<str>, f64)>,
+    /// Worker names or addresses (empty: any).
+    pub workers: Vec<Arc<str>>,
+    /// With `workers`: fall back to any worker when none of them is connected.
+    pub allow_other_workers: bool,
+}
+
+/// A task in a submitted graph.
+#[derive(Clone, Debug)]
+pub struct NewTask<P> {
+    /// Unique key.
+    pub key: Key,
+    /// Keys it needs (in argument order), each once; may be keys submitted earlier.
+    pub deps: Vec<Key>,
+    /// What the worker runs (opaque here).
+    pub payload: P,
+    /// User priority (higher first).
+    pub priority: i64,
+    /// Position in the graph's order (lower first).
+    pub order: u32,
+    /// Placement constraints, if any.
+    pub restrictions: Option<Box<Restrictions>>,
+}
+
+/// Facts the scheduler learns.
+#[derive(Clone, Debug)]
+pub enum Event<P> {
+    /// A client connected.
+    ClientConnected {
+        /// Its id.
+        client: ClientId,
+    },
+    /// A client disconnected (its futures are released).
+    ClientDisconnected {
+        /// Its id.
+        client: ClientId,
+    },
+    /// A client submitted tasks and wants futures for `wanted`.
+    GraphSubmitted {
+        /// Who.
+        client: ClientId,
+        /// New tasks (keys already known are reused).
+        tasks: Vec<NewTask<P>>,
+        /// Keys the client holds futures for.
+        wanted: Vec<Key>,
+    },
+    /// A client dropped its futures for these keys.
+    KeysReleased {
+        /// Who.
+        client: ClientId,
+        /// Which.
+        keys: Vec<Key>,
+    },
+    /// A client cancelled these keys.
+    KeysCancelled {
+        /// Who.
+        client: ClientId,
+        /// Which.
+        keys: Vec<Key>,
+    },
+    /// A worker joined.
+    WorkerConnected {
+        /// Its id.
+        worker: WorkerId,
+        /// What it offers.
+        spec: WorkerSpec,
+    },
+    /// A worker left or was lost.
+    WorkerDisconnected {
+        /// Its id.
+        worker: WorkerId,
+    },
+    /// A worker finished a task and holds its value.
+    TaskFinished {
+        /// Where.
+        worker: WorkerId,
+        /// Which.
+        key: Key,
+        /// Size of the value.
+        nbytes: u64,
+        /// Run time.
+        duration_us: u64,
+    },
+    /// A worker's task failed (after its retries).
+    TaskFailed {
+        /// Where.
+        worker: WorkerId,
+        /// Which.
+        key: Key,
+        /// Why (root key set by the worker).
+        error: Arc<TaskError>,
+    },
+    /// A worker could not fetch some inputs of a task.
+    InputsMissing {
+        /// Where.
+        worker: WorkerId,
+        /// The task.
+        key: Key,
+    },
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command<P> {
+    /// Run a task on a worker; inputs it lacks are held by the listed workers.
+    Compute {
+        /// Where.
+        worker: WorkerId,
+        /// Which.
+        key: Key,
+        /// What.
+        payload: P,
+        /// (input, holders) in dependency order.
+        inputs: Vec<(Key, Vec<WorkerId>)>,
+        /// Order on the worker.
+        prio: Prio,
+    },
+    /// Drop values from a worker.
+    Free {
+        /// Where.
+        worker: WorkerId,
+        /// Which.
+        keys: Vec<Key>,
+    },
+    /// Tell a client its key is in memory.
+    KeyInMemory {
+        /// Who.
+        client: ClientId,
+        /// Which.
+        key: Key,
+        /// Holders.
+        workers: Vec<WorkerId>,
+        /// Size.
+        nbytes: u64,
+    },
+    /// Tell a client its key failed.
+    KeyErred {
+        /// Who.
+        client: ClientId,
+        /// Which.
+        key: Key,
+        /// The root failure.
+        error: Arc<TaskError>,
+    },
+    /// Tell a client its key was cancelled.
+    KeyCancelled {
+        /// Who.
+        client: ClientId,
+        /// Which.
+        key: Key,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum State {
+    /// Only the spec is kept (not needed now, or lost).
+    Released,
+    /// Some inputs are not finished.
+    Waiting,
+    /// Runnable, queued in the scheduler.
+    Ready,
+    /// Runnable, but no connected worker could run it.
+    NoWorker,
+    /// Assigned to a worker.
+    Processing { on: WorkerId },
+    /// Value held by these workers.
+    Memory { who_has: Vec<WorkerId> },
+    /// Failed (itself or an input).
+    Erred(Arc<TaskError>),
+}
+
+impl State {
+    fn pending(&self) -> bool {
+        matches!(self, State::Waiting | State::Ready | State::NoWorker | State::Processing { .. })
+    }
+}
+
+struct Task<P> {
+    key: Key,
+    payload: P,
+    deps: Vec<Tid>,
+    dependents: Vec<Tid>,
+    state: State,
+    prio: Prio,
+    restrictions: Option<Box<Restrictions>>,
+    wanted_by: Vec<ClientId>,
+    /// Inputs not yet finished (only meaningful while `Waiting`).
+    waiting_on: u32,
+    /// Dependents in a pending state (they still need this task's value).
+    consumers: u32,
+    nbytes: u64,
+    input_failures: u32,
+}
+
+struct Worker {
+    spec: WorkerSpec,
+    /// Keys assigned and not yet reported, with the resources they hold.
+    processing: HashMap<Key, Vec<(Arc<str>, f64)>>,
+    available: Vec<(Arc<str>, f64)>,
+    /// Moving average of task run time.
+    avg_duration_us: f64,
+}
+
+/// The scheduler state. See the crate documentation.
+pub struct Core<P> {
+    cfg: Config,
+    tasks: Vec<Option<Task<P>>>,
+    free_slots: Vec<u32>,
+    by_key: HashMap<Key, Tid>,
+    workers: BTreeMap<WorkerId, Worker>,
+    clients: BTreeMap<ClientId, ()>,
+    ready: BinaryHeap<Reverse<(Prio, Tid)>>,
+    no_worker: Vec<Tid>,
+    submissions: u64,
+    out: Vec<Command<P>>,
+}
+
+impl<P: Clone> Core<P> {
+    /// An empty scheduler.
+    #[must_use]
+    pub fn new(cfg: Config) -> Self {
+        Core {
+            cfg,
+            tasks: Vec::new(),
+            free_slots: Vec::new(),
+            by_key: HashMap::new(),
+            workers: BTreeMap::new(),
+            clients: BTreeMap::new(),
+            ready: BinaryHeap::new(),
+            no_worker: Vec::new(),
+            submissions: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// Number of tasks known (in any state).
+    #[must_use]
+    pub fn task_count(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Number of connected workers.
+    #[must_use]
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The state of a key, for diagnostics and tests ("memory", "processing", ...).
+    #[must_use]
+    pub fn state_of(&self, key: &str) -> Option<&'static str> {
+        let t = self.by_key.get(key)?;
+        Some(match self.task(*t).state {
+            State::Released => "released",
+            State::Waiting => "waiting",
+            State::Ready => "queued",
+            State::NoWorker => "no-worker",
+            State::Processing { .. } => "processing",
+            State::Memory { .. } => "memory",
+            State::Erred(_) => "erred",
+        })
+    }
+
+    /// Which workers hold a key's value.
+    #[must_use]
+    pub fn who_has(&self, key: &str) -> Vec<WorkerId> {
+        match self.by_key.get(key).map(|t| &self.task(*t).state) {
+            Some(State::Memory { who_has }) => who_has.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Applies one event and returns the commands that follow from it.
+    pub fn handle(&mut self, event: Event<P>) -> Vec<Command<P>> {
+        match event {
+            Event::ClientConnected { client } => {
+                self.clients.insert(client, ());
+            }
+            Event::ClientDisconnected { client } => {
+                self.clients.remove(&client);
+                let keys: Vec<Tid> = self.live_ids().filter(|t| self.task(*t).wanted_by.contains(&client)).collect();
+                for t in keys {
+                    self.unwant(t, client);
+                }
+            }
+            Event::GraphSubmitted { client, tasks, wanted } => self.submit(client, tasks, wanted),
+            Event::KeysReleased { client, keys } => {
+                for k in keys {
+                    if let Some(t) = self.by_key.get(&k).copied() {
+                        self.unwant(t, client);
+                    }
+                }
+            }
+            Event::KeysCancelled { client, keys } => {
+                for k in keys {
+                    if let Some(t) = self.by_key.get(&k).copied() {
+                        self.out.push(Command::KeyCancelled { client, key: k });
+                        self.unwant(t, client);
+                    }
+                }
+            }
+            Event::WorkerConnected { worker, spec } => {
+                let available = spec.resources.clone();
+                self.workers
+                    .insert(worker, Worker { spec, processing: HashMap::new(), available, avg_duration_us: 0.0 });
+                // Tasks nobody could run may fit now.
+                for t in std::mem::take(&mut self.no_worker) {
+                    if self.exists(t) && self.task(t).state == State::NoWorker {
+                        self.make_ready(t);
+                    }
+                }
+            }
+            Event::WorkerDisconnected { worker } => self.remove_worker(worker),
+            Event::TaskFinished { worker, key, nbytes, duration_us } => {
+                self.finished(worker, &key, nbytes, duration_us);
+            }
+            Event::TaskFailed { worker, key, error } => self.failed(worker, &key, error),
+            Event::InputsMissing { worker, key } => self.inputs_missing(worker, &key),
+        }
+        self.schedule();
+        std::mem::take(&mut self.out)
+    }
+
+    // ----- small helpers -------------------------------------------------------------------
+
+    fn task(&self, t: Tid) -> &Task<P> {
+        self.tasks[t.0 as usize].as_ref().expect("invariant: live task id")
+    }
+
+    fn task_mut(&mut self, t: Tid) -> &mut Task<P> {
+        self.tasks[t.0 as usize].as_mut().expect("invariant: live task id")
+    }
+
+    fn exists(&self, t: Tid) -> bool {
+        self.tasks.get(t.0 as usize).is_some_and(Option::is_some)
+    }
+
+    fn live_ids(&self) -> impl Iterator<Item = Tid> + '_ {
+        self.tasks.iter().enumerate().filter(|(_, t)| t.is_some()).map(|(i, _)| Tid(i as u32))
+    }
+
+    fn alloc(&mut self, task: Task<P>) -> Tid {
+        let key = task.key.clone();
+        let t = match self.free_slots.pop() {
+            Some(i) => {
+                self.tasks[i as usize] = Some(task);
+                Tid(i)
+            }
+            None => {
+                self.tasks.push(Some(task));
+                Tid(self.tasks.len() as u32 - 1)
+            }
+        };
+        self.by_key.insert(key, t);
+        t
+    }
+
+    fn notify_wanters(&mut self, t: Tid) {
+        let task = self.task(t);
+        let cmds: Vec<Command<P>> = match &task.state {
+            State::Memory { who_has } => task
+                .wanted_by
+                .iter()
+                .map(|c| Command::KeyInMemory {
+                    client: *c,
+                    key: task.key.clone(),
+                    workers: who_has.clone(),
+                    nbytes: task.nbytes,
+                })
+                .collect(),
+            State::Erred(e) => task
+                .wanted_by
+                .iter()
+                .map(|c| Command::KeyErred { client: *c, key: task.key.clone(), error: Arc::clone(e) })
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.out.extend(cmds);
+    }
+
+    // ----- submission ------------------------------------------------------------------------
+
+    fn submit(&mut self, client: ClientId, tasks: Vec<NewTask<P>>, wanted: Vec<Key>) {
+        self.submissions += 1;
+        let generation = self.submissions;
+        let mut fresh: Vec<(Tid, Vec<Key>)> = Vec::new();
+        for nt in tasks {
+            if self.by_key.contains_key(&nt.key) {
+                continue; // same key, same content: reuse the existing task
+            }
+            let t = self.alloc(Task {
+                key: nt.key,
+                payload: nt.payload,
+                deps: Vec::new(),
+                dependents: Vec::new(),
+                state: State::Released,
+                prio: (nt.priority.saturating_neg(), generation, nt.order),
+                restrictions: nt.restrictions,
+                wanted_by: Vec::new(),
+                waiting_on: 0,
+                consumers: 0,
+                nbytes: 0,
+                input_failures: 0,
+            });
+            fresh.push((t, nt.deps));
+        }
+        // Link dependencies; an unknown input fails the task (and what depends on it).
+        let mut unknown: Vec<(Tid, Key)> = Vec::new();
+        for (t, deps) in &fresh {
+            let mut ids = Vec::with_capacity(deps.len());
+            for k in deps {
+                match self.by_key.get(k) {
+                    Some(d) if !ids.contains(d) => ids.push(*d),
+                    Some(_) => {}
+                    None => unknown.push((*t, k.clone())),
+                }
+            }
+            for d in &ids {
+                self.task_mut(*d).dependents.push(*t);
+            }
+            self.task_mut(*t).deps = ids;
+        }
+        for (t, k) in unknown {
+            let key = self.task(t).key.clone();
+            let err = Arc::new(TaskError {
+                key,
+                message: format!("input {k} is not known to the scheduler (released before this graph arrived?)"),
+                kind: FailureKind::Unrunnable,
+                attempts: 0,
+            });
+            self.task_mut(t).state = State::Erred(err);
+        }
+        if let Some(cycle) = self.find_cycle(&fresh) {
+            for (t, _) in &fresh {
+                let key = self.task(*t).key.clone();
+                let err = Arc::new(TaskError {
+                    key,
+                    message: format!("the submitted graph has a dependency cycle through {cycle}"),
+                    kind: FailureKind::Unrunnable,
+                    attempts: 0,
+                });
+                self.task_mut(*t).state = State::Erred(err);
+            }
+        }
+        for k in wanted {
+            let Some(t) = self.by_key.get(&k).copied() else {
+                let error = Arc::new(TaskError {
+                    key: k.clone(),
+                    message: format!("key {k} is not known to the scheduler"),
+                    kind: FailureKind::Unrunnable,
+                    attempts: 0,
+                });
+                self.out.push(Command::KeyErred { client, key: k, error });
+                continue;
+            };
+            if !self.task(t).wanted_by.contains(&client) {
+                self.task_mut(t).wanted_by.push(client);
+            }
+            match self.task(t).state {
+                State::Memory { .. } | State::Erred(_) => {
+                    let (task, state) = (self.task(t), &self.task(t).state);
+                    let cmd = match state {
+                        State::Memory { who_has } => Command::KeyInMemory {
+                            client,
+                            key: task.key.clone(),
+                            workers: who_has.clone(),
+                            nbytes: task.nbytes,
+                        },
+                        State::Erred(e) => Command::KeyErred { client, key: task.key.clone(), error: Arc::clone(e) },
+                        _ => unreachable!("matched above"),
+                    };
+                    self.out.push(cmd);
+                }
+                State::Released => self.compute(t),
+                _ => {}
+            }
+        }
+        // Tasks submitted but neither wanted nor needed are dropped right away.
+        for (t, _) in fresh {
+            self.maybe_forget(t);
+        }
+    }
+
+    /// Kahn over the fresh tasks; returns a key on a cycle, if any.
+    fn find_cycle(&self, fresh: &[(Tid, Vec<Key>)]) -> Option<Key> {
+        let index: HashMap<Tid, usize> = fresh.iter().enumerate().map(|(i, (t, _))| (*t, i)).collect();
+        let mut indeg: Vec<usize> =
+            fresh.iter().map(|(t, _)| self.task(*t).deps.iter().filter(|d| index.contains_key(d)).count()).collect();
+        let mut stack: Vec<usize> = (0..fresh.len()).filter(|i| indeg[*i] == 0).collect();
+        let mut seen = 0;
+        while let Some(i) = stack.pop() {
+            seen += 1;
+            for d in &self.task(fresh[i].0).dependents {
+                if let Some(j) = index.get(d) {
+                    indeg[*j] -= 1;
+                    if indeg[*j] == 0 {
+                        stack.push(*j);
+                    }
+                }
+            }
+        }
+        (seen < fresh.len()).then(|| {
+            let i = indeg.iter().position(|d| *d > 0).unwrap_or(0);
+            self.task(fresh[i].0).key.clone()
+        })
+    }
+
+    /// Makes a released task (and the released inputs it needs) compute.
+    fn compute(&mut self, t: Tid) {
+        let mut stack = vec![t];
+        while let Some(t) = stack.pop() {
+            if self.task(t).state != State::Released {
+                continue;
+            }
+            let deps = self.task(t).deps.clone();
+            let mut waiting = 0;
+            for d in &deps {
+                self.task_mut(*d).consumers += 1;
+                match self.task(*d).state {
+                    State::Memory { .. } | State::Erred(_) => {}
+                    State::Released => {
+                        waiting += 1;
+                        stack.push(*d);
+                    }
+                    _ => waiting += 1,
+                }
+            }
+            let task = self.task_mut(t);
+            task.waiting_on = waiting;
+            task.state = State::Waiting;
+            if waiting == 0 {
+                self.inputs_done(t);
+            }
+        }
+    }
+
+    /// All inputs finished: fail with the first failed input, or become ready.
+    fn inputs_done(&mut self, t: Tid) {
+        let first_failed = self.task(t).deps.iter().find_map(|d| match &self.task(*d).state {
+            State::Erred(e) => Some(Arc::clone(e)),
+            _ => None,
+        });
+        match first_failed {
+            Some(e) => {
+                self.set_finished(t, State::Erred(e));
+                self.notify_wanters(t);
+                self.propagate_failure(t);
+                self.release_inputs(t);
+                self.maybe_forget(t);
+            }
+            None => self.make_ready(t),
+        }
+    }
+
+    fn make_ready(&mut self, t: Tid) {
+        if !self.can_ever_run(t) {
+            self.task_mut(t).state = State::NoWorker;
+            self.no_worker.push(t);
+            return;
+        }
+        self.task_mut(t).state = State::Ready;
+        let prio = self.task(t).prio;
+        self.ready.push(Reverse((prio, t)));
+    }
+
+    // ----- placement ------------------------------------------------------------------------
+
+    fn eligible(&self, t: Tid, w: &Worker) -> bool {
+        let Some(r) = &self.task(t).restrictions else { return true };
+        let names_ok = r.workers.is_empty()
+            || r.workers.iter().any(|n| **n == *w.spec.name || **n == *w.spec.address)
+            || (r.allow_other_workers && !self.workers.values().any(|o| self.named(r, o)));
+        let resources_ok =
+            r.resources.iter().all(|(n, a)| w.spec.resources.iter().any(|(wn, wa)| wn == n && *wa >= *a));
+        names_ok && resources_ok
+    }
+
+    fn named(&self, r: &Restrictions, w: &Worker) -> bool {
+        r.workers.iter().any(|n| **n == *w.spec.name || **n == *w.spec.address)
+    }
+
+    fn can_ever_run(&self, t: Tid) -> bool {
+        self.workers.values().any(|w| self.eligible(t, w))
+    }
+
+    fn limit(&self, w: &Worker) -> usize {
+        let threads = f64::from(w.spec.nthreads.max(1));
+        let per_thread = if w.avg_duration_us > 0.0 {
+            (self.cfg.target_busy_us / w.avg_duration_us).max(self.cfg.saturation)
+        } else {
+            self.cfg.saturation
+        };
+        let cap = self.cfg.max_in_flight_per_thread as f64 * threads;
+        (threads * per_thread).ceil().clamp(1.0, cap) as usize
+    }
+
+    fn has_slot(&self, w: &Worker) -> bool {
+        w.processing.len() < self.limit(w)
+    }
+
+    fn resources_free(t: &Task<P>, w: &Worker) -> bool {
+        t.restrictions
+            .as_ref()
+            .is_none_or(|r| r.resources.iter().all(|(n, a)| w.available.iter().any(|(wn, wa)| wn == n && *wa >= *a)))
+    }
+
+    /// Estimated cost (µs) of running `t` on `w`: fetching missing inputs plus queueing.
+    fn cost(&self, t: Tid, wid: WorkerId, w: &Worker) -> f64 {
+        let mut missing = 0u64;
+        for d in &self.task(t).deps {
+            let dep = self.task(*d);
+            if let State::Memory { who_has } = &dep.state {
+                if !who_has.contains(&wid) {
+                    missing += dep.nbytes;
+                }
+            }
+        }
+        let wait = w.processing.len() as f64 / f64::from(w.spec.nthreads.max(1)) * w.avg_duration_us.max(1.0);
+        missing as f64 / self.cfg.bandwidth_bytes_per_us + wait
+    }
+
+    /// Assigns ready tasks to workers with free slots, best priority first.
+    fn schedule(&mut self) {
+        let mut skipped: Vec<Reverse<(Prio, Tid)>> = Vec::new();
+        loop {
+            if !self.workers.values().any(|w| self.has_slot(w)) {
+                break;
+            }
+            let Some(Reverse((prio, t))) = self.ready.pop() else { break };
+            if !self.exists(t) || self.task(t).state != State::Ready || self.task(t).prio != prio {
+                continue; // stale heap entry
+            }
+            let task = self.task(t);
+            let mut best: Option<(f64, WorkerId)> = None;
+            for (wid, w) in &self.workers {
+                if !self.has_slot(w) || !self.eligible(t, w) || !Self::resources_free(task, w) {
+                    continue;
+                }
+                let c = self.cost(t, *wid, w);
+                if best.is_none_or(|(bc, _)| c < bc) {
+                    best = Some((c, *wid));
+                }
+            }
+            match best {
+                Some((_, wid)) => self.assign(t, wid),
+                None if !self.can_ever_run(t) => {
+                    self.task_mut(t).state = State::NoWorker;
+                    self.no_worker.push(t);
+                }
+                None => skipped.push(Reverse((prio, t))),
+            }
+        }
+        self.ready.extend(skipped);
+    }
+
+    fn assign(&mut self, t: Tid, wid: WorkerId) {
+        let resources = self.task(t).restrictions.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
+        let key = self.task(t).key.clone();
+        let inputs: Vec<(Key, Vec<WorkerId>)> = self
+            .task(t)
+            .deps
+            .iter()
+            .map(|d| {
+                let dep = self.task(*d);
+                let holders = match &dep.state {
+                    State::Memory { who_has } => who_has.clone(),
+                    _ => Vec::new(),
+                };
+                (dep.key.clone(), holders)
+            })
+            .collect();
+        let w = self.workers.get_mut(&wid).expect("invariant: chosen worker exists");
+        for (n, a) in &resources {
+            if let Some((_, free)) = w.available.iter_mut().find(|(wn, _)| wn == n) {
+                *free -= a;
+            }
+        }
+        w.processing.insert(key.clone(), resources);
+        let task = self.task_mut(t);
+        task.state = State::Processing { on: wid };
+        let (payload, prio) = (task.payload.clone(), task.prio);
+        self.out.push(Command::Compute { worker: wid, key, payload, inputs, prio });
+    }
+
+    /// Returns a worker's accounting for `key`; whether it was processing there.
+    fn unassign(&mut self, wid: WorkerId, key: &Key) -> bool {
+        let Some(w) = self.workers.get_mut(&wid) else { return false };
+        let Some(resources) = w.processing.remove(key) else { return false };
+        for (n, a) in &resources {
+            if let Some((_, free)) = w.available.iter_mut().find(|(wn, _)| wn == n) {
+                *free += a;
+            }
+        }
+        true
+    }
+
+    // ----- results --------------------------------------------------------------------------
+
+    /// Moves a pending task into a finished state, updating its inputs' consumer counts.
+    fn set_finished(&mut self, t: Tid, state: State) {
+        let was_pending = self.task(t).state.pending();
+        self.task_mut(t).state = state;
+        if was_pending {
+            for d in self.task(t).deps.clone() {
+                let dep = self.task_mut(d);
+                dep.consumers = dep.consumers.saturating_sub(1);
+            }
+        }
+    }
+
+    fn finished(&mut self, wid: WorkerId, key: &Key, nbytes: u64, duration_us: u64) {
+        let was_assigned = self.unassign(wid, key);
+        if let Some(w) = self.workers.get_mut(&wid) {
+            let d = duration_us as f64;
+            w.avg_duration_us = if w.avg_duration_us == 0.0 { d } else { 0.9 * w.avg_duration_us + 0.1 * d };
+        }
+        let t = match self.by_key.get(key) {
+            Some(t) if was_assigned && self.task(*t).state == (State::Processing { on: wid }) => *t,
+            _ => {
+                // A result nobody asked for (cancelled, or a duplicate): keep it only if useful.
+                match self.by_key.get(key).copied() {
+                    Some(t) if matches!(self.task(t).state, State::Memory { .. }) && self.needed(t) => {
+                        if let State::Memory { who_has } = &mut self.task_mut(t).state {
+                            if !who_has.contains(&wid) {
+                                who_has.push(wid);
+                            }
+                        }
+                    }
+                    _ => self.out.push(Command::Free { worker: wid, keys: vec![key.clone()] }),
+                }
+                return;
+            }
+        };
+        self.task_mut(t).nbytes = nbytes;
+        self.set_finished(t, State::Memory { who_has: vec![wid] });
+        self.notify_wanters(t);
+        for d in self.task(t).dependents.clone() {
+            if self.task(d).state == State::Waiting {
+                let dep = self.task_mut(d);
+                dep.waiting_on -= 1;
+                if dep.waiting_on == 0 {
+                    self.inputs_done(d);
+                }
+            }
+        }
+        self.release_inputs(t);
+        self.maybe_release(t);
+    }
+
+    fn failed(&mut self, wid: WorkerId, key: &Key, error: Arc<TaskError>) {
+        let was_assigned = self.unassign(wid, key);
+        let Some(t) = self.by_key.get(key).copied() else { return };
+        if !was_assigned || self.task(t).state != (State::Processing { on: wid }) {
+            return;
+        }
+        self.set_finished(t, State::Erred(error));
+        self.notify_wanters(t);
+        self.propagate_failure(t);
+        self.release_inputs(t);
+        self.maybe_forget(t);
+    }
+
+    fn inputs_missing(&mut self, wid: WorkerId, key: &Key) {
+        let was_assigned = self.unassign(wid, key);
+        let Some(t) = self.by_key.get(key).copied() else { return };
+        if !was_assigned || self.task(t).state != (State::Processing { on: wid }) {
+            return;
+        }
+        self.task_mut(t).input_failures += 1;
+        if self.task(t).input_failures > self.cfg.max_input_failures {
+            let err = Arc::new(TaskError {
+                key: key.clone(),
+                message: format!("inputs could not be fetched after {} attempts", self.cfg.max_input_failures),
+                kind: FailureKind::Unrunnable,
+                attempts: self.task(t).input_failures,
+            });
+            self.set_finished(t, State::Erred(err));
+            self.notify_wanters(t);
+            self.propagate_failure(t);
+            self.release_inputs(t);
+            self.maybe_forget(t);
+        } else {
+            self.requeue(t);
+        }
+    }
+
+    /// A task taken back from a worker: queue it again, or wait for inputs that were lost.
+    fn requeue(&mut self, t: Tid) {
+        let unfinished = self
+            .task(t)
+            .deps
+            .iter()
+            .filter(|d| !matches!(self.task(**d).state, State::Memory { .. } | State::Erred(_)))
+            .count() as u32;
+        if unfinished == 0 {
+            self.make_ready(t);
+        } else {
+            let task = self.task_mut(t);
+            task.state = State::Waiting;
+            task.waiting_on = unfinished;
+        }
+    }
+
+    /// Waiting dependents of a failed task count it as finished.
+    fn propagate_failure(&mut self, t: Tid) {
+        for d in self.task(t).dependents.clone() {
+            if self.task(d).state == State::Waiting {
+                let dep = self.task_mut(d);
+                dep.waiting_on -= 1;
+                if dep.waiting_on == 0 {
+                    self.inputs_done(d);
+                }
+            }
+        }
+    }
+
+    // ----- releasing and forgetting ---------------------------------------------------------
+
+    fn needed(&self, t: Tid) -> bool {
+        let task = self.task(t);
+        !task.wanted_by.is_empty() || task.consumers > 0
+    }
+
+    /// After `t` finished, its inputs may no longer be needed.
+    fn release_inputs(&mut self, t: Tid) {
+        for d in self.task(t).deps.clone() {
+            self.maybe_release(d);
+        }
+    }
+
+    /// Frees a finished task's data if nobody needs it; forgets it if nothing refers to it.
+    fn maybe_release(&mut self, t: Tid) {
+        if !self.exists(t) || self.needed(t) {
+            return;
+        }
+        if let State::Memory { who_has } = &self.task(t).state {
+            let key = self.task(t).key.clone();
+            for w in who_has.clone() {
+                self.out.push(Command::Free { worker: w, keys: vec![key.clone()] });
+            }
+            self.task_mut(t).state = State::Released;
+        }
+        self.maybe_forget(t);
+    }
+
+    /// Removes a task nobody wants and nothing depends on; cascades to its inputs.
+    fn maybe_forget(&mut self, t: Tid) {
+        let mut stack = vec![t];
+        while let Some(t) = stack.pop() {
+            if !self.exists(t) {
+                continue;
+            }
+            let task = self.task(t);
+            if !task.wanted_by.is_empty() || !task.dependents.is_empty() {
+                continue;
+            }
+            // Not wanted and nothing depends on it: stop it if pending, free its data.
+            let running_on = match task.state {
+                State::Processing { on } => Some(on),
+                _ => None,
+            };
+            if task.state.pending() {
+                self.set_finished(t, State::Released);
+            }
+            let task = self.tasks[t.0 as usize].take().expect("invariant: checked above");
+            self.free_slots.push(t.0);
+            self.by_key.remove(&task.key);
+            if let State::Memory { who_has } = &task.state {
+                for w in who_has {
+                    self.out.push(Command::Free { worker: *w, keys: vec![task.key.clone()] });
+                }
+            }
+            if let Some(on) = running_on {
+                // The worker keeps its accounting until it reports; tell it to drop the result.
+                self.out.push(Command::Free { worker: on, keys: vec![task.key.clone()] });
+            }
+            for d in &task.deps {
+                if self.exists(*d) {
+                    let dep = self.task_mut(*d);
+                    dep.dependents.retain(|x| *x != t);
+                    stack.push(*d);
+                    self.maybe_release_shallow(*d);
+                }
+            }
+        }
+    }
+
+    /// Like [`Self::maybe_release`] without forgetting (the caller's loop does that).
+    fn maybe_release_shallow(&mut self, t: Tid) {
+        if self.needed(t) {
+            return;
+        }
+        if let State::Memory { who_has } = &self.task(t).state {
+            let key = self.task(t).key.clone();
+            for w in who_has.clone() {
+                self.out.push(Command::Free { worker: w, keys: vec![key.clone()] });
+            }
+            self.task_mut(t).state = State::Released;
+        }
+        // A pending input computed only for the forgotten task is stopped when the caller's
+        // loop forgets it (if nothing else depends on it).
+    }
+
+    fn unwant(&mut self, t: Tid, client: ClientId) {
+        if !self.exists(t) {
+            return;
+        }
+        self.task_mut(t).wanted_by.retain(|c| *c != client);
+        if self.needed(t) {
+            return;
+        }
+        if self.task(t).state.pending() && self.task(t).dependents.is_empty() {
+            self.maybe_forget(t);
+        } else {
+            self.maybe_release(t);
+        }
+    }
+
+    // ----- workers leaving ------------------------------------------------------------------
+
+    fn remove_worker(&mut self, wid: WorkerId) {
+        let Some(w) = self.workers.remove(&wid) else { return };
+        // Values held only there are lost.
+        let mut lost = Vec::new();
+        for t in self.live_ids().collect::<Vec<_>>() {
+            if let State::Memory { who_has } = &mut self.task_mut(t).state {
+                who_has.retain(|x| *x != wid);
+                if who_has.is_empty() {
+                    lost.push(t);
+                }
+            }
+        }
+        for t in &lost {
+            self.task_mut(*t).state = State::Released;
+            // Dependents that were waiting for inputs now wait for this one again.
+            for d in self.task(*t).dependents.clone() {
+                if self.task(d).state == State::Waiting {
+                    self.task_mut(d).waiting_on += 1;
+                }
+            }
+        }
+        // Tasks running there go back to the queue (or wait for lost inputs); so do queued
+        // tasks whose inputs were lost.
+        let mut back: Vec<Tid> = w
+            .processing
+            .keys()
+            .filter_map(|k| self.by_key.get(k).copied())
+            .filter(|t| self.task(*t).state == (State::Processing { on: wid }))
+            .collect();
+        back.extend(self.live_ids().filter(|t| {
+            matches!(self.task(*t).state, State::Ready | State::NoWorker)
+                && self.task(*t).deps.iter().any(|d| self.task(*d).state == State::Released)
+        }));
+        back.sort_unstable();
+        for t in back {
+            self.requeue(t);
+        }
+        // Lost values still needed are recomputed (with any released inputs they need).
+        for t in lost {
+            if self.needed(t) {
+                self.compute(t);
+            } else {
+                self.maybe_forget(t);
+            }
+        }
+        // Queued tasks that only this worker could run cannot run now.
+        let stuck: Vec<Tid> =
+            self.live_ids().filter(|t| self.task(*t).state == State::Ready && !self.can_ever_run(*t)).collect();
+        for t in stuck {
+            self.task_mut(t).state = State::NoWorker;
+            self.no_worker.push(t);
+        }
+    }
+
+    // ----- invariants -----------------------------------------------------------------------
+
+    /// Checks every invariant of the state; returns a description of the first violation.
+    ///
+    /// # Errors
+    /// The violated invariant, naming the task or worker.
+    pub fn validate(&self) -> Result<(), String> {
+        let fail = |m: String| Err(m);
+        for (key, t) in &self.by_key {
+            if !self.exists(*t) || &self.task(*t).key != key {
+                return fail(format!("key map entry {key} points to a missing or different task"));
+            }
+        }
+        let live = self.live_ids().count();
+        if live != self.by_key.len() {
+            return fail(format!("{live} live tasks but {} keys", self.by_key.len()));
+        }
+        for t in self.live_ids() {
+            let task = self.task(t);
+            let k = &task.key;
+            for d in &task.deps {
+                if !self.exists(*d) {
+                    return fail(format!("{k}: input is forgotten"));
+                }
+                if !self.task(*d).dependents.contains(&t) {
+                    return fail(format!("{k}: not listed as dependent of {}", self.task(*d).key));
+                }
+            }
+            for d in &task.dependents {
+                if !self.exists(*d) || !self.task(*d).deps.contains(&t) {
+                    return fail(format!("{k}: dependent list is not symmetric"));
+                }
+            }
+            let consumers = task.dependents.iter().filter(|d| self.task(**d).state.pending()).count() as u32;
+            if consumers != task.consumers {
+                return fail(format!("{k}: consumers {} but {consumers} pending dependents", task.consumers));
+            }
+            let finished = |d: &Tid| matches!(self.task(*d).state, State::Memory { .. } | State::Erred(_));
+            match &task.state {
+                State::Waiting => {
+                    let unfinished = task.deps.iter().filter(|d| !finished(d)).count() as u32;
+                    if unfinished != task.waiting_on || unfinished == 0 {
+                        return fail(format!("{k}: waiting on {} but {unfinished} inputs unfinished", task.waiting_on));
+                    }
+                }
+                State::Ready | State::NoWorker | State::Processing { .. } => {
+                    // A processing task's input may be lost after it was assigned; the worker
+                    // then reports it missing and the task waits for the recomputation.
+                    let missing = task.deps.iter().find(|d| !matches!(self.task(**d).state, State::Memory { .. }));
+                    if let (Some(d), false) = (missing, matches!(task.state, State::Processing { .. })) {
+                        return fail(format!("{k}: runnable but input {} is not in memory", self.task(*d).key));
+                    }
+                    if let State::Processing { on } = task.state {
+                        match self.workers.get(&on) {
+                            Some(w) if w.processing.contains_key(k) => {}
+                            _ => return fail(format!("{k}: processing on a worker that does not know it")),
+                        }
+                    }
+                }
+                State::Memory { who_has } => {
+                    if who_has.is_empty() || who_has.iter().any(|w| !self.workers.contains_key(w)) {
+                        return fail(format!("{k}: in memory on no or unknown workers"));
+                    }
+                }
+                State::Released | State::Erred(_) => {}
+            }
+            if task.wanted_by.is_empty() && task.dependents.is_empty() {
+                return fail(format!("{k}: neither wanted nor depended upon, yet not forgotten"));
+            }
+        }
+        for (wid, w) in &self.workers {
+            for (n, a) in &w.spec.resources {
+                let used: f64 = w.processing.values().flatten().filter(|(pn, _)| pn == n).map(|(_, x)| x).sum();
+                let free = w.available.iter().find(|(an, _)| an == n).map_or(0.0, |(_, x)| *x);
+                if (a - used - free).abs() > 1e-9 || free < -1e-9 {
+                    return fail(format!("worker {wid:?}: resource {n} accounting is off (free {free}, used {used})"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<P> fmt::Debug for Core<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Core").field("tasks", &self.by_key.len()).field("workers", &self.workers.len()).finish()
+    }
+}
