@@ -4,6 +4,7 @@
 //! does is a thin layer over the library crates.
 
 mod bench;
+mod cluster;
 mod run;
 
 use std::process::ExitCode;
@@ -26,6 +27,10 @@ enum Command {
     Graph(run::GraphArgs),
     /// Benchmarks, side by side with Dask.
     Bench(bench::BenchArgs),
+    /// Start a scheduler; prints its address (tcp://HOST:PORT) on standard output.
+    Scheduler(cluster::SchedulerArgs),
+    /// Start workers connected to a scheduler.
+    Worker(cluster::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,5 +39,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Graph(args) => run::graph(&args),
         Command::Bench(args) => bench::bench(&args),
+        Command::Scheduler(args) => cluster::scheduler(&args),
+        Command::Worker(args) => cluster::worker(&args),
     }
 }

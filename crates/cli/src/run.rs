@@ -73,7 +73,7 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult) as u64)
 }
 
-fn parse_resources(s: &str) -> Result<BTreeMap<String, f64>, String> {
+pub(crate) fn parse_resources(s: &str) -> Result<BTreeMap<String, f64>, String> {
     let mut m = BTreeMap::new();
     for part in s.split(',').filter(|p| !p.trim().is_empty()) {
         let (name, amount) =
@@ -131,8 +131,7 @@ pub(crate) fn run(args: &RunArgs) -> ExitCode {
         Err(code) => return code,
     };
     if let Some(addr) = &args.scheduler {
-        eprintln!("rask: cannot use the cluster at {addr}: this build of rask has no distributed runtime yet");
-        return ExitCode::from(3);
+        return run_on_cluster(addr, &w, args.json);
     }
     let mut cfg =
         LocalConfig { workers: args.workers as usize, resources: args.resources.clone(), ..LocalConfig::default() };
@@ -154,10 +153,34 @@ pub(crate) fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let elapsed = start.elapsed();
+    report(&w, &results, args.json, start.elapsed())
+}
+
+/// Runs a workflow on a running cluster; exit 3 when the cluster cannot be used.
+fn run_on_cluster(addr: &str, w: &Workflow, json: bool) -> ExitCode {
+    let start = Instant::now();
+    let client = match rask_runtime::BlockingClient::connect(addr) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rask: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let results = match client.run(&w.graph, &w.outputs) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rask: the cluster at {addr} could not be used: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    report(w, &results, json, start.elapsed())
+}
+
+/// Prints results and returns the exit status (0 all computed, 1 some failed).
+fn report(w: &Workflow, results: &[TaskResult], json: bool, elapsed: std::time::Duration) -> ExitCode {
     let failed = results.iter().filter(|r| r.is_err()).count();
     let keys: Vec<&str> = w.outputs.iter().map(|o| w.graph.key(*o).as_str()).collect();
-    let written = if args.json { print_json(&keys, &results) } else { print_summary(&keys, &results) };
+    let written = if json { print_json(&keys, results) } else { print_summary(&keys, results) };
     if let Err(e) = written {
         // A closed pipe (e.g. `| head`) is not worth a panic.
         if e.kind() != std::io::ErrorKind::BrokenPipe {

@@ -1,1 +1,31 @@
-//! stub
+//! rask's distributed runtime: the scheduler and worker processes (thin tokio shells around the
+//! pure cores) and the client.
+//!
+//! The three share their connection plumbing (`conn`: dial/accept with the versioned handshake,
+//! batching writers, the peer data pool), which is why they live in one crate with one module
+//! each rather than three crates: fewer compilation units, one place for the I/O code. None of
+//! them makes a scheduling decision — that is `rask-scheduler-core`'s job — and none of them
+//! knows the bytes on the wire — that is `rask-protocol`'s.
+
+mod client;
+mod conn;
+mod scheduler;
+mod worker;
+
+pub use client::{AsCompleted, BlockingClient, CallArg, Client, ClientError, RemoteFuture};
+pub use scheduler::{SchedulerConfig, SchedulerHandle, start_scheduler};
+pub use worker::{WorkerConfig, WorkerExit, run_worker};
+
+/// Errors of the scheduler and worker processes.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// An address could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, String),
+    /// The scheduler could not be reached or refused us.
+    #[error("cannot connect to the scheduler at {0}: {1}")]
+    Connect(String, String),
+    /// A peer misbehaved or the connection broke.
+    #[error(transparent)]
+    Protocol(#[from] rask_protocol::ProtocolError),
+}

@@ -295,6 +295,9 @@ fn cyclic_submission_fails_its_tasks() {
 // the task is marked), in a random order, while workers join and die at random. Every wanted key
 // must end with the value a direct evaluation gives.
 
+/// A compute the simulated cluster has not finished yet: (worker, key, inputs with holders).
+type Outstanding = (WorkerId, String, Vec<(Key, Vec<WorkerId>)>);
+
 #[derive(Clone, Debug)]
 enum Step {
     /// Complete the i-th outstanding compute (modulo their number).
@@ -371,7 +374,7 @@ proptest! {
         };
         // Values held by each worker; outstanding computes.
         let mut held: BTreeMap<(WorkerId, String), i64> = BTreeMap::new();
-        let mut outstanding: Vec<(WorkerId, String, Vec<(Key, Vec<WorkerId>)>)> = Vec::new();
+        let mut outstanding: Vec<Outstanding> = Vec::new();
         let mut results: HashMap<String, Result<(Vec<WorkerId>, ()), String>> = HashMap::new();
         let absorb = |cmds: Vec<Command<P>>, outstanding: &mut Vec<_>, held: &mut BTreeMap<(WorkerId, String), i64>, results: &mut HashMap<_, _>| {
             for c in cmds {
@@ -396,7 +399,7 @@ proptest! {
         let out = env.submit(C1, tasks, &wanted_keys);
         absorb(out, &mut outstanding, &mut held, &mut results);
 
-        let run_one = |env: &mut Env, i: usize, outstanding: &mut Vec<(WorkerId, String, Vec<(Key, Vec<WorkerId>)>)>, held: &mut BTreeMap<(WorkerId, String), i64>| {
+        let run_one = |env: &mut Env, i: usize, outstanding: &mut Vec<Outstanding>, held: &mut BTreeMap<(WorkerId, String), i64>| {
             let (w, key, inputs) = outstanding.swap_remove(i);
             let idx: usize = key[1..].parse().expect("kN");
             // Fetch inputs from the holders the scheduler named (any that still has it).

@@ -1,0 +1,226 @@
+//! `rask scheduler` and `rask worker`: the processes of a distributed cluster.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rask_runtime::{SchedulerConfig, WorkerConfig, WorkerExit, run_worker, start_scheduler};
+
+use crate::run::{parse_resources, parse_size};
+
+/// Arguments of `rask scheduler`.
+#[derive(clap::Args)]
+pub(crate) struct SchedulerArgs {
+    /// Interface to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8786)]
+    port: u16,
+    /// Also write the address to this file (workers and clients can read it).
+    #[arg(long, value_name = "FILE")]
+    scheduler_file: Option<PathBuf>,
+}
+
+/// Arguments of `rask worker`.
+#[derive(clap::Args)]
+pub(crate) struct WorkerArgs {
+    /// Scheduler address, tcp://HOST:PORT.
+    #[arg(required_unless_present = "scheduler_file")]
+    address: Option<String>,
+    /// Read the scheduler address from this file (waits for it to appear).
+    #[arg(long, value_name = "FILE", conflicts_with = "address")]
+    scheduler_file: Option<PathBuf>,
+    /// Threads per worker [default: number of cores].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    nthreads: Option<u32>,
+    /// Workers to start in this process.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    nworkers: u32,
+    /// Memory limit per worker (e.g. 4GiB); reported to the scheduler.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// Resources each worker advertises, e.g. `GPU=1,MEM=4`.
+    #[arg(long, value_name = "NAME=AMOUNT,...", value_parser = parse_resources)]
+    resources: Option<BTreeMap<String, f64>>,
+    /// Worker name (with --nworkers K, NAME-0 ... NAME-(K-1)).
+    #[arg(long)]
+    name: Option<String>,
+    /// Interface for the worker's data port.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// How long to keep trying to reach the scheduler (at start and after losing it), seconds.
+    #[arg(long, default_value_t = 10.0)]
+    reconnect_timeout: f64,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| {
+        eprintln!("rask: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM, naming the signal.
+async fn signalled() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
+}
+
+pub(crate) fn scheduler(args: &SchedulerArgs) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let cfg = SchedulerConfig { host: args.host.clone(), port: args.port, ..SchedulerConfig::default() };
+        let handle = match start_scheduler(cfg).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("rask scheduler: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        println!("{}", handle.address);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        if let Some(f) = &args.scheduler_file {
+            if let Err(e) = write_atomically(f, &format!("{}\n", handle.address)) {
+                eprintln!("rask scheduler: cannot write {}: {e}", f.display());
+                return ExitCode::FAILURE;
+            }
+        }
+        eprintln!("rask scheduler: listening at {}", handle.address);
+        let sig = signalled().await;
+        eprintln!("rask scheduler: received {sig}, shutting down");
+        handle.shutdown(&format!("the scheduler received {sig}")).await;
+        if let Some(f) = &args.scheduler_file {
+            let _ = std::fs::remove_file(f);
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, path)
+}
+
+fn read_scheduler_file(path: &Path, deadline: Instant) -> Result<String, String> {
+    loop {
+        match std::fs::read_to_string(path) {
+            Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Ok(_) => return Err(format!("{} is empty", path.display())),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+}
+
+pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
+    let patience = Duration::from_secs_f64(args.reconnect_timeout.max(0.0));
+    let address = match (&args.address, &args.scheduler_file) {
+        (Some(a), _) => a.clone(),
+        (None, Some(f)) => match read_scheduler_file(f, Instant::now() + patience) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("rask worker: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => {
+            eprintln!("rask worker: give the scheduler address or --scheduler-file");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = rask_protocol::parse_address(&address) {
+        eprintln!("rask worker: {e}");
+        return ExitCode::from(2);
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let nthreads = args
+        .nthreads
+        .map_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get), |n| n as usize);
+    let base = args.name.clone().unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    let stop = Arc::new(AtomicBool::new(false));
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..args.nworkers {
+            let name = if args.nworkers == 1 { base.clone() } else { format!("{base}-{i}") };
+            let cfg = WorkerConfig {
+                scheduler: address.clone(),
+                name,
+                nthreads,
+                resources: args.resources.iter().flatten().map(|(k, v)| (k.clone(), *v)).collect(),
+                memory_limit: args.memory_limit,
+                host: args.host.clone(),
+                registry: rask_ops::global(),
+            };
+            tasks.push(tokio::spawn(supervise(cfg, Arc::clone(&stop), patience)));
+        }
+        let all = async {
+            let mut ok = true;
+            for t in tasks {
+                ok &= t.await.unwrap_or(false);
+            }
+            ok
+        };
+        tokio::pin!(all);
+        let ok = tokio::select! {
+            ok = &mut all => ok,
+            sig = signalled() => {
+                eprintln!("rask worker: received {sig}, stopping");
+                stop.store(true, Ordering::Relaxed);
+                all.await
+            }
+        };
+        if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    })
+}
+
+/// Runs one worker, reconnecting after losing the scheduler for up to `patience`.
+async fn supervise(cfg: WorkerConfig, stop: Arc<AtomicBool>, patience: Duration) -> bool {
+    let mut deadline = Instant::now() + patience;
+    let mut last_error;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        match run_worker(cfg.clone(), Arc::clone(&stop)).await {
+            Ok(WorkerExit::Stopped) => return true,
+            Ok(WorkerExit::SchedulerShutdown(reason)) => {
+                eprintln!("rask worker {}: {reason}; exiting", cfg.name);
+                return true;
+            }
+            Ok(WorkerExit::SchedulerLost(why)) => {
+                eprintln!("rask worker {}: lost the scheduler at {} ({why}); reconnecting", cfg.name, cfg.scheduler);
+                last_error = why;
+                deadline = Instant::now() + patience;
+            }
+            Err(e) => last_error = e.to_string(),
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "rask worker {}: cannot reach the scheduler at {} ({last_error}); gave up after {:.0} s",
+                cfg.name,
+                cfg.scheduler,
+                patience.as_secs_f64()
+            );
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

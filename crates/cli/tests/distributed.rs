@@ -1,0 +1,351 @@
+//! The distributed runtime with real processes on loopback: a scheduler and workers started from
+//! the `rask` binary, clients from the command line and from the Rust API. Every wait is bounded
+//! and every process is killed when its test ends.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rask_graph::{ArgSpec, GraphBuilder, TaskSpec, Value};
+use rask_runtime::{BlockingClient, CallArg, ClientError};
+
+const RASK: &str = env!("CARGO_BIN_EXE_rask");
+
+/// A scheduler and its workers; all killed on drop.
+struct Cluster {
+    address: String,
+    scheduler: Child,
+    workers: Vec<Child>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let mut scheduler = Command::new(RASK)
+            .args(["scheduler", "--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start scheduler");
+        let mut line = String::new();
+        let stdout = scheduler.stdout.take().expect("piped stdout");
+        BufReader::new(stdout).read_line(&mut line).expect("scheduler prints its address");
+        let address = line.trim().to_owned();
+        assert!(address.starts_with("tcp://127.0.0.1:"), "{address:?}");
+        Cluster { address, scheduler, workers: Vec::new() }
+    }
+
+    fn with_workers(n: usize, extra: &[&str]) -> Cluster {
+        let mut c = Cluster::start();
+        for i in 0..n {
+            c.worker(&["--name", &format!("w{i}"), "--nthreads", "2"], extra);
+        }
+        c
+    }
+
+    fn worker(&mut self, args: &[&str], extra: &[&str]) -> u32 {
+        let child = Command::new(RASK)
+            .arg("worker")
+            .arg(&self.address)
+            .args(args)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start worker");
+        let pid = child.id();
+        self.workers.push(child);
+        pid
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.workers.iter_mut().chain(std::iter::once(&mut self.scheduler)) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `rask` to completion within 60 s.
+fn rask(args: &[&str]) -> Output {
+    let mut child =
+        Command::new(RASK).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start rask");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        let _ = out.read_to_end(&mut o);
+        let _ = err.read_to_end(&mut e);
+        (o, e)
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("poll") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("rask {args:?} did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (stdout, stderr) = reader.join().expect("reader");
+    Output { status, stdout, stderr }
+}
+
+fn example(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name).to_string_lossy().into_owned()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn workflow_json_is_identical_on_embedded_and_on_1_2_3_workers() {
+    let files = ["hello.json", "pipeline.json", "failures.json"];
+    let embedded: Vec<Output> = files.iter().map(|f| rask(&["run", &example(f), "--json"])).collect();
+    for n in 1..=3 {
+        let cluster = Cluster::with_workers(n, &["--resources", "GPU=1"]);
+        for (f, local) in files.iter().zip(&embedded) {
+            let remote = rask(&["run", &example(f), "--json", "--scheduler", &cluster.address]);
+            assert_eq!(remote.status.code(), local.status.code(), "{f} on {n} workers: {}", text(&remote.stderr));
+            assert_eq!(text(&remote.stdout), text(&local.stdout), "{f} on {n} workers");
+        }
+    }
+}
+
+#[test]
+fn ten_clients_at_once_all_get_their_results() {
+    let cluster = Cluster::with_workers(2, &[]);
+    let expected = text(&rask(&["run", &example("pipeline.json"), "--json"]).stdout);
+    let handles: Vec<_> = (0..10)
+        .map(|_| {
+            let addr = cluster.address.clone();
+            std::thread::spawn(move || rask(&["run", &example("pipeline.json"), "--json", "--scheduler", &addr]))
+        })
+        .collect();
+    for h in handles {
+        let o = h.join().expect("client thread");
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), expected);
+    }
+}
+
+fn one_task_graph(key: &str, op: &str, args: Vec<ArgSpec>) -> (rask_graph::Graph, Vec<rask_graph::TaskId>) {
+    let mut b = GraphBuilder::new();
+    b.add(TaskSpec::new(key, op, args));
+    let g = b.build().expect("valid");
+    let out = vec![g.id(key).expect("key")];
+    (g, out)
+}
+
+#[test]
+fn key_shared_by_two_clients_survives_one_closing() {
+    let cluster = Cluster::with_workers(1, &[]);
+    let (g, outs) =
+        one_task_graph("shared", "bytes", vec![ArgSpec::Lit(Value::Int(100_000)), ArgSpec::Lit(Value::Int(3))]);
+    let a = BlockingClient::connect(&cluster.address).expect("client a");
+    let b = BlockingClient::connect(&cluster.address).expect("client b");
+    let fa = a.submit_graph(&g, &outs);
+    a.wait(&fa, Some(Duration::from_secs(30))).expect("computed");
+    let fb = b.submit_graph(&g, &outs);
+    drop(fa);
+    drop(a); // closes its connection: its futures are released
+    std::thread::sleep(Duration::from_millis(200));
+    let got = b.gather(&fb).pop().expect("one result").expect("still held for b");
+    let Value::Bytes(bytes) = got else { panic!("bytes expected") };
+    assert_eq!(bytes.len(), 100_000);
+    assert!(bytes.iter().enumerate().all(|(i, x)| usize::from(*x) == (3 + i) % 256));
+}
+
+#[test]
+fn client_api_submit_map_gather_wait_and_as_completed() {
+    let cluster = Cluster::with_workers(2, &[]);
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    let xs = c.map_calls(
+        "mul",
+        (0..50).map(|i| vec![CallArg::Value(Value::Int(i)), CallArg::Value(Value::Int(2))]).collect(),
+    );
+    let total = c.submit("sum", vec![CallArg::Value(Value::list(vec![Value::Int(1), Value::Int(2)]))]);
+    let add = c.submit("add", vec![CallArg::Future(&xs[10]), CallArg::Future(&total)]);
+    let values: Vec<Value> = c.gather(&xs).into_iter().map(|r| r.expect("computed")).collect();
+    assert_eq!(values, (0..50).map(|i| Value::Int(i * 2)).collect::<Vec<_>>());
+    assert_eq!(c.gather(std::slice::from_ref(&add)).pop().expect("one").expect("ok"), Value::Int(23));
+    c.wait(&xs, Some(Duration::from_secs(10))).expect("all done");
+    // as_completed yields every future exactly once.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let mut it =
+        c.client().as_completed(c.map_calls("noop", (0..5).map(|i| vec![CallArg::Value(Value::Int(i))]).collect()));
+    let mut seen = Vec::new();
+    while let Some((i, _)) = rt.block_on(it.next()).expect("connection up") {
+        seen.push(i);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [0, 1, 2, 3, 4]);
+    // Remote errors carry the task's message.
+    let bad = c.submit("div", vec![CallArg::Value(Value::Int(1)), CallArg::Value(Value::Int(0))]);
+    match c.gather(&[bad]).pop().expect("one") {
+        Err(ClientError::Task(e)) => assert_eq!(e.message, "op `div`: division by zero"),
+        other => panic!("expected a task error, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_function_is_a_task_error_naming_function_and_worker() {
+    let cluster = Cluster::with_workers(1, &[]);
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    let f = c.submit("not-registered-anywhere", vec![]);
+    match c.gather(&[f]).pop().expect("one") {
+        Err(ClientError::Task(e)) => {
+            assert!(e.message.contains("unknown op `not-registered-anywhere`"), "{}", e.message);
+            assert!(e.message.contains("on worker w0"), "{}", e.message);
+        }
+        other => panic!("expected a task error, got {other:?}"),
+    }
+    // The worker is still serving.
+    let ok = c.submit("add", vec![CallArg::Value(Value::Int(1)), CallArg::Value(Value::Int(1))]);
+    assert_eq!(c.gather(&[ok]).pop().expect("one").expect("ok"), Value::Int(2));
+}
+
+#[test]
+fn cancel_of_pending_and_running_futures() {
+    let cluster = Cluster::with_workers(1, &[]);
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    let running = c.submit("sleep", vec![CallArg::Value(Value::Int(1500))]);
+    let pending = c.submit("identity", vec![CallArg::Future(&running)]);
+    std::thread::sleep(Duration::from_millis(200));
+    c.cancel(&[running.clone(), pending.clone()]);
+    for r in c.gather(&[running, pending]) {
+        assert!(matches!(r, Err(ClientError::Cancelled(_))), "{r:?}");
+    }
+    // The cluster keeps working.
+    let ok = c.submit("mul", vec![CallArg::Value(Value::Int(6)), CallArg::Value(Value::Int(7))]);
+    assert_eq!(c.gather(&[ok]).pop().expect("one").expect("ok"), Value::Int(42));
+}
+
+/// A shell step that prints the pid of the process that ran it (the worker).
+fn whoami(dir: &Path, lock: bool) -> String {
+    let body = if lock {
+        format!("mkdir {0}/lock || exit 9; sleep 0.2; rmdir {0}/lock; echo $PPID", dir.display())
+    } else {
+        "echo $PPID".to_owned()
+    };
+    format!(r#"{{"op": "shell", "args": [["sh", "-c", "{body}"]]"#)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rask-dist-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch");
+    d
+}
+
+#[test]
+fn gpu_tasks_run_only_where_advertised_and_never_two_at_once() {
+    let dir = scratch("gpu");
+    let mut cluster = Cluster::start();
+    let gpu_pid = cluster.worker(&["--name", "gpu", "--nthreads", "4", "--resources", "GPU=1"], &[]);
+    cluster.worker(&["--name", "cpu", "--nthreads", "4"], &[]);
+    let tasks: Vec<String> =
+        (0..6).map(|i| format!(r#""g{i}": {}, "resources": {{"GPU": 1}}}}"#, whoami(&dir, true))).collect();
+    let file = dir.join("w.json");
+    std::fs::write(&file, format!(r#"{{"version": 1, "tasks": {{{}}}}}"#, tasks.join(",\n"))).expect("write");
+    let o = rask(&["run", file.to_str().expect("utf-8"), "--json", "--scheduler", &cluster.address]);
+    assert_eq!(o.status.code(), Some(0), "a task failed (two ran at once?): {}", text(&o.stdout));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    for i in 0..6 {
+        let pid = out[format!("g{i}")].as_str().expect("pid").trim().to_owned();
+        assert_eq!(pid, gpu_pid.to_string(), "g{i} ran on a worker without a GPU");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn task_runs_where_its_large_input_lives() {
+    let dir = scratch("locality");
+    let mut cluster = Cluster::start();
+    let a_pid = cluster.worker(&["--name", "a", "--nthreads", "1"], &[]);
+    cluster.worker(&["--name", "b", "--nthreads", "1"], &[]);
+    let file = dir.join("w.json");
+    std::fs::write(
+        &file,
+        r#"{"version": 1, "tasks": {
+            "big": {"op": "bytes", "args": [67108864, 1], "workers": ["a"]},
+            "use": {"op": "shell", "args": [["sh", "-c", "wc -c > /dev/null; echo $PPID"], {"stdin": {"$ref": "big"}}]}
+        }}"#,
+    )
+    .expect("write");
+    let o = rask(&["run", file.to_str().expect("utf-8"), "--json", "--scheduler", &cluster.address]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(out["use"].as_str().expect("pid").trim(), a_pid.to_string(), "the dependent moved away from its input");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn mismatched_version_is_refused_and_the_scheduler_keeps_serving() {
+    let cluster = Cluster::with_workers(1, &[]);
+    let host_port = cluster.address.trim_start_matches("tcp://").to_owned();
+    let mut s = std::net::TcpStream::connect(&host_port).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(&rask_protocol::handshake::foreign_hello(99, "rask-9.9.9")).expect("hello");
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("refusal");
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).expect("refusal body");
+    let reason = text(&body);
+    assert!(reason.contains("protocol 99 (build rask-9.9.9)"), "{reason}");
+    assert!(reason.contains(&format!("protocol {}", rask_protocol::PROTOCOL_VERSION)), "{reason}");
+    // Garbage on the port, then a normal workflow.
+    let mut g = std::net::TcpStream::connect(&host_port).expect("connect");
+    let _ = g.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff\xff\xff\xff");
+    drop(g);
+    let o = rask(&["run", &example("pipeline.json"), "--json", "--scheduler", &cluster.address]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+}
+
+#[test]
+fn unreachable_scheduler_exits_3_and_worker_gives_up_with_a_message() {
+    // A port nobody listens on: bind and close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let addr = format!("tcp://127.0.0.1:{port}");
+    let o = rask(&["run", &example("hello.json"), "--scheduler", &addr]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(text(&o.stderr).contains("cannot connect to the scheduler"), "{}", text(&o.stderr));
+    let o = rask(&["worker", &addr, "--reconnect-timeout", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("gave up"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn worker_exits_cleanly_when_the_scheduler_shuts_down() {
+    let mut cluster = Cluster::start();
+    let mut worker = Command::new(RASK)
+        .args(["worker", &cluster.address, "--name", "lonely"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("worker");
+    std::thread::sleep(Duration::from_millis(500));
+    // SIGTERM the scheduler: it says goodbye; the worker exits 0.
+    // SAFETY: plain kill(2) on our own child.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(cluster.scheduler.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = worker.try_wait().expect("poll") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "worker did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = worker.stderr.take().expect("stderr").read_to_string(&mut err);
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("received SIGTERM"), "{err}");
+    let _ = cluster.scheduler.wait();
+}

@@ -1,0 +1,569 @@
+//! The client: submit graphs or calls to a cluster, hold futures, gather results.
+//!
+//! A [`Client`] keeps one connection to the scheduler (submissions, status updates) and fetches
+//! results **directly from the workers** that hold them. Every [`RemoteFuture`] is a reference:
+//! the scheduler keeps a key's value while some future of some client refers to it, and the
+//! client tells it when the last one is dropped. [`BlockingClient`] wraps the async client in its
+//! own runtime and implements [`rask_graph::Executor`], so anything that runs on the local
+//! schedulers runs on a cluster unchanged.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rask_graph::{ArgSpec, Executor, Graph, Key, TaskError, TaskId, TaskResult, TaskSpec, Value};
+use rask_protocol::handshake::Role;
+use rask_protocol::msg::{FromScheduler, ToScheduler};
+use rask_protocol::wire::graph_to_wire;
+use tokio::sync::watch;
+
+use crate::conn::{Outbox, PeerPool, dial, read_loop};
+
+/// Why a client operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The scheduler could not be reached or refused the connection.
+    #[error("cannot connect to the scheduler at {0}: {1}")]
+    Connect(String, String),
+    /// The connection to the scheduler was lost.
+    #[error("lost the scheduler: {0}")]
+    Lost(String),
+    /// The task (or one it depends on) failed.
+    #[error(transparent)]
+    Task(Arc<TaskError>),
+    /// The key was cancelled.
+    #[error("task {0} was cancelled")]
+    Cancelled(Key),
+    /// A worker holding the result could not deliver it.
+    #[error("cannot fetch the result of {0} from the workers: {1}")]
+    Fetch(Key, String),
+    /// A wait ran out of time.
+    #[error("timed out waiting for results")]
+    Timeout,
+    /// The graph to submit is not valid.
+    #[error("invalid graph: {0}")]
+    Graph(String),
+}
+
+#[derive(Clone, Debug)]
+enum Status {
+    Pending,
+    Memory { workers: Vec<String> },
+    Erred(Arc<TaskError>),
+    Cancelled,
+}
+
+struct Entry {
+    refs: usize,
+    status: Status,
+}
+
+struct State {
+    keys: HashMap<String, Entry>,
+    closed: Option<String>,
+}
+
+struct Inner {
+    outbox: Outbox<ToScheduler>,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+    peers: PeerPool,
+}
+
+impl Inner {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// An async connection to a rask cluster.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// A handle to a key being computed (or computed) on the cluster. Dropping the last handle to
+/// a key releases it.
+pub struct RemoteFuture {
+    key: Key,
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RemoteFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RemoteFuture({})", self.key)
+    }
+}
+
+impl Clone for RemoteFuture {
+    fn clone(&self) -> Self {
+        if let Some(e) = self.inner.state().keys.get_mut(self.key.as_str()) {
+            e.refs += 1;
+        }
+        RemoteFuture { key: self.key.clone(), inner: Arc::clone(&self.inner) }
+    }
+}
+
+impl Drop for RemoteFuture {
+    fn drop(&mut self) {
+        let mut st = self.inner.state();
+        let last = match st.keys.get_mut(self.key.as_str()) {
+            Some(e) => {
+                e.refs -= 1;
+                e.refs == 0
+            }
+            None => false,
+        };
+        if last {
+            st.keys.remove(self.key.as_str());
+            self.inner.outbox.send(ToScheduler::Release { keys: vec![self.key.as_str().to_owned()] }, Vec::new());
+        }
+    }
+}
+
+impl RemoteFuture {
+    /// The key.
+    #[must_use]
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// Whether the key has finished (in memory, failed or cancelled).
+    #[must_use]
+    pub fn done(&self) -> bool {
+        !matches!(self.inner.state().keys.get(self.key.as_str()).map(|e| &e.status), Some(Status::Pending) | None)
+    }
+
+    /// The data addresses of the workers holding the value, once in memory.
+    #[must_use]
+    pub fn who_has(&self) -> Vec<String> {
+        match self.inner.state().keys.get(self.key.as_str()).map(|e| &e.status) {
+            Some(Status::Memory { workers }) => workers.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Waits for the value and fetches it.
+    ///
+    /// # Errors
+    /// The task's failure, a cancellation, or a lost connection.
+    pub async fn result(&self) -> Result<Value, ClientError> {
+        let client = Client { inner: Arc::clone(&self.inner) };
+        client.gather(std::slice::from_ref(self)).await.pop().unwrap_or(Err(ClientError::Timeout))
+    }
+}
+
+/// An argument of [`Client::submit`]: a value or another future.
+#[derive(Debug)]
+pub enum CallArg<'a> {
+    /// A literal.
+    Value(Value),
+    /// The value of a future (a dependency).
+    Future(&'a RemoteFuture),
+}
+
+impl From<Value> for CallArg<'_> {
+    fn from(v: Value) -> Self {
+        CallArg::Value(v)
+    }
+}
+
+impl<'a> From<&'a RemoteFuture> for CallArg<'a> {
+    fn from(f: &'a RemoteFuture) -> Self {
+        CallArg::Future(f)
+    }
+}
+
+impl Client {
+    /// Connects to the scheduler at `address` (`tcp://HOST:PORT`).
+    ///
+    /// # Errors
+    /// When the scheduler cannot be reached or refuses the connection (e.g. version mismatch).
+    pub async fn connect(address: &str) -> Result<Client, ClientError> {
+        let name = format!("client-{}", std::process::id());
+        let (stream, _) = dial(address, &Role::Client { name })
+            .await
+            .map_err(|e| ClientError::Connect(address.to_owned(), e.to_string()))?;
+        let (r, w) = stream.into_split();
+        let (changed, _) = watch::channel(0u64);
+        let inner = Arc::new(Inner {
+            outbox: Outbox::spawn(w),
+            state: Mutex::new(State { keys: HashMap::new(), closed: None }),
+            changed,
+            peers: PeerPool::default(),
+        });
+        let reader = Arc::clone(&inner);
+        tokio::spawn(async move {
+            let result = read_loop::<FromScheduler>(r, |frame| {
+                {
+                    let mut st = reader.state();
+                    for m in frame.messages {
+                        apply(&mut st, m);
+                    }
+                }
+                reader.changed.send_modify(|v| *v += 1);
+                true
+            })
+            .await;
+            let why = match result {
+                Ok(()) => "the scheduler closed the connection".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            {
+                let mut st = reader.state();
+                st.closed.get_or_insert(why);
+            }
+            reader.changed.send_modify(|v| *v += 1);
+        });
+        Ok(Client { inner })
+    }
+
+    fn track(&self, key: &Key) -> RemoteFuture {
+        let mut st = self.inner.state();
+        st.keys.entry(key.as_str().to_owned()).or_insert(Entry { refs: 0, status: Status::Pending }).refs += 1;
+        RemoteFuture { key: key.clone(), inner: Arc::clone(&self.inner) }
+    }
+
+    /// Submits the part of `graph` needed for `outputs` (fusing linear chains) and returns a
+    /// future per output.
+    #[must_use]
+    pub fn submit_graph(&self, graph: &Graph, outputs: &[TaskId]) -> Vec<RemoteFuture> {
+        let (culled, outs) = match graph.cull(outputs) {
+            Some((g, o)) => (std::borrow::Cow::Owned(g), o),
+            None => (std::borrow::Cow::Borrowed(graph), outputs.to_vec()),
+        };
+        let (g, outs) = match rask_graph::fuse(&culled, &outs) {
+            Some((g, o)) => (std::borrow::Cow::Owned(g), o),
+            None => (culled, outs),
+        };
+        let rank = rask_graph::execution_ranks(&g, &outs);
+        let futures: Vec<RemoteFuture> = outs.iter().map(|o| self.track(g.key(*o))).collect();
+        let wanted = outs.iter().map(|o| g.key(*o).as_str().to_owned()).collect();
+        self.inner.outbox.send(ToScheduler::SubmitGraph { tasks: graph_to_wire(&g, &rank), wanted }, Vec::new());
+        futures
+    }
+
+    /// Submits one call of a registered function (like `Client.submit`); futures among the
+    /// arguments become dependencies. The key is a content hash, so equal calls share a task.
+    #[must_use]
+    pub fn submit(&self, op: &str, args: Vec<CallArg<'_>>) -> RemoteFuture {
+        self.map_calls(op, vec![args]).pop().unwrap_or_else(|| self.track(&Key::new("")))
+    }
+
+    /// Submits `op` once per argument list (like `Client.map`), as one batch.
+    #[must_use]
+    pub fn map_calls(&self, op: &str, calls: Vec<Vec<CallArg<'_>>>) -> Vec<RemoteFuture> {
+        let mut b = rask_graph::GraphBuilder::new();
+        let mut keys = Vec::with_capacity(calls.len());
+        let mut external: Vec<String> = Vec::new();
+        for args in calls {
+            let specs: Vec<ArgSpec> = args
+                .into_iter()
+                .map(|a| match a {
+                    CallArg::Value(v) => ArgSpec::Lit(v),
+                    CallArg::Future(f) => {
+                        external.push(f.key.as_str().to_owned());
+                        ArgSpec::Ref(f.key.clone())
+                    }
+                })
+                .collect();
+            let key = rask_graph::tokenize(op, &specs);
+            if !b.contains(key.as_str()) {
+                b.add(TaskSpec::new(key.clone(), op, specs));
+            }
+            keys.push(key);
+        }
+        // Futures passed as arguments are known to the scheduler: declare them as no-op
+        // placeholders so the graph validates; the scheduler reuses the existing keys.
+        for k in external {
+            if !b.contains(&k) {
+                b.add(TaskSpec::new(k.as_str(), "identity", vec![ArgSpec::Lit(Value::Null)]));
+            }
+        }
+        let graph = match b.build() {
+            Ok(g) => g,
+            Err(e) => {
+                // Cannot happen for content-hash keys; report as failed futures rather than panic.
+                let err = Arc::new(TaskError {
+                    key: Key::new(op),
+                    message: e.to_string(),
+                    kind: rask_graph::FailureKind::Unrunnable,
+                    attempts: 0,
+                });
+                let mut st = self.inner.state();
+                for k in &keys {
+                    st.keys.insert(k.as_str().to_owned(), Entry { refs: 0, status: Status::Erred(Arc::clone(&err)) });
+                }
+                drop(st);
+                return keys.iter().map(|k| self.track(k)).collect();
+            }
+        };
+        let futures: Vec<RemoteFuture> = keys.iter().map(|k| self.track(k)).collect();
+        let rank = rask_graph::order(&graph, &[]);
+        let placeholders: std::collections::HashSet<&str> =
+            graph.ids().filter(|t| !keys.iter().any(|k| k == graph.key(*t))).map(|t| graph.key(t).as_str()).collect();
+        let tasks =
+            graph_to_wire(&graph, &rank).into_iter().filter(|t| !placeholders.contains(t.key.as_str())).collect();
+        let wanted = keys.iter().map(|k| k.as_str().to_owned()).collect();
+        self.inner.outbox.send(ToScheduler::SubmitGraph { tasks, wanted }, Vec::new());
+        futures
+    }
+
+    /// Cancels futures: the scheduler stops their tasks unless another client wants them.
+    pub fn cancel(&self, futures: &[RemoteFuture]) {
+        let keys = futures.iter().map(|f| f.key.as_str().to_owned()).collect();
+        self.inner.outbox.send(ToScheduler::Cancel { keys }, Vec::new());
+    }
+
+    /// Waits until every future is done, or `timeout` passes.
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`], or [`ClientError::Lost`] when the connection drops.
+    pub async fn wait(&self, futures: &[RemoteFuture], timeout: Option<Duration>) -> Result<(), ClientError> {
+        let all = self.wait_until(|st| futures.iter().all(|f| is_done(st, f.key.as_str())));
+        match timeout {
+            Some(t) => tokio::time::timeout(t, all).await.map_err(|_| ClientError::Timeout)?,
+            None => all.await,
+        }
+    }
+
+    /// Waits until at least one future is done; returns the index of the first done one.
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`], or [`ClientError::Lost`] when the connection drops.
+    pub async fn wait_first(&self, futures: &[RemoteFuture], timeout: Option<Duration>) -> Result<usize, ClientError> {
+        let any = self.wait_until(|st| futures.iter().any(|f| is_done(st, f.key.as_str())));
+        match timeout {
+            Some(t) => tokio::time::timeout(t, any).await.map_err(|_| ClientError::Timeout)??,
+            None => any.await?,
+        }
+        let st = self.inner.state();
+        Ok(futures.iter().position(|f| is_done(&st, f.key.as_str())).unwrap_or(0))
+    }
+
+    /// Yields futures in the order they finish (like `as_completed`): each call returns the
+    /// index (into `futures`) of the next one to finish, `None` when all have been returned.
+    pub fn as_completed(&self, futures: Vec<RemoteFuture>) -> AsCompleted {
+        AsCompleted { client: self.clone(), remaining: futures.into_iter().enumerate().collect() }
+    }
+
+    async fn wait_until(&self, mut ready: impl FnMut(&State) -> bool) -> Result<(), ClientError> {
+        let mut rx = self.inner.changed.subscribe();
+        loop {
+            {
+                let st = self.inner.state();
+                if ready(&st) {
+                    return Ok(());
+                }
+                if let Some(why) = &st.closed {
+                    return Err(ClientError::Lost(why.clone()));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(ClientError::Lost("client shut down".into()));
+            }
+        }
+    }
+
+    /// Waits for every future and fetches the values from the workers (one request per worker).
+    /// Each result is the value or the reason there is none.
+    pub async fn gather(&self, futures: &[RemoteFuture]) -> Vec<Result<Value, ClientError>> {
+        if let Err(e) = self.wait(futures, None).await {
+            return futures.iter().map(|_| Err(e.clone())).collect();
+        }
+        let mut out: Vec<Option<Result<Value, ClientError>>> = Vec::with_capacity(futures.len());
+        let mut by_worker: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+        {
+            let st = self.inner.state();
+            for (i, f) in futures.iter().enumerate() {
+                match st.keys.get(f.key.as_str()).map(|e| &e.status) {
+                    Some(Status::Memory { workers }) => {
+                        let w = workers.first().cloned().unwrap_or_default();
+                        by_worker.entry(w).or_default().push((i, f.key.as_str().to_owned()));
+                        out.push(None);
+                    }
+                    Some(Status::Erred(e)) => out.push(Some(Err(ClientError::Task(Arc::clone(e))))),
+                    Some(Status::Cancelled) => out.push(Some(Err(ClientError::Cancelled(f.key.clone())))),
+                    _ => out.push(Some(Err(ClientError::Lost("key unknown to this client".into())))),
+                }
+            }
+        }
+        let mut fetches = Vec::new();
+        for (addr, items) in by_worker {
+            let peers = self.inner.peers.clone();
+            fetches.push(tokio::spawn(async move {
+                let keys: Vec<String> = items.iter().map(|(_, k)| k.clone()).collect();
+                let got = peers.get_data(&addr, keys).await.map_err(|e| format!("{addr}: {e}"));
+                (items, got)
+            }));
+        }
+        for f in fetches {
+            let Ok((items, got)) = f.await else { continue };
+            match got {
+                Ok(values) => {
+                    let mut map: HashMap<String, Option<Value>> = values.into_iter().collect();
+                    for (i, k) in items {
+                        out[i] = Some(match map.remove(&k).flatten() {
+                            Some(v) => Ok(v),
+                            None => Err(ClientError::Fetch(Key::from(k), "the worker no longer holds it".into())),
+                        });
+                    }
+                }
+                Err(e) => {
+                    for (i, k) in items {
+                        out[i] = Some(Err(ClientError::Fetch(Key::from(k), e.clone())));
+                    }
+                }
+            }
+        }
+        out.into_iter().map(|r| r.unwrap_or(Err(ClientError::Timeout))).collect()
+    }
+
+    /// Runs `graph` for `outputs` on the cluster and returns each output's result.
+    ///
+    /// # Errors
+    /// When the cluster cannot be used (connection lost, results not fetchable); task failures
+    /// are results.
+    pub async fn compute(&self, graph: &Graph, outputs: &[TaskId]) -> Result<Vec<TaskResult>, ClientError> {
+        let futures = self.submit_graph(graph, outputs);
+        let mut results = Vec::with_capacity(futures.len());
+        for r in self.gather(&futures).await {
+            results.push(match r {
+                Ok(v) => Ok(v),
+                Err(ClientError::Task(e)) => Err(e),
+                Err(other) => return Err(other),
+            });
+        }
+        Ok(results)
+    }
+}
+
+fn is_done(st: &State, key: &str) -> bool {
+    !matches!(st.keys.get(key).map(|e| &e.status), Some(Status::Pending))
+}
+
+fn apply(st: &mut State, m: FromScheduler) {
+    let set = |st: &mut State, key: &str, status: Status| {
+        if let Some(e) = st.keys.get_mut(key) {
+            e.status = status;
+        }
+    };
+    match m {
+        FromScheduler::KeyInMemory { key, workers, .. } => set(st, &key, Status::Memory { workers }),
+        FromScheduler::KeyErred { key, error } => set(st, &key, Status::Erred(Arc::new(TaskError::from(error)))),
+        FromScheduler::KeyCancelled { key } => set(st, &key, Status::Cancelled),
+        FromScheduler::Shutdown { reason } => {
+            st.closed.get_or_insert(format!("the scheduler shut down: {reason}"));
+        }
+        FromScheduler::Compute { .. } | FromScheduler::Free { .. } => {}
+    }
+}
+
+/// Futures in completion order; see [`Client::as_completed`].
+pub struct AsCompleted {
+    client: Client,
+    remaining: Vec<(usize, RemoteFuture)>,
+}
+
+impl AsCompleted {
+    /// The next finished future (with its index in the original list), `None` when done.
+    ///
+    /// # Errors
+    /// When the connection is lost.
+    pub async fn next(&mut self) -> Result<Option<(usize, RemoteFuture)>, ClientError> {
+        if self.remaining.is_empty() {
+            return Ok(None);
+        }
+        let futs: Vec<&RemoteFuture> = self.remaining.iter().map(|(_, f)| f).collect();
+        self.client.wait_until(|st| futs.iter().any(|f| is_done(st, f.key.as_str()))).await?;
+        let pos = {
+            let st = self.client.inner.state();
+            self.remaining.iter().position(|(_, f)| is_done(&st, f.key.as_str())).unwrap_or(0)
+        };
+        Ok(Some(self.remaining.remove(pos)))
+    }
+}
+
+/// A [`Client`] with its own runtime, for synchronous code; implements [`Executor`].
+pub struct BlockingClient {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+}
+
+impl BlockingClient {
+    /// Connects (blocking).
+    ///
+    /// # Errors
+    /// See [`Client::connect`].
+    pub fn connect(address: &str) -> Result<Self, ClientError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("rask-client")
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Connect(address.to_owned(), e.to_string()))?;
+        let client = rt.block_on(Client::connect(address))?;
+        Ok(BlockingClient { rt, client })
+    }
+
+    /// The async client (to use from async code running elsewhere).
+    #[must_use]
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Blocking [`Client::submit_graph`].
+    #[must_use]
+    pub fn submit_graph(&self, graph: &Graph, outputs: &[TaskId]) -> Vec<RemoteFuture> {
+        let _guard = self.rt.enter();
+        self.client.submit_graph(graph, outputs)
+    }
+
+    /// Blocking [`Client::submit`].
+    #[must_use]
+    pub fn submit(&self, op: &str, args: Vec<CallArg<'_>>) -> RemoteFuture {
+        let _guard = self.rt.enter();
+        self.client.submit(op, args)
+    }
+
+    /// Blocking [`Client::map_calls`].
+    #[must_use]
+    pub fn map_calls(&self, op: &str, calls: Vec<Vec<CallArg<'_>>>) -> Vec<RemoteFuture> {
+        let _guard = self.rt.enter();
+        self.client.map_calls(op, calls)
+    }
+
+    /// Blocking [`Client::gather`].
+    pub fn gather(&self, futures: &[RemoteFuture]) -> Vec<Result<Value, ClientError>> {
+        self.rt.block_on(self.client.gather(futures))
+    }
+
+    /// Blocking [`Client::wait`].
+    ///
+    /// # Errors
+    /// See [`Client::wait`].
+    pub fn wait(&self, futures: &[RemoteFuture], timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.rt.block_on(self.client.wait(futures, timeout))
+    }
+
+    /// Blocking [`Client::cancel`].
+    pub fn cancel(&self, futures: &[RemoteFuture]) {
+        self.client.cancel(futures);
+    }
+
+    /// Blocking [`Client::compute`].
+    ///
+    /// # Errors
+    /// See [`Client::compute`].
+    pub fn compute(&self, graph: &Graph, outputs: &[TaskId]) -> Result<Vec<TaskResult>, ClientError> {
+        self.rt.block_on(self.client.compute(graph, outputs))
+    }
+}
+
+impl Executor for BlockingClient {
+    type Error = ClientError;
+
+    fn run(&self, graph: &Graph, outputs: &[TaskId]) -> Result<Vec<TaskResult>, ClientError> {
+        self.compute(graph, outputs)
+    }
+}

@@ -1,0 +1,153 @@
+//! Connection plumbing shared by the scheduler, workers and clients: dialing and accepting with
+//! the handshake, a batching writer task fed by a channel, and a reader loop.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rask_protocol::frame::{Frame, read_frame, write_frame};
+use rask_protocol::handshake::{self, Role, Welcome};
+use rask_protocol::{ProtocolError, parse_address};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::BufWriter;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+
+/// Messages queued for one connection, written in batches by its writer task.
+pub(crate) struct Outbox<M> {
+    tx: mpsc::UnboundedSender<(M, Vec<Bytes>)>,
+}
+
+impl<M> Clone for Outbox<M> {
+    fn clone(&self) -> Self {
+        Outbox { tx: self.tx.clone() }
+    }
+}
+
+impl<M: Serialize + Send + Sync + 'static> Outbox<M> {
+    /// Starts the writer task for `w`. It ends when every `Outbox` is dropped or a write fails.
+    pub(crate) fn spawn(w: OwnedWriteHalf) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(BufWriter::with_capacity(64 * 1024, w), rx));
+        Outbox { tx }
+    }
+
+    /// Queues a message (with the blobs its values refer to). Returns false if the connection
+    /// is gone.
+    pub(crate) fn send(&self, msg: M, blobs: Vec<Bytes>) -> bool {
+        self.tx.send((msg, blobs)).is_ok()
+    }
+}
+
+/// Most messages per frame; larger batches are split.
+const MAX_BATCH: usize = 4096;
+
+async fn write_loop<M: Serialize>(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc::UnboundedReceiver<(M, Vec<Bytes>)>) {
+    use tokio::io::AsyncWriteExt;
+    let mut batch: Vec<M> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        // Everything already queued goes out together. A message with blobs travels alone in
+        // its frame, because its blob indices count from zero.
+        let mut next = Some(first);
+        while let Some((m, blobs)) = next.take() {
+            let ok = if blobs.is_empty() {
+                batch.push(m);
+                batch.len() < MAX_BATCH || flush_batch(&mut w, &mut batch).await
+            } else {
+                flush_batch(&mut w, &mut batch).await && write_frame(&mut w, &[m], &blobs).await.is_ok()
+            };
+            if !ok {
+                return;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !flush_batch(&mut w, &mut batch).await || w.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+async fn flush_batch<M: Serialize>(w: &mut BufWriter<OwnedWriteHalf>, batch: &mut Vec<M>) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let ok = write_frame(w, batch, &[]).await.is_ok();
+    batch.clear();
+    ok
+}
+
+/// Reads frames until the connection closes or sends garbage.
+pub(crate) async fn read_loop<M: DeserializeOwned>(
+    mut r: OwnedReadHalf,
+    mut on_frame: impl FnMut(Frame<M>) -> bool,
+) -> Result<(), ProtocolError> {
+    while let Some(frame) = read_frame::<_, M>(&mut r).await? {
+        if !on_frame(frame) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Dials `address` and performs the handshake as `role`.
+pub(crate) async fn dial(address: &str, role: &Role) -> Result<(TcpStream, Welcome), ProtocolError> {
+    let host_port = parse_address(address)?;
+    let mut stream = TcpStream::connect(host_port).await?;
+    stream.set_nodelay(true)?;
+    let welcome = handshake::connect(&mut stream, role).await?;
+    Ok((stream, welcome))
+}
+
+/// A pool of connections to workers' data ports, one per address, each used by one request at
+/// a time.
+#[derive(Default, Clone)]
+pub(crate) struct PeerPool {
+    conns: Arc<tokio::sync::Mutex<std::collections::HashMap<String, PeerSlot>>>,
+}
+
+/// One cached connection to a peer (`None` until first used or after a failure).
+type PeerSlot = Arc<tokio::sync::Mutex<Option<TcpStream>>>;
+
+impl PeerPool {
+    /// Fetches values from the worker at `address`. `None` for keys it does not hold.
+    pub(crate) async fn get_data(
+        &self,
+        address: &str,
+        keys: Vec<String>,
+    ) -> Result<Vec<(String, Option<rask_graph::Value>)>, ProtocolError> {
+        use rask_protocol::msg::PeerMsg;
+        let slot = {
+            let mut conns = self.conns.lock().await;
+            Arc::clone(conns.entry(address.to_owned()).or_default())
+        };
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            let (stream, _) = dial(address, &Role::Peer).await?;
+            *guard = Some(stream);
+        }
+        let stream = guard.as_mut().ok_or_else(|| ProtocolError::Malformed("no connection".into()))?;
+        let result = async {
+            write_frame(stream, &[PeerMsg::GetData { keys }], &[]).await?;
+            let frame: Frame<PeerMsg> = read_frame(stream)
+                .await?
+                .ok_or_else(|| ProtocolError::Refused(format!("worker {address} closed the connection")))?;
+            let mut out = Vec::new();
+            for m in frame.messages {
+                if let PeerMsg::Data { values } = m {
+                    for (k, v) in values {
+                        let v = v.map(|v| rask_protocol::wire::value_from_wire(v, &frame.blobs)).transpose()?;
+                        out.push((k, v));
+                    }
+                }
+            }
+            Ok(out)
+        }
+        .await;
+        if result.is_err() {
+            *guard = None; // reconnect next time
+        }
+        result
+    }
+}

@@ -1,0 +1,299 @@
+//! The scheduler process: a thin shell around [`rask_scheduler_core::Core`].
+//!
+//! One task accepts connections; each connection gets a reader task (frames → events) and a
+//! writer task (batched commands). One task owns the core and is the only place where state
+//! changes: it turns inbound messages into events, and the core's commands into outbound
+//! messages. No scheduling decision is made here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use rask_graph::{Key, TaskError};
+use rask_protocol::handshake::{self, Role, Welcome};
+use rask_protocol::msg::{FromScheduler, ToScheduler};
+use rask_protocol::wire::{WireBody, WireError, WireTask};
+use rask_scheduler_core::{ClientId, Command, Config, Core, Event, NewTask, Restrictions, WorkerId, WorkerSpec};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::RuntimeError;
+use crate::conn::{Outbox, read_loop};
+
+/// What a worker runs for a task; opaque to the core.
+#[derive(Debug)]
+pub(crate) struct Payload {
+    body: WireBody,
+    retries: u32,
+    timeout_us: Option<u64>,
+}
+
+/// How to start a scheduler.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Interface to listen on.
+    pub host: String,
+    /// Port (0: any free port).
+    pub port: u16,
+    /// Scheduling policy tunables.
+    pub core: Config,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { host: "127.0.0.1".into(), port: 8786, core: Config::default() }
+    }
+}
+
+/// A running scheduler.
+pub struct SchedulerHandle {
+    /// Its address, `tcp://HOST:PORT`.
+    pub address: String,
+    stop: Option<oneshot::Sender<String>>,
+    done: Option<oneshot::Receiver<()>>,
+}
+
+impl SchedulerHandle {
+    /// Tells every client and worker that the scheduler is going away, then stops it.
+    pub async fn shutdown(mut self, reason: &str) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(reason.to_owned());
+        }
+        if let Some(d) = self.done.take() {
+            let _ = d.await;
+        }
+    }
+}
+
+enum Inbound {
+    Joined { id: u32, role: Role, outbox: Outbox<FromScheduler> },
+    Frame { id: u32, messages: Vec<ToScheduler> },
+    Left { id: u32 },
+}
+
+enum Peer {
+    Client { outbox: Outbox<FromScheduler> },
+    Worker { address: Arc<str>, outbox: Outbox<FromScheduler> },
+}
+
+/// Binds and starts a scheduler on the current tokio runtime.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn start_scheduler(cfg: SchedulerConfig) -> Result<SchedulerHandle, RuntimeError> {
+    let listener = TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .await
+        .map_err(|e| RuntimeError::Bind(format!("{}:{}", cfg.host, cfg.port), e.to_string()))?;
+    let local = listener.local_addr().map_err(|e| RuntimeError::Bind(cfg.host.clone(), e.to_string()))?;
+    let address = format!("tcp://{local}");
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    let next_id = Arc::new(AtomicU32::new(1));
+    let accept = tokio::spawn(accept_loop(listener, in_tx, next_id));
+    tokio::spawn(async move {
+        core_loop(cfg.core, in_rx, stop_rx).await;
+        accept.abort();
+        let _ = done_tx.send(());
+    });
+    Ok(SchedulerHandle { address, stop: Some(stop_tx), done: Some(done_rx) })
+}
+
+async fn accept_loop(listener: TcpListener, tx: mpsc::UnboundedSender<Inbound>, next_id: Arc<AtomicU32>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("rask scheduler: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        let next_id = Arc::clone(&next_id);
+        tokio::spawn(async move {
+            if let Err(e) = serve(stream, &tx, &next_id).await {
+                eprintln!("rask scheduler: connection from {peer} closed: {e}");
+            }
+        });
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    tx: &mpsc::UnboundedSender<Inbound>,
+    next_id: &AtomicU32,
+) -> Result<(), RuntimeError> {
+    stream.set_nodelay(true).map_err(rask_protocol::ProtocolError::from)?;
+    let role = handshake::accept(&mut stream, "the scheduler").await?;
+    if role == Role::Peer {
+        handshake::refuse(&mut stream, "this is a scheduler, not a worker's data port").await?;
+        return Err(RuntimeError::Protocol(rask_protocol::ProtocolError::Refused(
+            "peer connected to the scheduler".into(),
+        )));
+    }
+    let id = next_id.fetch_add(1, Ordering::Relaxed);
+    handshake::welcome(&mut stream, &Welcome { id: u64::from(id) }).await?;
+    let (r, w) = stream.into_split();
+    let outbox = Outbox::spawn(w);
+    if tx.send(Inbound::Joined { id, role, outbox }).is_err() {
+        return Ok(());
+    }
+    let result =
+        read_loop::<ToScheduler>(r, |frame| tx.send(Inbound::Frame { id, messages: frame.messages }).is_ok()).await;
+    let _ = tx.send(Inbound::Left { id });
+    result.map_err(RuntimeError::from)
+}
+
+async fn core_loop(cfg: Config, mut rx: mpsc::UnboundedReceiver<Inbound>, mut stop: oneshot::Receiver<String>) {
+    let mut core: Core<Arc<Payload>> = Core::new(cfg);
+    let mut peers: HashMap<u32, Peer> = HashMap::new();
+    loop {
+        let inbound = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => break },
+            reason = &mut stop => {
+                let reason = reason.unwrap_or_else(|_| "scheduler stopped".into());
+                for p in peers.values() {
+                    let (Peer::Client { outbox } | Peer::Worker { outbox, .. }) = p;
+                    outbox.send(FromScheduler::Shutdown { reason: reason.clone() }, Vec::new());
+                }
+                // Give writers a moment to flush the goodbyes.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                break;
+            }
+        };
+        let events = translate(inbound, &mut peers);
+        for ev in events {
+            for cmd in core.handle(ev) {
+                dispatch(cmd, &peers);
+            }
+        }
+    }
+}
+
+fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>) -> Vec<Event<Arc<Payload>>> {
+    match inbound {
+        Inbound::Joined { id, role, outbox } => match role {
+            Role::Client { .. } => {
+                peers.insert(id, Peer::Client { outbox });
+                vec![Event::ClientConnected { client: ClientId(id) }]
+            }
+            Role::Worker(info) => {
+                let address: Arc<str> = Arc::from(info.data_address.as_str());
+                peers.insert(id, Peer::Worker { address: Arc::clone(&address), outbox });
+                let spec = WorkerSpec {
+                    name: Arc::from(info.name.as_str()),
+                    address,
+                    nthreads: info.nthreads,
+                    resources: info.resources.iter().map(|(n, a)| (Arc::from(n.as_str()), *a)).collect(),
+                };
+                vec![Event::WorkerConnected { worker: WorkerId(id), spec }]
+            }
+            Role::Peer => Vec::new(),
+        },
+        Inbound::Left { id } => match peers.remove(&id) {
+            Some(Peer::Client { .. }) => vec![Event::ClientDisconnected { client: ClientId(id) }],
+            Some(Peer::Worker { .. }) => vec![Event::WorkerDisconnected { worker: WorkerId(id) }],
+            None => Vec::new(),
+        },
+        Inbound::Frame { id, messages } => {
+            let is_worker = matches!(peers.get(&id), Some(Peer::Worker { .. }));
+            messages.into_iter().filter_map(|m| message_event(id, is_worker, m)).collect()
+        }
+    }
+}
+
+fn message_event(id: u32, is_worker: bool, m: ToScheduler) -> Option<Event<Arc<Payload>>> {
+    let (client, worker) = (ClientId(id), WorkerId(id));
+    Some(match (is_worker, m) {
+        (false, ToScheduler::SubmitGraph { tasks, wanted }) => Event::GraphSubmitted {
+            client,
+            tasks: tasks.into_iter().map(new_task).collect(),
+            wanted: wanted.into_iter().map(Key::from).collect(),
+        },
+        (false, ToScheduler::Release { keys }) => {
+            Event::KeysReleased { client, keys: keys.into_iter().map(Key::from).collect() }
+        }
+        (false, ToScheduler::Cancel { keys }) => {
+            Event::KeysCancelled { client, keys: keys.into_iter().map(Key::from).collect() }
+        }
+        (true, ToScheduler::TaskFinished { key, nbytes, duration_us }) => {
+            Event::TaskFinished { worker, key: Key::from(key), nbytes, duration_us }
+        }
+        (true, ToScheduler::TaskFailed { key, error }) => {
+            Event::TaskFailed { worker, key: Key::from(key), error: Arc::new(TaskError::from(error)) }
+        }
+        (true, ToScheduler::MissingInputs { key, .. }) => Event::InputsMissing { worker, key: Key::from(key) },
+        (_, ToScheduler::Heartbeat) => return None,
+        (_, other) => {
+            eprintln!("rask scheduler: ignoring a message not meant for this kind of peer: {other:?}");
+            return None;
+        }
+    })
+}
+
+fn new_task(t: WireTask) -> NewTask<Arc<Payload>> {
+    let ann = t.annotations.unwrap_or_default();
+    let restrictions = (!ann.resources.is_empty() || !ann.workers.is_empty()).then(|| {
+        Box::new(Restrictions {
+            resources: ann.resources.iter().map(|(n, a)| (Arc::from(n.as_str()), *a)).collect(),
+            workers: ann.workers.iter().map(|w| Arc::from(w.as_str())).collect(),
+            allow_other_workers: ann.allow_other_workers,
+        })
+    });
+    NewTask {
+        key: Key::from(t.key),
+        deps: t.deps.into_iter().map(Key::from).collect(),
+        payload: Arc::new(Payload { body: t.body, retries: ann.retries, timeout_us: ann.timeout_us }),
+        priority: ann.priority,
+        order: t.order,
+        restrictions,
+    }
+}
+
+fn address_of(peers: &HashMap<u32, Peer>, w: WorkerId) -> Option<String> {
+    match peers.get(&w.0) {
+        Some(Peer::Worker { address, .. }) => Some(address.to_string()),
+        _ => None,
+    }
+}
+
+fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
+    let send = |id: u32, m: FromScheduler| {
+        if let Some(Peer::Client { outbox } | Peer::Worker { outbox, .. }) = peers.get(&id) {
+            outbox.send(m, Vec::new());
+        }
+    };
+    match cmd {
+        Command::Compute { worker, key, payload, inputs, prio } => {
+            let inputs = inputs
+                .into_iter()
+                .map(|(k, holders)| {
+                    (k.as_str().to_owned(), holders.iter().filter_map(|h| address_of(peers, *h)).collect())
+                })
+                .collect();
+            let msg = FromScheduler::Compute {
+                key: key.as_str().to_owned(),
+                body: payload.body.clone(),
+                inputs,
+                retries: payload.retries,
+                timeout_us: payload.timeout_us,
+                priority: prio,
+            };
+            send(worker.0, msg);
+        }
+        Command::Free { worker, keys } => {
+            send(worker.0, FromScheduler::Free { keys: keys.iter().map(|k| k.as_str().to_owned()).collect() });
+        }
+        Command::KeyInMemory { client, key, workers, nbytes } => {
+            let workers = workers.iter().filter_map(|w| address_of(peers, *w)).collect();
+            send(client.0, FromScheduler::KeyInMemory { key: key.as_str().to_owned(), workers, nbytes });
+        }
+        Command::KeyErred { client, key, error } => {
+            send(client.0, FromScheduler::KeyErred { key: key.as_str().to_owned(), error: WireError::from(&*error) });
+        }
+        Command::KeyCancelled { client, key } => {
+            send(client.0, FromScheduler::KeyCancelled { key: key.as_str().to_owned() })
+        }
+    }
+}

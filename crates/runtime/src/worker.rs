@@ -1,0 +1,461 @@
+//! The worker process: runs tasks on a thread pool, holds their values, serves them to peers.
+//!
+//! - One async task owns the worker's bookkeeping (tasks waiting for inputs, fetches in flight,
+//!   values held) and talks to the scheduler.
+//! - A data port serves `GetData` requests from peers and clients, straight from the store.
+//! - Inputs held elsewhere are fetched **directly from the peer worker** that holds them (never
+//!   through the scheduler), all keys for one peer in one request, with a bound on concurrent
+//!   fetches. Fetched copies are dropped once no local task needs them.
+//! - Tasks run on `nthreads` OS threads in scheduler priority order, through the same
+//!   `rask_ops::run_call` as the local schedulers; an unknown function is a task error naming
+//!   the function and this worker.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rask_graph::{FailureKind, Key, TaskError, Value};
+use rask_ops::{CallPolicy, Registry};
+use rask_protocol::frame::{read_frame, write_frame};
+use rask_protocol::handshake::{self, Role, WorkerInfo};
+use rask_protocol::msg::{FromScheduler, PeerMsg, ToScheduler};
+use rask_protocol::wire::{WireArg, WireBody, WireError, resolve_arg, value_to_wire};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::RuntimeError;
+use crate::conn::{Outbox, PeerPool, dial, read_loop};
+
+/// Concurrent fetches from peers.
+const FETCH_CONCURRENCY: usize = 8;
+
+/// How to start a worker.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Scheduler address, `tcp://HOST:PORT`.
+    pub scheduler: String,
+    /// Worker name (restrictions may use it).
+    pub name: String,
+    /// Threads running tasks.
+    pub nthreads: usize,
+    /// Resources advertised.
+    pub resources: Vec<(String, f64)>,
+    /// Memory limit in bytes (reported; enforced by the memory manager when it lands).
+    pub memory_limit: Option<u64>,
+    /// Interface for the data port.
+    pub host: String,
+    /// The functions tasks may call.
+    pub registry: Arc<Registry>,
+}
+
+/// How a worker's run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// The scheduler asked it to stop.
+    SchedulerShutdown(String),
+    /// The connection to the scheduler was lost.
+    SchedulerLost(String),
+    /// Stopped from this side.
+    Stopped,
+}
+
+type Store = Arc<Mutex<HashMap<String, Value>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A task ready to run, with its inputs.
+struct Job {
+    key: String,
+    body: WireBody,
+    inputs: HashMap<String, Value>,
+    retries: u32,
+    timeout: Option<Duration>,
+    /// Fetched copies this job uses (released when it is done).
+    replicas: Vec<String>,
+}
+
+/// Scheduler priority of a task (smaller first), as sent in `Compute`.
+type Prio = (i64, u64, u32);
+
+struct Queue {
+    heap: BinaryHeap<Reverse<(Prio, u64)>>,
+    jobs: HashMap<u64, Job>,
+    closed: bool,
+}
+
+/// Results from the executor threads.
+struct Outcome {
+    key: String,
+    replicas: Vec<String>,
+    result: Result<Value, TaskError>,
+    duration: Duration,
+}
+
+enum Inbox {
+    Scheduler(Vec<FromScheduler>),
+    SchedulerClosed(String),
+    Done(Outcome),
+    Fetched { keys: Vec<String>, result: Result<Vec<(String, Option<Value>)>, String> },
+}
+
+/// A task waiting for inputs to arrive.
+struct Waiting {
+    job: Job,
+    prio: (i64, u64, u32),
+    missing: usize,
+}
+
+/// Connects to the scheduler and runs until it stops, is lost, or `stop` is set.
+///
+/// # Errors
+/// When the scheduler cannot be reached or refuses this worker.
+pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<WorkerExit, RuntimeError> {
+    let listener = TcpListener::bind((cfg.host.as_str(), 0))
+        .await
+        .map_err(|e| RuntimeError::Bind(format!("{}:0", cfg.host), e.to_string()))?;
+    let local = listener.local_addr().map_err(|e| RuntimeError::Bind(cfg.host.clone(), e.to_string()))?;
+    let data_address = format!("tcp://{local}");
+    let store: Store = Arc::default();
+    let server = tokio::spawn(data_server(listener, Arc::clone(&store)));
+    let info = WorkerInfo {
+        name: cfg.name.clone(),
+        nthreads: cfg.nthreads as u32,
+        resources: cfg.resources.clone(),
+        memory_limit: cfg.memory_limit,
+        data_address: data_address.clone(),
+    };
+    let (stream, _) = match dial(&cfg.scheduler, &Role::Worker(info)).await {
+        Ok(x) => x,
+        Err(e) => {
+            server.abort();
+            return Err(RuntimeError::Connect(cfg.scheduler.clone(), e.to_string()));
+        }
+    };
+    let (r, w) = stream.into_split();
+    let to_scheduler: Outbox<ToScheduler> = Outbox::spawn(w);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Inbox>();
+    let reader_tx = tx.clone();
+    tokio::spawn(async move {
+        let r = read_loop::<FromScheduler>(r, |f| reader_tx.send(Inbox::Scheduler(f.messages)).is_ok()).await;
+        let why = match r {
+            Ok(()) => "the scheduler closed the connection".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let _ = reader_tx.send(Inbox::SchedulerClosed(why));
+    });
+
+    // Executor threads.
+    let queue =
+        Arc::new((Mutex::new(Queue { heap: BinaryHeap::new(), jobs: HashMap::new(), closed: false }), Condvar::new()));
+    let location: Arc<str> = Arc::from(format!("on worker {} ({data_address})", cfg.name));
+    let mut threads = Vec::new();
+    for i in 0..cfg.nthreads.max(1) {
+        let (queue, tx, registry, location) =
+            (Arc::clone(&queue), tx.clone(), Arc::clone(&cfg.registry), Arc::clone(&location));
+        let spawned = std::thread::Builder::new()
+            .name(format!("rask-worker-{i}"))
+            .spawn(move || executor_thread(&queue, &tx, &registry, &location));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => return Err(RuntimeError::Bind("executor thread".into(), e.to_string())),
+        }
+    }
+
+    let peers = PeerPool::default();
+    let fetch_limit = Arc::new(Semaphore::new(FETCH_CONCURRENCY));
+    let mut waiting: HashMap<String, Waiting> = HashMap::new();
+    // input key -> tasks waiting for it
+    let mut fetching: HashMap<String, Vec<String>> = HashMap::new();
+    // fetched copies -> number of local tasks still needing them
+    let mut replicas: HashMap<String, (Value, usize)> = HashMap::new();
+    let mut seq = 0u64;
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+
+    let exit = loop {
+        let msg = tokio::select! {
+            m = rx.recv() => m,
+            _ = ticker.tick() => {
+                if stop.load(Ordering::Relaxed) { break WorkerExit::Stopped; }
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break WorkerExit::Stopped };
+        match msg {
+            Inbox::SchedulerClosed(why) => break WorkerExit::SchedulerLost(why),
+            Inbox::Scheduler(messages) => {
+                let mut shutdown = None;
+                for m in messages {
+                    match m {
+                        FromScheduler::Compute { key, body, inputs, retries, timeout_us, priority } => {
+                            let mut job = Job {
+                                key: key.clone(),
+                                body,
+                                inputs: HashMap::with_capacity(inputs.len()),
+                                retries,
+                                timeout: timeout_us.map(Duration::from_micros),
+                                replicas: Vec::new(),
+                            };
+                            let mut to_fetch: HashMap<String, Vec<String>> = HashMap::new();
+                            let mut missing = 0;
+                            {
+                                let held = lock(&store);
+                                for (k, holders) in inputs {
+                                    if let Some(v) = held.get(&k) {
+                                        job.inputs.insert(k, v.clone());
+                                        continue;
+                                    }
+                                    if let Some((v, users)) = replicas.get_mut(&k) {
+                                        *users += 1;
+                                        job.inputs.insert(k.clone(), v.clone());
+                                        job.replicas.push(k);
+                                        continue;
+                                    }
+                                    missing += 1;
+                                    let first = fetching.contains_key(&k);
+                                    fetching.entry(k.clone()).or_default().push(key.clone());
+                                    if !first {
+                                        match holders.first() {
+                                            Some(h) => to_fetch.entry(h.clone()).or_default().push(k),
+                                            None => to_fetch.entry(String::new()).or_default().push(k),
+                                        }
+                                    }
+                                }
+                            }
+                            if missing == 0 {
+                                seq += 1;
+                                enqueue(&queue, job, priority, seq);
+                            } else {
+                                waiting.insert(key, Waiting { job, prio: priority, missing });
+                                for (addr, keys) in to_fetch {
+                                    let (tx, peers, limit) = (tx.clone(), peers.clone(), Arc::clone(&fetch_limit));
+                                    tokio::spawn(async move {
+                                        let result = if addr.is_empty() {
+                                            Err("no worker holds it".to_owned())
+                                        } else {
+                                            let _permit = limit.acquire().await;
+                                            peers
+                                                .get_data(&addr, keys.clone())
+                                                .await
+                                                .map_err(|e| format!("{addr}: {e}"))
+                                        };
+                                        let _ = tx.send(Inbox::Fetched { keys, result });
+                                    });
+                                }
+                            }
+                        }
+                        FromScheduler::Free { keys } => {
+                            let mut held = lock(&store);
+                            for k in keys {
+                                held.remove(&k);
+                                if let Some(w) = waiting.remove(&k) {
+                                    release_replicas(&mut replicas, w.job.replicas);
+                                }
+                            }
+                        }
+                        FromScheduler::Shutdown { reason } => shutdown = Some(reason),
+                        other => eprintln!("rask worker {}: unexpected message {other:?}", cfg.name),
+                    }
+                }
+                if let Some(reason) = shutdown {
+                    break WorkerExit::SchedulerShutdown(reason);
+                }
+            }
+            Inbox::Fetched { keys, result } => {
+                let got: HashMap<String, Option<Value>> = match result {
+                    Ok(values) => values.into_iter().collect(),
+                    Err(e) => {
+                        eprintln!("rask worker {}: fetching {} inputs failed: {e}", cfg.name, keys.len());
+                        HashMap::new()
+                    }
+                };
+                for k in keys {
+                    let tasks = fetching.remove(&k).unwrap_or_default();
+                    match got.get(&k).cloned().flatten() {
+                        Some(v) => {
+                            let users = tasks.iter().filter(|t| waiting.contains_key(*t)).count();
+                            for t in &tasks {
+                                let Some(w) = waiting.get_mut(t) else { continue };
+                                w.job.inputs.insert(k.clone(), v.clone());
+                                w.job.replicas.push(k.clone());
+                                w.missing -= 1;
+                                if w.missing == 0 {
+                                    if let Some(w) = waiting.remove(t) {
+                                        seq += 1;
+                                        enqueue(&queue, w.job, w.prio, seq);
+                                    }
+                                }
+                            }
+                            // Keep a copy while queued tasks of this worker may still ask for it.
+                            if users > 0 {
+                                replicas.insert(k.clone(), (v, users));
+                            }
+                        }
+                        None => {
+                            for t in tasks {
+                                if let Some(w) = waiting.remove(&t) {
+                                    release_replicas(&mut replicas, w.job.replicas);
+                                    to_scheduler.send(
+                                        ToScheduler::MissingInputs { key: t, missing: vec![k.clone()] },
+                                        Vec::new(),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Inbox::Done(Outcome { key, replicas: used, result, duration }) => {
+                let duration_us = duration.as_micros().min(u128::from(u64::MAX)) as u64;
+                release_replicas(&mut replicas, used);
+                match result {
+                    Ok(v) => {
+                        let nbytes = v.nbytes() as u64;
+                        lock(&store).insert(key.clone(), v);
+                        to_scheduler.send(ToScheduler::TaskFinished { key, nbytes, duration_us }, Vec::new());
+                    }
+                    Err(e) => {
+                        to_scheduler.send(ToScheduler::TaskFailed { key, error: WireError::from(&e) }, Vec::new());
+                    }
+                }
+            }
+        }
+    };
+    {
+        let (m, cv) = &*queue;
+        lock(m).closed = true;
+        cv.notify_all();
+    }
+    server.abort();
+    drop(to_scheduler);
+    for t in threads {
+        // Threads finish their current task; a task that never returns is left behind.
+        if !t.is_finished() {
+            continue;
+        }
+        let _ = t.join();
+    }
+    Ok(exit)
+}
+
+/// A local task no longer needs these fetched copies; drop the ones nobody needs.
+fn release_replicas(replicas: &mut HashMap<String, (Value, usize)>, used: Vec<String>) {
+    for k in used {
+        if let Some((_, users)) = replicas.get_mut(&k) {
+            *users -= 1;
+            if *users == 0 {
+                replicas.remove(&k);
+            }
+        }
+    }
+}
+
+fn enqueue(queue: &Arc<(Mutex<Queue>, Condvar)>, job: Job, prio: (i64, u64, u32), seq: u64) {
+    let (m, cv) = &**queue;
+    let mut q = lock(m);
+    q.heap.push(Reverse((prio, seq)));
+    q.jobs.insert(seq, job);
+    cv.notify_one();
+}
+
+fn executor_thread(
+    queue: &(Mutex<Queue>, Condvar),
+    tx: &mpsc::UnboundedSender<Inbox>,
+    registry: &Registry,
+    location: &str,
+) {
+    let (m, cv) = queue;
+    let mut buf = Vec::new();
+    loop {
+        let job = {
+            let mut q = lock(m);
+            loop {
+                if q.closed {
+                    return;
+                }
+                if let Some(Reverse((_, seq))) = q.heap.pop() {
+                    if let Some(job) = q.jobs.remove(&seq) {
+                        break job;
+                    }
+                    continue;
+                }
+                q = cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        let start = Instant::now();
+        let result = run_job(&job, registry, location, &mut buf);
+        buf.clear();
+        let outcome = Outcome { key: job.key, replicas: job.replicas, result, duration: start.elapsed() };
+        if tx.send(Inbox::Done(outcome)).is_err() {
+            return;
+        }
+    }
+}
+
+fn run_job(job: &Job, registry: &Registry, location: &str, buf: &mut Vec<Value>) -> Result<Value, TaskError> {
+    let lookup = |k: &str| job.inputs.get(k).cloned();
+    let key = Key::new(&job.key);
+    let run =
+        |link_key: &Key, op: &str, args: &[WireArg], links: &[Value], retries, timeout, buf: &mut Vec<Value>| {
+            let resolved: Vec<Value> =
+                args.iter().map(|a| resolve_arg(a, &lookup, links)).collect::<Result<_, _>>().map_err(|e| {
+                    TaskError { key: link_key.clone(), message: e.to_string(), kind: FailureKind::Error, attempts: 0 }
+                })?;
+            let policy = CallPolicy { op, key: link_key, retries, timeout, location };
+            rask_ops::run_call(registry.get(op), &policy, buf, |b| b.extend(resolved.iter().cloned()))
+        };
+    match &job.body {
+        WireBody::Call(c) => run(&key, &c.op, &c.args, &[], job.retries, job.timeout, buf),
+        WireBody::Chain(links) => {
+            let mut values = Vec::with_capacity(links.len());
+            for (k, c) in links {
+                let v = run(&Key::new(k), &c.op, &c.args, &values, 0, None, buf)?;
+                values.push(v);
+            }
+            Ok(values.pop().unwrap_or_default())
+        }
+    }
+}
+
+/// Serves `GetData` requests from peers and clients.
+async fn data_server(listener: TcpListener, store: Store) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            if let Err(e) = serve_peer(stream, &store).await {
+                eprintln!("rask worker: data connection from {peer} closed: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_peer(mut stream: TcpStream, store: &Store) -> Result<(), RuntimeError> {
+    stream.set_nodelay(true).map_err(rask_protocol::ProtocolError::from)?;
+    let role = handshake::accept(&mut stream, "a worker's data port").await?;
+    if role != Role::Peer {
+        handshake::refuse(&mut stream, "this is a worker's data port, not a scheduler").await?;
+        return Ok(());
+    }
+    handshake::welcome(&mut stream, &handshake::Welcome { id: 0 }).await?;
+    while let Some(frame) = read_frame::<_, PeerMsg>(&mut stream).await? {
+        for m in frame.messages {
+            let PeerMsg::GetData { keys } = m else { continue };
+            let mut blobs = Vec::new();
+            let values = {
+                let held = lock(store);
+                keys.into_iter()
+                    .map(|k| {
+                        let v = held.get(&k).map(|v| value_to_wire(v, &mut blobs));
+                        (k, v)
+                    })
+                    .collect()
+            };
+            write_frame(&mut stream, &[PeerMsg::Data { values }], &blobs).await?;
+        }
+    }
+    Ok(())
+}
