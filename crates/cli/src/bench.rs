@@ -13,8 +13,9 @@ use std::time::Instant;
 use rask_graph::{ArgSpec, Executor, Graph, GraphBuilder, Key, TaskId, TaskSpec, Value};
 use rask_local::{LocalConfig, SyncScheduler, ThreadedScheduler};
 
-/// The Dask side of the benchmark, written to a temporary file when needed.
+/// The Dask sides of the benchmarks, written to a temporary file when needed.
 const DASK_SCRIPT: &str = include_str!("../../../benches/dask_local.py");
+pub(crate) const DASK_DISTRIBUTED_SCRIPT: &str = include_str!("../../../benches/dask_distributed.py");
 
 /// Arguments of `rask bench`.
 #[derive(clap::Args)]
@@ -27,6 +28,8 @@ pub(crate) struct BenchArgs {
 enum Which {
     /// Embedded schedulers: merge, tree, chain and independent tasks, plus a 1M-task workflow file.
     Local(LocalArgs),
+    /// A scheduler and two 1-thread worker processes on loopback, against Dask's LocalCluster.
+    Distributed(crate::bench_dist::DistArgs),
 }
 
 #[derive(clap::Args)]
@@ -55,10 +58,12 @@ struct LocalArgs {
 }
 
 pub(crate) fn bench(args: &BenchArgs) -> ExitCode {
-    let Which::Local(a) = &args.which;
-    let result = match &a.one {
-        Some(one) => measure_one(one, a.repeat),
-        None => local(a),
+    let result = match &args.which {
+        Which::Local(a) => match &a.one {
+            Some(one) => measure_one(one, a.repeat),
+            None => local(a),
+        },
+        Which::Distributed(a) => crate::bench_dist::distributed(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,8 +92,13 @@ impl Sample {
     }
 }
 
-fn status_kib(field: &str) -> u64 {
-    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+pub(crate) fn status_kib(field: &str) -> u64 {
+    proc_status_kib("self", field)
+}
+
+/// A field of `/proc/PID/status` in bytes (0 when unreadable).
+pub(crate) fn proc_status_kib(pid: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     text.lines()
         .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
@@ -98,7 +108,7 @@ fn status_kib(field: &str) -> u64 {
 }
 
 /// Builds a benchmark graph with builtin ops; returns it, its outputs and the expected values.
-fn workload(name: &str, n: u64) -> Result<(Graph, Vec<TaskId>, Vec<Value>), String> {
+pub(crate) fn workload(name: &str, n: u64) -> Result<(Graph, Vec<TaskId>, Vec<Value>), String> {
     let r = |k: String| ArgSpec::Ref(Key::from(k));
     let one = || vec![ArgSpec::Lit(Value::Int(1))];
     let mut b = GraphBuilder::with_capacity(n as usize + 1);
@@ -193,7 +203,7 @@ fn measure_one(one: &[String], repeat: u32) -> Result<(), String> {
     Ok(())
 }
 
-fn run_json(cmd: &mut Command) -> Result<Sample, String> {
+pub(crate) fn run_json<T: serde::de::DeserializeOwned>(cmd: &mut Command) -> Result<T, String> {
     let out = cmd.stderr(Stdio::inherit()).output().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!("{cmd:?} failed with {}", out.status));
@@ -204,7 +214,7 @@ fn run_json(cmd: &mut Command) -> Result<Sample, String> {
 }
 
 /// Finds or prepares a Python with Dask; `None` (with a message) when there is none.
-fn dask_python(a: &LocalArgs) -> Option<PathBuf> {
+pub(crate) fn dask_python(python: Option<&PathBuf>, venv: &Path) -> Option<PathBuf> {
     let works = |py: &Path| {
         Command::new(py)
             .args(["-c", "import dask"])
@@ -213,20 +223,20 @@ fn dask_python(a: &LocalArgs) -> Option<PathBuf> {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if let Some(py) = &a.python {
+    if let Some(py) = python {
         if works(py) {
             return Some(py.clone());
         }
         eprintln!("rask bench: {} cannot import dask; skipping Dask", py.display());
         return None;
     }
-    let py = a.venv.join("bin/python");
+    let py = venv.join("bin/python");
     if works(&py) {
         return Some(py);
     }
-    eprintln!("rask bench: creating {} with Dask (python3 -m venv; pip install dask) ...", a.venv.display());
-    let created = Command::new("python3").arg("-m").arg("venv").arg(&a.venv).status().is_ok_and(|s| s.success())
-        && Command::new(a.venv.join("bin/pip"))
+    eprintln!("rask bench: creating {} with Dask (python3 -m venv; pip install dask) ...", venv.display());
+    let created = Command::new("python3").arg("-m").arg("venv").arg(venv).status().is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "dask[distributed]"])
             .status()
             .is_ok_and(|s| s.success());
@@ -245,7 +255,7 @@ fn local(a: &LocalArgs) -> Result<(), String> {
     } else {
         &[("merge", 100_000), ("tree", 17), ("chain", 100_000), ("independent", 100_000)]
     };
-    let python = if a.no_dask { None } else { dask_python(a) };
+    let python = if a.no_dask { None } else { dask_python(a.python.as_ref(), &a.venv) };
     let script = match &python {
         Some(_) => {
             let path = std::env::temp_dir().join(format!("rask-dask-local-{}.py", std::process::id()));
@@ -276,7 +286,7 @@ fn local(a: &LocalArgs) -> Result<(), String> {
     let mut failures = Vec::new();
     for (name, n) in workloads {
         for sched in ["threaded", "sync"] {
-            let rask = run_json(Command::new(&exe).args([
+            let rask: Result<Sample, String> = run_json(Command::new(&exe).args([
                 "bench",
                 "local",
                 "--repeat",
@@ -288,7 +298,7 @@ fn local(a: &LocalArgs) -> Result<(), String> {
             ]));
             let dask = match (&python, &script) {
                 (Some(py), Some(script)) => {
-                    Some(run_json(Command::new(py).arg(script).args([name, &n.to_string()[..], sched])))
+                    Some(run_json::<Sample>(Command::new(py).arg(script).args([name, &n.to_string()[..], sched])))
                 }
                 _ => None,
             };
@@ -335,7 +345,7 @@ fn local(a: &LocalArgs) -> Result<(), String> {
     if failures.is_empty() { Ok(()) } else { Err(failures.join("\n")) }
 }
 
-fn human(n: u64) -> String {
+pub(crate) fn human(n: u64) -> String {
     match n {
         n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
         n if n >= 1000 && n % 1000 == 0 => format!("{}k", n / 1000),
@@ -392,7 +402,7 @@ fn workflow_file(exe: &Path, n: u64) -> Result<String, String> {
 
 /// Waits for a child and returns its exit status and peak RSS (KiB), from `wait4(2)`.
 #[allow(unsafe_code)]
-fn wait_with_rusage(pid: i32) -> Result<(i32, u64), String> {
+pub(crate) fn wait_with_rusage(pid: i32) -> Result<(i32, u64), String> {
     let mut status = 0i32;
     // SAFETY: rusage is plain old data, so all-zero is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };

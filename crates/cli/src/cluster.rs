@@ -55,10 +55,16 @@ pub(crate) struct WorkerArgs {
     /// How long to keep trying to reach the scheduler (at start and after losing it), seconds.
     #[arg(long, default_value_t = 10.0)]
     reconnect_timeout: f64,
+    /// Benchmark only: finish every task instantly without running it (measures the scheduler).
+    #[arg(long, hide = true)]
+    zero_work: bool,
 }
 
+/// The scheduler and worker shells run on one async thread: their state lives in one task
+/// anyway, and keeping every hand-off on the same thread saves a cross-thread wake-up per
+/// message (the worker's task execution has its own threads).
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
         eprintln!("rask: cannot start the async runtime: {e}");
         ExitCode::FAILURE
     })
@@ -168,6 +174,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
                 memory_limit: args.memory_limit,
                 host: args.host.clone(),
                 registry: rask_ops::global(),
+                zero_work: args.zero_work,
             };
             tasks.push(tokio::spawn(supervise(cfg, Arc::clone(&stop), patience)));
         }

@@ -4,6 +4,7 @@
 //! does is a thin layer over the library crates.
 
 mod bench;
+mod bench_dist;
 mod cluster;
 mod run;
 

@@ -76,8 +76,13 @@ pub(crate) async fn read_raw<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<B
     if size > MAX_FRAME {
         return Err(ProtocolError::FrameTooLarge { size, limit: MAX_FRAME });
     }
-    let mut buf = BytesMut::zeroed(size);
-    r.read_exact(&mut buf).await?;
+    // Read into uninitialised capacity (no memset of large frames).
+    let mut buf = BytesMut::with_capacity(size);
+    while buf.len() < size {
+        if r.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
     Ok(Some(buf.freeze()))
 }
 

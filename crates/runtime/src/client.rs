@@ -80,6 +80,7 @@ impl Inner {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    fuse: bool,
 }
 
 /// A handle to a key being computed (or computed) on the cluster. Dropping the last handle to
@@ -148,7 +149,7 @@ impl RemoteFuture {
     /// # Errors
     /// The task's failure, a cancellation, or a lost connection.
     pub async fn result(&self) -> Result<Value, ClientError> {
-        let client = Client { inner: Arc::clone(&self.inner) };
+        let client = Client { inner: Arc::clone(&self.inner), fuse: true };
         client.gather(std::slice::from_ref(self)).await.pop().unwrap_or(Err(ClientError::Timeout))
     }
 }
@@ -215,7 +216,13 @@ impl Client {
             }
             reader.changed.send_modify(|v| *v += 1);
         });
-        Ok(Client { inner })
+        Ok(Client { inner, fuse: true })
+    }
+
+    /// Whether [`Client::submit_graph`] fuses linear chains first (on by default; benchmarks
+    /// turn it off to measure scheduling of the graph as given).
+    pub fn set_fuse(&mut self, fuse: bool) {
+        self.fuse = fuse;
     }
 
     fn track(&self, key: &Key) -> RemoteFuture {
@@ -232,7 +239,8 @@ impl Client {
             Some((g, o)) => (std::borrow::Cow::Owned(g), o),
             None => (std::borrow::Cow::Borrowed(graph), outputs.to_vec()),
         };
-        let (g, outs) = match rask_graph::fuse(&culled, &outs) {
+        let fused = if self.fuse { rask_graph::fuse(&culled, &outs) } else { None };
+        let (g, outs) = match fused {
             Some((g, o)) => (std::borrow::Cow::Owned(g), o),
             None => (culled, outs),
         };
@@ -510,6 +518,16 @@ impl BlockingClient {
     #[must_use]
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// See [`Client::set_fuse`].
+    pub fn set_fuse(&mut self, fuse: bool) {
+        self.client.set_fuse(fuse);
+    }
+
+    /// Runs a future on this client's runtime (e.g. [`AsCompleted::next`]).
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
     }
 
     /// Blocking [`Client::submit_graph`].

@@ -779,7 +779,8 @@ impl<P: Clone> Core<P> {
     fn finished(&mut self, wid: WorkerId, key: &Key, nbytes: u64, duration_us: u64) {
         let was_assigned = self.unassign(wid, key);
         if let Some(w) = self.workers.get_mut(&wid) {
-            let d = duration_us as f64;
+            // Count at least 1 µs, so instant tasks still raise the in-flight limit.
+            let d = duration_us.max(1) as f64;
             w.avg_duration_us = if w.avg_duration_us == 0.0 { d } else { 0.9 * w.avg_duration_us + 0.1 * d };
         }
         let t = match self.by_key.get(key) {

@@ -1,0 +1,332 @@
+//! `rask bench distributed`: a rask scheduler and two 1-thread worker processes on loopback,
+//! against Dask's `LocalCluster(n_workers=2, threads_per_worker=1)` on the same graphs, in one
+//! run. Also: data transfer between workers (compared with `iperf3` on loopback when installed)
+//! and a zero-work mode that measures the scheduler alone.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rask_graph::{Annotations, ArgSpec, GraphBuilder, Key, TaskSpec, Value};
+use rask_runtime::{BlockingClient, CallArg};
+
+use crate::bench::{dask_python, human, proc_status_kib, run_json, workload};
+
+/// Arguments of `rask bench distributed`.
+#[derive(clap::Args)]
+pub(crate) struct DistArgs {
+    /// Smaller graphs (for a quick look; the README's figures use the default sizes).
+    #[arg(long)]
+    quick: bool,
+    /// Do not run Dask.
+    #[arg(long)]
+    no_dask: bool,
+    /// Python interpreter that has Dask and distributed installed (skips the venv).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Virtual environment to create or reuse for Dask.
+    #[arg(long, default_value = "target/dask-venv")]
+    venv: PathBuf,
+    /// Tasks in the zero-work intake measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    intake_tasks: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct DaskSample {
+    tasks: u64,
+    secs: f64,
+    #[serde(default)]
+    bytes: u64,
+}
+
+/// A scheduler and workers started from this binary; killed on drop.
+struct BenchCluster {
+    address: String,
+    scheduler: Child,
+    workers: Vec<Child>,
+}
+
+impl BenchCluster {
+    fn start(exe: &std::path::Path, workers: usize, zero_work: bool) -> Result<Self, String> {
+        let mut scheduler = Command::new(exe)
+            .args(["scheduler", "--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the scheduler: {e}"))?;
+        let mut line = String::new();
+        let out = scheduler.stdout.take().ok_or("no scheduler stdout")?;
+        BufReader::new(out).read_line(&mut line).map_err(|e| e.to_string())?;
+        let address = line.trim().to_owned();
+        let mut c = BenchCluster { address, scheduler, workers: Vec::new() };
+        for i in 0..workers {
+            let mut cmd = Command::new(exe);
+            cmd.args(["worker", &c.address, "--nthreads", "1", "--name", &format!("bench-{i}")]);
+            if zero_work {
+                cmd.arg("--zero-work");
+            }
+            let w = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start a worker: {e}"))?;
+            c.workers.push(w);
+        }
+        Ok(c)
+    }
+
+    fn client(&self) -> Result<BlockingClient, String> {
+        let mut client = BlockingClient::connect(&self.address).map_err(|e| e.to_string())?;
+        client.set_fuse(false); // measure the graph as given, as Dask runs it
+        // Wait until every worker has joined: one tiny task pinned to each.
+        let mut b = GraphBuilder::new();
+        for i in 0..self.workers.len() {
+            let ann = Annotations { workers: vec![format!("bench-{i}").into()], ..Default::default() };
+            b.add(
+                TaskSpec::new(format!("warmup-{i}"), "noop", vec![ArgSpec::Lit(Value::Int(i as i64))])
+                    .with_annotations(ann),
+            );
+        }
+        let g = b.build().map_err(|e| e.to_string())?;
+        let outs = g.sinks();
+        let f = client.submit_graph(&g, &outs);
+        client.wait(&f, Some(Duration::from_secs(30))).map_err(|e| format!("workers did not join: {e}"))?;
+        Ok(client)
+    }
+}
+
+impl Drop for BenchCluster {
+    fn drop(&mut self) {
+        for c in self.workers.iter_mut().chain(std::iter::once(&mut self.scheduler)) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Row {
+    label: String,
+    tasks: u64,
+    secs: f64,
+    dask: Option<Result<DaskSample, String>>,
+}
+
+impl Row {
+    fn print(&self) {
+        let rate = self.tasks as f64 / self.secs;
+        let dask = match &self.dask {
+            Some(Ok(d)) => {
+                let dr = d.tasks as f64 / d.secs;
+                format!("{:>8.3} {:>10.0} | {:>7.0}×", d.secs, dr, rate / dr)
+            }
+            Some(Err(e)) => format!("{:>19} | {:>8}  ({e})", "(failed)", "-"),
+            None => format!("{:>19} | {:>8}", "(skipped)", "-"),
+        };
+        println!(
+            "{:<18} {:>8} | {:>8.4} {:>11.0} {:>9.2} | {dask}",
+            self.label,
+            self.tasks,
+            self.secs,
+            rate,
+            self.secs * 1e6 / self.tasks as f64
+        );
+        let _ = std::io::stdout().flush();
+    }
+}
+
+pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let python = if a.no_dask { None } else { dask_python(a.python.as_ref(), &a.venv) };
+    let script = match &python {
+        Some(_) => {
+            let path = std::env::temp_dir().join(format!("rask-dask-distributed-{}.py", std::process::id()));
+            std::fs::write(&path, crate::bench::DASK_DISTRIBUTED_SCRIPT).map_err(|e| e.to_string())?;
+            Some(path)
+        }
+        None => None,
+    };
+    let dask = |workload: &str, n: u64| -> Option<Result<DaskSample, String>> {
+        match (&python, &script) {
+            (Some(py), Some(s)) => Some(run_json(Command::new(py).arg(s).args([workload, &n.to_string()]))),
+            _ => None,
+        }
+    };
+    let (merge_n, tree_d, map_n, chain_n, transfer_mib) =
+        if a.quick { (2_000, 11, 2_000, 1_000, 256) } else { (20_000, 15, 20_000, 10_000, 1024) };
+
+    println!(
+        "rask bench distributed: scheduler + 2 worker processes × 1 thread on loopback; Dask LocalCluster(2 workers × 1 thread)"
+    );
+    println!(
+        "{:<18} {:>8} | {:>8} {:>11} {:>9} | {:>8} {:>10} | {:>8}",
+        "workload", "tasks", "rask s", "tasks/s", "µs/task", "dask s", "tasks/s", "ratio"
+    );
+    let cluster = BenchCluster::start(&exe, 2, false)?;
+    let client = cluster.client()?;
+    let mut failures = Vec::new();
+
+    for (name, n) in [("merge", merge_n), ("tree", tree_d), ("chain", chain_n)] {
+        let (g, outs, expected) = workload(name, n)?;
+        let t0 = Instant::now();
+        let got = client.compute(&g, &outs).map_err(|e| e.to_string())?;
+        let secs = t0.elapsed().as_secs_f64();
+        let got: Vec<Value> = got.into_iter().collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+        if got != expected {
+            failures.push(format!("{name}: wrong result"));
+        }
+        let label = if name == "tree" { format!("tree-{n}") } else { format!("{name}-{}", human(n)) };
+        Row { label, tasks: g.len() as u64, secs, dask: dask(name, n) }.print();
+    }
+
+    // map + gather
+    let t0 = Instant::now();
+    let futures = client.map_calls(
+        "add",
+        (0..map_n as i64).map(|i| vec![CallArg::Value(Value::Int(i)), CallArg::Value(Value::Int(1))]).collect(),
+    );
+    let values = client.gather(&futures);
+    let secs = t0.elapsed().as_secs_f64();
+    let sum: i64 = values
+        .iter()
+        .map(|v| match v {
+            Ok(Value::Int(i)) => *i,
+            _ => 0,
+        })
+        .sum();
+    let n = map_n as i64;
+    if sum != n * (n + 1) / 2 {
+        failures.push("map+gather: wrong result".into());
+    }
+    drop(futures);
+    Row { label: format!("map+gather-{}", human(map_n)), tasks: map_n, secs, dask: dask("mapgather", map_n) }.print();
+
+    // Transfer: pieces made on bench-0, consumed on bench-1.
+    let pieces = transfer_mib / 64;
+    let piece = |i: u64| Key::from(format!("piece-{i}"));
+    let mut b = GraphBuilder::new();
+    for i in 0..pieces {
+        let on0 = Annotations { workers: vec!["bench-0".into()], ..Default::default() };
+        b.add(
+            TaskSpec::new(
+                piece(i),
+                "bytes",
+                vec![ArgSpec::Lit(Value::Int(64 << 20)), ArgSpec::Lit(Value::Int(i as i64))],
+            )
+            .with_annotations(on0),
+        );
+    }
+    let g = b.build().map_err(|e| e.to_string())?;
+    let made = client.submit_graph(&g, &g.sinks());
+    client.wait(&made, Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+    let mut b = GraphBuilder::new();
+    for i in 0..pieces {
+        let on0 = Annotations { workers: vec!["bench-0".into()], ..Default::default() };
+        b.add(
+            TaskSpec::new(
+                piece(i),
+                "bytes",
+                vec![ArgSpec::Lit(Value::Int(64 << 20)), ArgSpec::Lit(Value::Int(i as i64))],
+            )
+            .with_annotations(on0),
+        );
+        let on1 = Annotations { workers: vec!["bench-1".into()], ..Default::default() };
+        b.add(TaskSpec::new(format!("size-{i}"), "nbytes", vec![ArgSpec::Ref(piece(i))]).with_annotations(on1));
+    }
+    let g = b.build().map_err(|e| e.to_string())?;
+    let outs: Vec<_> = (0..pieces).filter_map(|i| g.id(&format!("size-{i}"))).collect();
+    let t0 = Instant::now();
+    let sizes = client.compute(&g, &outs).map_err(|e| e.to_string())?;
+    let secs = t0.elapsed().as_secs_f64();
+    drop(made);
+    let moved: i64 = sizes
+        .iter()
+        .map(|r| match r {
+            Ok(Value::Int(i)) => *i,
+            _ => 0,
+        })
+        .sum();
+    let bytes = transfer_mib << 20;
+    if moved as u64 != bytes {
+        failures.push(format!("transfer: moved {moved} bytes, expected {bytes}"));
+    }
+    let rask_gbs = bytes as f64 / secs / 1e9;
+    let dask_t = dask("transfer", transfer_mib);
+    let dask_txt = match &dask_t {
+        Some(Ok(d)) if d.secs > 0.0 => {
+            let g = d.bytes as f64 / d.secs / 1e9;
+            format!("Dask {g:.2} GB/s ({:.0}×)", rask_gbs / g)
+        }
+        Some(Err(e)) => format!("Dask failed: {e}"),
+        _ => "Dask skipped".into(),
+    };
+    let iperf = iperf3_gbs();
+    let iperf_txt = match iperf {
+        Some(g) => format!("iperf3 loopback {g:.2} GB/s (rask at {:.0}% of it)", rask_gbs / g * 100.0),
+        None => "iperf3 not installed".into(),
+    };
+    println!(
+        "transfer: {} MiB in 64 MiB pieces between two workers: rask {rask_gbs:.2} GB/s; {dask_txt}; {iperf_txt}",
+        transfer_mib
+    );
+    drop(client);
+    drop(cluster);
+
+    // The scheduler alone: workers finish every task instantly.
+    let zero = BenchCluster::start(&exe, 2, true)?;
+    let zclient = zero.client()?;
+    let zn = if a.quick { 10_000 } else { 100_000 };
+    let (g, outs, _) = workload("merge", zn)?;
+    let t0 = Instant::now();
+    zclient.compute(&g, &outs).map_err(|e| e.to_string())?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "zero-work workers (scheduler alone): merge-{}: {} tasks in {secs:.3} s = {:.0} tasks/s",
+        human(zn),
+        g.len(),
+        g.len() as f64 / secs
+    );
+    if a.intake_tasks > 0 {
+        let n = if a.quick { a.intake_tasks.min(100_000) } else { a.intake_tasks };
+        let (g, outs, _) = workload("independent", n)?;
+        let spid = zero.scheduler.id().to_string();
+        let _ = std::fs::write(format!("/proc/{spid}/clear_refs"), "5");
+        let base = proc_status_kib(&spid, "VmRSS:");
+        let t0 = Instant::now();
+        let futures = zclient.submit_graph(&g, &outs);
+        zclient.wait(&futures, Some(Duration::from_secs(300))).map_err(|e| e.to_string())?;
+        let secs = t0.elapsed().as_secs_f64();
+        let peak = proc_status_kib(&spid, "VmHWM:");
+        println!(
+            "zero-work intake: {} independent tasks submitted, scheduled and reported in {secs:.3} s = {:.0} tasks/s end to end; scheduler peak RSS growth {:.0} B/task",
+            n,
+            n as f64 / secs,
+            peak.saturating_sub(base) as f64 / n as f64
+        );
+        drop(futures);
+    }
+    drop(zclient);
+    drop(zero);
+    if let Some(s) = script {
+        let _ = std::fs::remove_file(s);
+    }
+    if failures.is_empty() { Ok(()) } else { Err(failures.join("\n")) }
+}
+
+/// Loopback bandwidth measured by `iperf3` (GB/s), when it is installed.
+fn iperf3_gbs() -> Option<f64> {
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-B", "127.0.0.1", "-p", "5299"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("iperf3").args(["-c", "127.0.0.1", "-p", "5299", "-t", "3", "-J"]).output().ok();
+    let _ = server.kill();
+    let _ = server.wait();
+    let json: serde_json::Value = serde_json::from_slice(&out?.stdout).ok()?;
+    let bps = json["end"]["sum_received"]["bits_per_second"].as_f64()?;
+    Some(bps / 8.0 / 1e9)
+}
