@@ -28,6 +28,19 @@
 
 mod delayed;
 
+/// The distributed runtime: connect to a cluster ([`distributed::Client`],
+/// [`distributed::BlockingClient`]), start one on this machine ([`distributed::LocalCluster`]),
+/// or make this program a worker for its registered functions
+/// ([`distributed::run_worker_if_requested`]). A `BlockingClient` is an [`Executor`], so
+/// `Delayed::compute_with(&client)` runs lazy graphs on the cluster.
+pub mod distributed {
+    pub use rask_runtime::{
+        AsCompleted, BlockingClient, CallArg, Client, ClientError, LocalCluster, LocalClusterConfig, LocalClusterError,
+        RemoteFuture, SchedulerConfig, SchedulerHandle, WorkerConfig, WorkerExit, run_worker, run_worker_if_requested,
+        start_scheduler,
+    };
+}
+
 pub use delayed::{ArgParts, Computable, Delayed, Function, IntoArg, compute, function, value};
 pub use rask_graph::{
     Annotations, Arg, ArgSpec, Executor, FailureKind, Graph, GraphBuilder, GraphError, GraphErrors, Key, TaskError,

@@ -35,6 +35,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Started as a worker of a LocalCluster: run it and exit.
+    rask_runtime::run_worker_if_requested();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run::run(&args),

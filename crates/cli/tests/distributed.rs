@@ -349,3 +349,68 @@ fn worker_exits_cleanly_when_the_scheduler_shuts_down() {
     assert!(err.contains("received SIGTERM"), "{err}");
     let _ = cluster.scheduler.wait();
 }
+
+#[test]
+fn queued_work_spreads_to_a_worker_that_joins_late() {
+    // Tasks wait in the scheduler (not on the first worker), so a worker joining later takes
+    // a share of the queue at once — what work stealing achieves in Dask.
+    let dir = scratch("late");
+    let mut cluster = Cluster::start();
+    let early = cluster.worker(&["--name", "early", "--nthreads", "1"], &[]);
+    let tasks: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                r#""s{i}": {{"op": "shell", "args": [["sh", "-c", "sleep 0.25; echo $PPID; echo {i} > /dev/null"]]}}"#
+            )
+        })
+        .collect();
+    let file = dir.join("w.json");
+    std::fs::write(&file, format!(r#"{{"version": 1, "tasks": {{{}}}}}"#, tasks.join(",\n"))).expect("write");
+    let addr = cluster.address.clone();
+    let f = file.to_string_lossy().into_owned();
+    let run = std::thread::spawn(move || rask(&["run", &f, "--json", "--scheduler", &addr]));
+    std::thread::sleep(Duration::from_millis(600));
+    let late = cluster.worker(&["--name", "late", "--nthreads", "1"], &[]);
+    let o = run.join().expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let pids: Vec<String> = (0..12).map(|i| out[format!("s{i}")].as_str().expect("pid").trim().to_owned()).collect();
+    let on_late = pids.iter().filter(|p| **p == late.to_string()).count();
+    let on_early = pids.iter().filter(|p| **p == early.to_string()).count();
+    assert_eq!(on_late + on_early, 12);
+    assert!(on_late >= 3, "the late worker ran only {on_late} of 12 queued tasks");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn fire_and_forget_runs_after_the_client_is_gone() {
+    let dir = scratch("faf");
+    let marker = dir.join("done");
+    let cluster = Cluster::with_workers(1, &[]);
+    {
+        let c = BlockingClient::connect(&cluster.address).expect("client");
+        let cmd = format!("sleep 0.3; touch {}", marker.display());
+        let argv = Value::list(vec![Value::str("sh"), Value::str("-c"), Value::str(&cmd)]);
+        let f = c.submit("shell", vec![CallArg::Value(argv)]);
+        c.fire_and_forget(std::slice::from_ref(&f));
+    } // future dropped, client closed
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the fire-and-forget task never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn local_cluster_starts_worker_processes_and_computes() {
+    use rask_runtime::{LocalCluster, LocalClusterConfig};
+    let cfg = LocalClusterConfig { n_workers: 2, program: Some(PathBuf::from(RASK)), ..LocalClusterConfig::default() };
+    let cluster = LocalCluster::start(&cfg).expect("cluster starts");
+    let c = cluster.client().expect("client");
+    let (g, outs) = one_task_graph("lc", "range", vec![ArgSpec::Lit(Value::Int(4))]);
+    let r = c.compute(&g, &outs).expect("computes");
+    assert_eq!(r, vec![Ok(Value::list((0..4).map(Value::Int).collect()))]);
+    drop(c);
+    drop(cluster); // stops the workers
+}

@@ -4,11 +4,10 @@
 //! validates it: every reference resolves, no key is defined twice, and there is no cycle. So any
 //! `Graph` a scheduler receives is a DAG whose ids are all in range — executors rely on that.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{GraphError, GraphErrors};
-use crate::{Annotations, Arg, ArgSpec, Key, OpId, TaskId, TaskSpec};
+use crate::{Annotations, Arg, ArgSpec, FxHashMap, Key, OpId, TaskId, TaskSpec};
 
 /// A call of one op with resolved arguments.
 #[derive(Clone, Debug, PartialEq)]
@@ -94,7 +93,7 @@ impl Csr {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Graph {
     keys: Vec<Key>,
-    index: HashMap<Key, TaskId>,
+    index: FxHashMap<Key, TaskId>,
     ops: Vec<Arc<str>>,
     tasks: Vec<Task>,
     deps: Csr,
@@ -278,7 +277,7 @@ impl Parts {
 #[derive(Default)]
 pub struct GraphBuilder {
     specs: Vec<TaskSpec>,
-    index: HashMap<Key, TaskId>,
+    index: FxHashMap<Key, TaskId>,
     errors: Vec<GraphError>,
 }
 
@@ -292,7 +291,11 @@ impl GraphBuilder {
     /// An empty builder with room for `n` tasks.
     #[must_use]
     pub fn with_capacity(n: usize) -> Self {
-        GraphBuilder { specs: Vec::with_capacity(n), index: HashMap::with_capacity(n), errors: Vec::new() }
+        GraphBuilder {
+            specs: Vec::with_capacity(n),
+            index: FxHashMap::with_capacity_and_hasher(n, Default::default()),
+            errors: Vec::new(),
+        }
     }
 
     /// Whether a task with this key was added.
@@ -333,7 +336,7 @@ impl GraphBuilder {
     pub fn build(self) -> Result<Graph, GraphErrors> {
         let GraphBuilder { specs, index, mut errors } = self;
         let n = specs.len();
-        let mut op_index: HashMap<Arc<str>, OpId> = HashMap::new();
+        let mut op_index: FxHashMap<Arc<str>, OpId> = FxHashMap::default();
         let mut ops: Vec<Arc<str>> = Vec::new();
         let mut parts = Parts::default();
         // `seen[d] == t + 1` marks d as already listed among t's dependencies: O(1) dedup, no hashing.

@@ -13,6 +13,7 @@
 mod dot;
 mod error;
 mod fuse;
+mod fxhash;
 mod graph;
 mod key;
 mod order;
@@ -24,6 +25,7 @@ pub mod workflow;
 pub use dot::to_dot;
 pub use error::{GraphError, GraphErrors};
 pub use fuse::fuse;
+pub use fxhash::{FxHashMap, FxHashSet, FxHasher};
 pub use graph::{Body, Call, Graph, GraphBuilder, Link, Task};
 pub use key::{Key, OpId, TaskId};
 pub use order::{execution_ranks, order, peak_live};

@@ -1,5 +1,7 @@
 //! Every message, grouped by direction. Each frame carries a batch of one of these enums.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::wire::{WireBody, WireError, WireTask, WireValue};
@@ -21,6 +23,11 @@ pub enum ToScheduler {
     },
     /// Client: stop these keys (and what depends on them) if nobody else wants them.
     Cancel {
+        /// The keys.
+        keys: Vec<String>,
+    },
+    /// Client: compute these keys even if no client holds a future to them any more.
+    FireAndForget {
         /// The keys.
         keys: Vec<String>,
     },
@@ -79,8 +86,8 @@ pub enum FromScheduler {
     Compute {
         /// The task.
         key: String,
-        /// What to run.
-        body: WireBody,
+        /// What to run (shared, not copied, between the scheduler's copy and the message).
+        body: Arc<WireBody>,
         /// (input key, data addresses holding it), in dependency order.
         inputs: Vec<(String, Vec<String>)>,
         /// Re-runs after a failed attempt.

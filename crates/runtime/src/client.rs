@@ -308,13 +308,20 @@ impl Client {
         };
         let futures: Vec<RemoteFuture> = keys.iter().map(|k| self.track(k)).collect();
         let rank = rask_graph::order(&graph, &[]);
+        let called: std::collections::HashSet<&str> = keys.iter().map(Key::as_str).collect();
         let placeholders: std::collections::HashSet<&str> =
-            graph.ids().filter(|t| !keys.iter().any(|k| k == graph.key(*t))).map(|t| graph.key(t).as_str()).collect();
+            graph.ids().map(|t| graph.key(t).as_str()).filter(|k| !called.contains(k)).collect();
         let tasks =
             graph_to_wire(&graph, &rank).into_iter().filter(|t| !placeholders.contains(t.key.as_str())).collect();
         let wanted = keys.iter().map(|k| k.as_str().to_owned()).collect();
         self.inner.outbox.send(ToScheduler::SubmitGraph { tasks, wanted }, Vec::new());
         futures
+    }
+
+    /// Waits until every message queued so far has been sent (call before dropping the last
+    /// handle of a client whose runtime is about to stop).
+    pub async fn flush(&self) {
+        self.inner.outbox.flushed().await;
     }
 
     /// Cancels futures: the scheduler stops their tasks unless another client wants them.
@@ -323,12 +330,27 @@ impl Client {
         self.inner.outbox.send(ToScheduler::Cancel { keys }, Vec::new());
     }
 
+    /// Lets these futures' tasks run to completion even after every future is dropped (like
+    /// Dask's `fire_and_forget`): for side effects whose results nobody gathers.
+    pub fn fire_and_forget(&self, futures: &[RemoteFuture]) {
+        let keys = futures.iter().map(|f| f.key.as_str().to_owned()).collect();
+        self.inner.outbox.send(ToScheduler::FireAndForget { keys }, Vec::new());
+    }
+
     /// Waits until every future is done, or `timeout` passes.
     ///
     /// # Errors
     /// [`ClientError::Timeout`], or [`ClientError::Lost`] when the connection drops.
     pub async fn wait(&self, futures: &[RemoteFuture], timeout: Option<Duration>) -> Result<(), ClientError> {
-        let all = self.wait_until(|st| futures.iter().all(|f| is_done(st, f.key.as_str())));
+        // Keys only ever become done, so a cursor makes waiting for n futures O(n) overall
+        // rather than O(n) per status update.
+        let mut next = 0;
+        let all = self.wait_until(move |st| {
+            while next < futures.len() && is_done(st, futures[next].key.as_str()) {
+                next += 1;
+            }
+            next == futures.len()
+        });
         match timeout {
             Some(t) => tokio::time::timeout(t, all).await.map_err(|_| ClientError::Timeout)?,
             None => all.await,
@@ -564,6 +586,11 @@ impl BlockingClient {
         self.rt.block_on(self.client.wait(futures, timeout))
     }
 
+    /// See [`Client::fire_and_forget`].
+    pub fn fire_and_forget(&self, futures: &[RemoteFuture]) {
+        self.client.fire_and_forget(futures);
+    }
+
     /// Blocking [`Client::cancel`].
     pub fn cancel(&self, futures: &[RemoteFuture]) {
         self.client.cancel(futures);
@@ -575,6 +602,17 @@ impl BlockingClient {
     /// See [`Client::compute`].
     pub fn compute(&self, graph: &Graph, outputs: &[TaskId]) -> Result<Vec<TaskResult>, ClientError> {
         self.rt.block_on(self.client.compute(graph, outputs))
+    }
+}
+
+impl Drop for BlockingClient {
+    fn drop(&mut self) {
+        // Deliver what is queued (releases, fire-and-forget requests) before the runtime and
+        // the connection go away.
+        let outbox = self.client.inner.outbox.clone();
+        self.rt.block_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), outbox.flushed()).await;
+        });
     }
 }
 

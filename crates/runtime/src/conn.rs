@@ -14,9 +14,16 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
+/// What the writer task receives: a message with its blobs, or a request to report once
+/// everything queued before it has been written.
+enum Item<M> {
+    Msg(M, Vec<Bytes>),
+    Flushed(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Messages queued for one connection, written in batches by its writer task.
 pub(crate) struct Outbox<M> {
-    tx: mpsc::UnboundedSender<(M, Vec<Bytes>)>,
+    tx: mpsc::UnboundedSender<Item<M>>,
 }
 
 impl<M> Clone for Outbox<M> {
@@ -36,26 +43,43 @@ impl<M: Serialize + Send + Sync + 'static> Outbox<M> {
     /// Queues a message (with the blobs its values refer to). Returns false if the connection
     /// is gone.
     pub(crate) fn send(&self, msg: M, blobs: Vec<Bytes>) -> bool {
-        self.tx.send((msg, blobs)).is_ok()
+        self.tx.send(Item::Msg(msg, blobs)).is_ok()
+    }
+
+    /// Resolves once everything queued so far has been written to the socket (or the
+    /// connection is gone). Used before closing, so nothing queued is lost.
+    pub(crate) async fn flushed(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Item::Flushed(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 
 /// Most messages per frame; larger batches are split.
 const MAX_BATCH: usize = 4096;
 
-async fn write_loop<M: Serialize>(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc::UnboundedReceiver<(M, Vec<Bytes>)>) {
+async fn write_loop<M: Serialize>(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc::UnboundedReceiver<Item<M>>) {
     use tokio::io::AsyncWriteExt;
     let mut batch: Vec<M> = Vec::new();
+    let mut waiting: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     while let Some(first) = rx.recv().await {
         // Everything already queued goes out together. A message with blobs travels alone in
         // its frame, because its blob indices count from zero.
         let mut next = Some(first);
-        while let Some((m, blobs)) = next.take() {
-            let ok = if blobs.is_empty() {
-                batch.push(m);
-                batch.len() < MAX_BATCH || flush_batch(&mut w, &mut batch).await
-            } else {
-                flush_batch(&mut w, &mut batch).await && write_frame(&mut w, &[m], &blobs).await.is_ok()
+        while let Some(item) = next.take() {
+            let ok = match item {
+                Item::Msg(m, blobs) if blobs.is_empty() => {
+                    batch.push(m);
+                    batch.len() < MAX_BATCH || flush_batch(&mut w, &mut batch).await
+                }
+                Item::Msg(m, blobs) => {
+                    flush_batch(&mut w, &mut batch).await && write_frame(&mut w, &[m], &blobs).await.is_ok()
+                }
+                Item::Flushed(done) => {
+                    waiting.push(done);
+                    true
+                }
             };
             if !ok {
                 return;
@@ -64,6 +88,9 @@ async fn write_loop<M: Serialize>(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc
         }
         if !flush_batch(&mut w, &mut batch).await || w.flush().await.is_err() {
             return;
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
         }
     }
     let _ = w.shutdown().await;

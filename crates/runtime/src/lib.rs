@@ -9,10 +9,15 @@
 
 mod client;
 mod conn;
+mod local_cluster;
 mod scheduler;
 mod worker;
 
 pub use client::{AsCompleted, BlockingClient, CallArg, Client, ClientError, RemoteFuture};
+pub use local_cluster::{
+    ENV_NAME, ENV_NTHREADS, ENV_RESOURCES, ENV_SCHEDULER, LocalCluster, LocalClusterConfig, LocalClusterError,
+    run_worker_if_requested,
+};
 pub use scheduler::{SchedulerConfig, SchedulerHandle, start_scheduler};
 pub use worker::{WorkerConfig, WorkerExit, run_worker};
 

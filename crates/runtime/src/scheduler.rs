@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use rask_graph::{Key, TaskError};
 use rask_protocol::handshake::{self, Role, Welcome};
@@ -23,7 +23,7 @@ use crate::conn::{Outbox, read_loop};
 /// What a worker runs for a task; opaque to the core.
 #[derive(Debug)]
 pub(crate) struct Payload {
-    body: WireBody,
+    body: Arc<WireBody>,
     retries: u32,
     timeout_us: Option<u64>,
 }
@@ -49,11 +49,18 @@ impl Default for SchedulerConfig {
 pub struct SchedulerHandle {
     /// Its address, `tcp://HOST:PORT`.
     pub address: String,
+    workers: Arc<AtomicUsize>,
     stop: Option<oneshot::Sender<String>>,
     done: Option<oneshot::Receiver<()>>,
 }
 
 impl SchedulerHandle {
+    /// Number of workers connected now.
+    #[must_use]
+    pub fn workers(&self) -> usize {
+        self.workers.load(Ordering::Relaxed)
+    }
+
     /// Tells every client and worker that the scheduler is going away, then stops it.
     pub async fn shutdown(mut self, reason: &str) {
         if let Some(s) = self.stop.take() {
@@ -91,12 +98,14 @@ pub async fn start_scheduler(cfg: SchedulerConfig) -> Result<SchedulerHandle, Ru
     let (done_tx, done_rx) = oneshot::channel();
     let next_id = Arc::new(AtomicU32::new(1));
     let accept = tokio::spawn(accept_loop(listener, in_tx, next_id));
+    let workers = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&workers);
     tokio::spawn(async move {
-        core_loop(cfg.core, in_rx, stop_rx).await;
+        core_loop(cfg.core, in_rx, stop_rx, &count).await;
         accept.abort();
         let _ = done_tx.send(());
     });
-    Ok(SchedulerHandle { address, stop: Some(stop_tx), done: Some(done_rx) })
+    Ok(SchedulerHandle { address, workers, stop: Some(stop_tx), done: Some(done_rx) })
 }
 
 async fn accept_loop(listener: TcpListener, tx: mpsc::UnboundedSender<Inbound>, next_id: Arc<AtomicU32>) {
@@ -145,7 +154,12 @@ async fn serve(
     result.map_err(RuntimeError::from)
 }
 
-async fn core_loop(cfg: Config, mut rx: mpsc::UnboundedReceiver<Inbound>, mut stop: oneshot::Receiver<String>) {
+async fn core_loop(
+    cfg: Config,
+    mut rx: mpsc::UnboundedReceiver<Inbound>,
+    mut stop: oneshot::Receiver<String>,
+    worker_count: &AtomicUsize,
+) {
     let mut core: Core<Arc<Payload>> = Core::new(cfg);
     let mut peers: HashMap<u32, Peer> = HashMap::new();
     loop {
@@ -163,9 +177,22 @@ async fn core_loop(cfg: Config, mut rx: mpsc::UnboundedReceiver<Inbound>, mut st
             }
         };
         let events = translate(inbound, &mut peers);
+        worker_count.store(peers.values().filter(|p| matches!(p, Peer::Worker { .. })).count(), Ordering::Relaxed);
         for ev in events {
+            let mut frees: HashMap<WorkerId, Vec<String>> = HashMap::new();
             for cmd in core.handle(ev) {
-                dispatch(cmd, &peers);
+                match cmd {
+                    // One Free per worker per event, not one per key.
+                    Command::Free { worker, keys } => {
+                        frees.entry(worker).or_default().extend(keys.iter().map(|k| k.as_str().to_owned()));
+                    }
+                    cmd => dispatch(cmd, &peers),
+                }
+            }
+            for (worker, keys) in frees {
+                if let Some(Peer::Worker { outbox, .. }) = peers.get(&worker.0) {
+                    outbox.send(FromScheduler::Free { keys }, Vec::new());
+                }
             }
         }
     }
@@ -244,7 +271,7 @@ fn new_task(t: WireTask) -> NewTask<Arc<Payload>> {
     NewTask {
         key: Key::from(t.key),
         deps: t.deps.into_iter().map(Key::from).collect(),
-        payload: Arc::new(Payload { body: t.body, retries: ann.retries, timeout_us: ann.timeout_us }),
+        payload: Arc::new(Payload { body: Arc::new(t.body), retries: ann.retries, timeout_us: ann.timeout_us }),
         priority: ann.priority,
         order: t.order,
         restrictions,
@@ -274,7 +301,7 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
                 .collect();
             let msg = FromScheduler::Compute {
                 key: key.as_str().to_owned(),
-                body: payload.body.clone(),
+                body: Arc::clone(&payload.body),
                 inputs,
                 retries: payload.retries,
                 timeout_us: payload.timeout_us,

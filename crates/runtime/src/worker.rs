@@ -76,7 +76,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A task ready to run, with its inputs.
 struct Job {
     key: String,
-    body: WireBody,
+    body: Arc<WireBody>,
     inputs: HashMap<String, Value>,
     retries: u32,
     timeout: Option<Duration>,
@@ -433,7 +433,7 @@ fn run_job(job: &Job, registry: &Registry, location: &str, buf: &mut Vec<Value>)
             let policy = CallPolicy { op, key: link_key, retries, timeout, location };
             rask_ops::run_call(registry.get(op), &policy, buf, |b| b.extend(resolved.iter().cloned()))
         };
-    match &job.body {
+    match &*job.body {
         WireBody::Call(c) => run(&key, &c.op, &c.args, &[], job.retries, job.timeout, buf),
         WireBody::Chain(links) => {
             let mut values = Vec::with_capacity(links.len());

@@ -2,6 +2,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use rask_graph::{FxHashMap, FxHashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -14,6 +16,9 @@ pub struct WorkerId(pub u32);
 /// A connected client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientId(pub u32);
+
+/// The pseudo-client holding fire-and-forget keys until they finish.
+const FIRE_AND_FORGET: ClientId = ClientId(u32::MAX);
 
 /// Slab index of a task inside the core (never leaves it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -124,6 +129,12 @@ pub enum Event<P> {
     KeysCancelled {
         /// Who.
         client: ClientId,
+        /// Which.
+        keys: Vec<Key>,
+    },
+    /// Compute these keys even if every client releases them (`fire_and_forget`); they are
+    /// released once finished.
+    KeysFireAndForget {
         /// Which.
         keys: Vec<Key>,
     },
@@ -264,7 +275,7 @@ struct Task<P> {
 struct Worker {
     spec: WorkerSpec,
     /// Keys assigned and not yet reported, with the resources they hold.
-    processing: HashMap<Key, Vec<(Arc<str>, f64)>>,
+    processing: FxHashMap<Key, Vec<(Arc<str>, f64)>>,
     available: Vec<(Arc<str>, f64)>,
     /// Moving average of task run time.
     avg_duration_us: f64,
@@ -275,7 +286,7 @@ pub struct Core<P> {
     cfg: Config,
     tasks: Vec<Option<Task<P>>>,
     free_slots: Vec<u32>,
-    by_key: HashMap<Key, Tid>,
+    by_key: FxHashMap<Key, Tid>,
     workers: BTreeMap<WorkerId, Worker>,
     clients: BTreeMap<ClientId, ()>,
     ready: BinaryHeap<Reverse<(Prio, Tid)>>,
@@ -292,7 +303,7 @@ impl<P: Clone> Core<P> {
             cfg,
             tasks: Vec::new(),
             free_slots: Vec::new(),
-            by_key: HashMap::new(),
+            by_key: FxHashMap::default(),
             workers: BTreeMap::new(),
             clients: BTreeMap::new(),
             ready: BinaryHeap::new(),
@@ -367,10 +378,18 @@ impl<P: Clone> Core<P> {
                     }
                 }
             }
+            Event::KeysFireAndForget { keys } => {
+                for k in keys {
+                    let Some(t) = self.by_key.get(&k).copied() else { continue };
+                    if self.task(t).state.pending() && !self.task(t).wanted_by.contains(&FIRE_AND_FORGET) {
+                        self.task_mut(t).wanted_by.push(FIRE_AND_FORGET);
+                    }
+                }
+            }
             Event::WorkerConnected { worker, spec } => {
                 let available = spec.resources.clone();
                 self.workers
-                    .insert(worker, Worker { spec, processing: HashMap::new(), available, avg_duration_us: 0.0 });
+                    .insert(worker, Worker { spec, processing: FxHashMap::default(), available, avg_duration_us: 0.0 });
                 // Tasks nobody could run may fit now.
                 for t in std::mem::take(&mut self.no_worker) {
                     if self.exists(t) && self.task(t).state == State::NoWorker {
@@ -424,6 +443,10 @@ impl<P: Clone> Core<P> {
     }
 
     fn notify_wanters(&mut self, t: Tid) {
+        // Fire-and-forget holds last only until the task is finished; callers release after.
+        if matches!(self.task(t).state, State::Memory { .. } | State::Erred(_)) {
+            self.task_mut(t).wanted_by.retain(|c| *c != FIRE_AND_FORGET);
+        }
         let task = self.task(t);
         let cmds: Vec<Command<P>> = match &task.state {
             State::Memory { who_has } => task
@@ -474,11 +497,14 @@ impl<P: Clone> Core<P> {
         }
         // Link dependencies; an unknown input fails the task (and what depends on it).
         let mut unknown: Vec<(Tid, Key)> = Vec::new();
+        let mut seen: FxHashSet<Tid> = FxHashSet::default();
         for (t, deps) in &fresh {
             let mut ids = Vec::with_capacity(deps.len());
+            seen.clear();
             for k in deps {
                 match self.by_key.get(k) {
-                    Some(d) if !ids.contains(d) => ids.push(*d),
+                    // Duplicates are dropped in linear time (a reduction may have 10⁶ inputs).
+                    Some(d) if seen.insert(*d) => ids.push(*d),
                     Some(_) => {}
                     None => unknown.push((*t, k.clone())),
                 }
