@@ -61,6 +61,11 @@ pub enum ToScheduler {
 /// Sent by the scheduler to clients and workers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum FromScheduler {
+    /// To a client: a submitted graph has been taken in (every task is known and scheduled).
+    GraphAccepted {
+        /// Number of tasks in the submission.
+        tasks: u64,
+    },
     /// To a client: a wanted key is in memory on these workers (data addresses).
     KeyInMemory {
         /// The key.

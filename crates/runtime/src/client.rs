@@ -61,6 +61,10 @@ struct Entry {
 struct State {
     keys: HashMap<String, Entry>,
     closed: Option<String>,
+    /// Submissions the scheduler has acknowledged.
+    accepted: u64,
+    /// Submissions sent.
+    submitted: u64,
 }
 
 struct Inner {
@@ -189,7 +193,7 @@ impl Client {
         let (changed, _) = watch::channel(0u64);
         let inner = Arc::new(Inner {
             outbox: Outbox::spawn(w),
-            state: Mutex::new(State { keys: HashMap::new(), closed: None }),
+            state: Mutex::new(State { keys: HashMap::new(), closed: None, accepted: 0, submitted: 0 }),
             changed,
             peers: PeerPool::default(),
         });
@@ -247,8 +251,19 @@ impl Client {
         let rank = rask_graph::execution_ranks(&g, &outs);
         let futures: Vec<RemoteFuture> = outs.iter().map(|o| self.track(g.key(*o))).collect();
         let wanted = outs.iter().map(|o| g.key(*o).as_str().to_owned()).collect();
+        self.inner.state().submitted += 1;
         self.inner.outbox.send(ToScheduler::SubmitGraph { tasks: graph_to_wire(&g, &rank), wanted }, Vec::new());
         futures
+    }
+
+    /// Waits until the scheduler has taken in every graph submitted so far (all their tasks
+    /// known and scheduled), e.g. to measure intake.
+    ///
+    /// # Errors
+    /// [`ClientError::Lost`] when the connection drops.
+    pub async fn accepted(&self) -> Result<(), ClientError> {
+        let target = self.inner.state().submitted;
+        self.wait_until(|st| st.accepted >= target).await
     }
 
     /// Submits one call of a registered function (like `Client.submit`); futures among the
@@ -314,6 +329,7 @@ impl Client {
         let tasks =
             graph_to_wire(&graph, &rank).into_iter().filter(|t| !placeholders.contains(t.key.as_str())).collect();
         let wanted = keys.iter().map(|k| k.as_str().to_owned()).collect();
+        self.inner.state().submitted += 1;
         self.inner.outbox.send(ToScheduler::SubmitGraph { tasks, wanted }, Vec::new());
         futures
     }
@@ -482,6 +498,7 @@ fn apply(st: &mut State, m: FromScheduler) {
         FromScheduler::KeyInMemory { key, workers, .. } => set(st, &key, Status::Memory { workers }),
         FromScheduler::KeyErred { key, error } => set(st, &key, Status::Erred(Arc::new(TaskError::from(error)))),
         FromScheduler::KeyCancelled { key } => set(st, &key, Status::Cancelled),
+        FromScheduler::GraphAccepted { .. } => st.accepted += 1,
         FromScheduler::Shutdown { reason } => {
             st.closed.get_or_insert(format!("the scheduler shut down: {reason}"));
         }
@@ -571,6 +588,14 @@ impl BlockingClient {
     pub fn map_calls(&self, op: &str, calls: Vec<Vec<CallArg<'_>>>) -> Vec<RemoteFuture> {
         let _guard = self.rt.enter();
         self.client.map_calls(op, calls)
+    }
+
+    /// Blocking [`Client::accepted`].
+    ///
+    /// # Errors
+    /// See [`Client::accepted`].
+    pub fn accepted(&self) -> Result<(), ClientError> {
+        self.rt.block_on(self.client.accepted())
     }
 
     /// Blocking [`Client::gather`].

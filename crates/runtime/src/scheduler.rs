@@ -176,6 +176,17 @@ async fn core_loop(
                 break;
             }
         };
+        // Acknowledge submissions once the core has taken them in (clients can measure intake).
+        let accepted: Vec<(u32, u64)> = match &inbound {
+            Inbound::Frame { id, messages } => messages
+                .iter()
+                .filter_map(|m| match m {
+                    ToScheduler::SubmitGraph { tasks, .. } => Some((*id, tasks.len() as u64)),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let events = translate(inbound, &mut peers);
         worker_count.store(peers.values().filter(|p| matches!(p, Peer::Worker { .. })).count(), Ordering::Relaxed);
         for ev in events {
@@ -193,6 +204,11 @@ async fn core_loop(
                 if let Some(Peer::Worker { outbox, .. }) = peers.get(&worker.0) {
                     outbox.send(FromScheduler::Free { keys }, Vec::new());
                 }
+            }
+        }
+        for (id, tasks) in accepted {
+            if let Some(Peer::Client { outbox }) = peers.get(&id) {
+                outbox.send(FromScheduler::GraphAccepted { tasks }, Vec::new());
             }
         }
     }
