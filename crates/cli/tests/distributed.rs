@@ -384,16 +384,21 @@ fn queued_work_spreads_to_a_worker_that_joins_late() {
 
 #[test]
 fn fire_and_forget_runs_after_the_client_is_gone() {
+    // No worker yet: the task cannot have started when its only client leaves.
     let dir = scratch("faf");
     let marker = dir.join("done");
-    let cluster = Cluster::with_workers(1, &[]);
+    let mut cluster = Cluster::start();
     {
         let c = BlockingClient::connect(&cluster.address).expect("client");
-        let cmd = format!("sleep 0.3; touch {}", marker.display());
+        let cmd = format!("touch {}", marker.display());
         let argv = Value::list(vec![Value::str("sh"), Value::str("-c"), Value::str(&cmd)]);
         let f = c.submit("shell", vec![CallArg::Value(argv)]);
         c.fire_and_forget(std::slice::from_ref(&f));
+        let plain = c.submit("sleep", vec![CallArg::Value(Value::Int(1))]);
+        drop(plain); // released, never wanted again: must not keep the cluster busy
     } // future dropped, client closed
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.worker(&["--name", "late"], &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !marker.exists() {
         assert!(Instant::now() < deadline, "the fire-and-forget task never ran");
@@ -413,4 +418,27 @@ fn local_cluster_starts_worker_processes_and_computes() {
     assert_eq!(r, vec![Ok(Value::list((0..4).map(Value::Int).collect()))]);
     drop(c);
     drop(cluster); // stops the workers
+}
+
+#[test]
+fn scatter_puts_data_on_workers_and_tasks_use_it() {
+    let cluster = Cluster::with_workers(2, &[]);
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.workers().expect("connected").len() < 2 {
+        assert!(Instant::now() < deadline, "workers did not join");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let blob = Value::Bytes(bytes::Bytes::from(vec![5u8; 1 << 20]));
+    let futs = c.scatter(vec![blob.clone(), Value::Int(41)], false).expect("scattered");
+    c.wait(&futs, Some(Duration::from_secs(10))).expect("registered");
+    assert_ne!(futs[0].who_has(), futs[1].who_has(), "round-robin over the two workers");
+    let n = c.submit("nbytes", vec![CallArg::Future(&futs[0])]);
+    let plus = c.submit("add", vec![CallArg::Future(&futs[1]), CallArg::Value(Value::Int(1))]);
+    let got: Vec<Value> = c.gather(&[n, plus]).into_iter().map(|r| r.expect("computed")).collect();
+    assert_eq!(got, vec![Value::Int(1 << 20), Value::Int(42)]);
+    assert_eq!(c.gather(&futs[..1]).pop().expect("one").expect("fetched"), blob);
+    let everywhere = c.scatter(vec![Value::str("shared")], true).expect("broadcast");
+    c.wait(&everywhere, Some(Duration::from_secs(10))).expect("registered");
+    assert_eq!(everywhere[0].who_has().len(), 2, "broadcast puts a copy on every worker");
 }

@@ -31,6 +31,14 @@ pub enum ToScheduler {
         /// The keys.
         keys: Vec<String>,
     },
+    /// Client: these values were put on these workers (data addresses) with `PutData`; the
+    /// client holds futures for them.
+    Scattered {
+        /// (key, size in bytes, data addresses holding it).
+        items: Vec<(String, u64, Vec<String>)>,
+    },
+    /// Client: which workers are connected?
+    WhoIsThere,
     /// Worker: a task finished and its value is held here.
     TaskFinished {
         /// The task.
@@ -65,6 +73,11 @@ pub enum FromScheduler {
     GraphAccepted {
         /// Number of tasks in the submission.
         tasks: u64,
+    },
+    /// To a client: the connected workers (answer to `WhoIsThere`).
+    Workers {
+        /// (name, data address, threads).
+        workers: Vec<(String, String, u32)>,
     },
     /// To a client: a wanted key is in memory on these workers (data addresses).
     KeyInMemory {
@@ -126,5 +139,15 @@ pub enum PeerMsg {
     Data {
         /// (key, value) in the order asked.
         values: Vec<(String, Option<WireValue>)>,
+    },
+    /// Store these values (scatter).
+    PutData {
+        /// (key, value).
+        values: Vec<(String, WireValue)>,
+    },
+    /// The values of a `PutData` are stored.
+    Stored {
+        /// The keys stored.
+        keys: Vec<String>,
     },
 }

@@ -65,6 +65,9 @@ struct State {
     accepted: u64,
     /// Submissions sent.
     submitted: u64,
+    /// The last answer to `WhoIsThere`, and how many answers came.
+    workers: Vec<(String, String, u32)>,
+    worker_answers: u64,
 }
 
 struct Inner {
@@ -193,7 +196,14 @@ impl Client {
         let (changed, _) = watch::channel(0u64);
         let inner = Arc::new(Inner {
             outbox: Outbox::spawn(w),
-            state: Mutex::new(State { keys: HashMap::new(), closed: None, accepted: 0, submitted: 0 }),
+            state: Mutex::new(State {
+                keys: HashMap::new(),
+                closed: None,
+                accepted: 0,
+                submitted: 0,
+                workers: Vec::new(),
+                worker_answers: 0,
+            }),
             changed,
             peers: PeerPool::default(),
         });
@@ -344,6 +354,58 @@ impl Client {
     pub fn cancel(&self, futures: &[RemoteFuture]) {
         let keys = futures.iter().map(|f| f.key.as_str().to_owned()).collect();
         self.inner.outbox.send(ToScheduler::Cancel { keys }, Vec::new());
+    }
+
+    /// The connected workers: (name, data address, threads).
+    ///
+    /// # Errors
+    /// [`ClientError::Lost`] when the connection drops.
+    pub async fn workers(&self) -> Result<Vec<(String, String, u32)>, ClientError> {
+        let before = self.inner.state().worker_answers;
+        self.inner.outbox.send(ToScheduler::WhoIsThere, Vec::new());
+        self.wait_until(|st| st.worker_answers > before).await?;
+        Ok(self.inner.state().workers.clone())
+    }
+
+    /// Puts values directly into workers' memory (like Dask's `scatter`) and returns futures
+    /// for them, usable as arguments of later tasks. Values go round-robin to the workers, or to
+    /// every worker with `broadcast`. Keys are content hashes, so scattering the same value twice
+    /// gives the same key. Scattered data cannot be recomputed: if every worker holding it is
+    /// lost, its futures fail with a "lost" error.
+    ///
+    /// # Errors
+    /// When no worker is connected or a worker cannot store the data.
+    pub async fn scatter(&self, values: Vec<Value>, broadcast: bool) -> Result<Vec<RemoteFuture>, ClientError> {
+        let workers = self.workers().await?;
+        if workers.is_empty() {
+            return Err(ClientError::Fetch(Key::new("scatter"), "no worker is connected".into()));
+        }
+        let mut per_worker: HashMap<String, Vec<(String, Value)>> = HashMap::new();
+        let mut items = Vec::with_capacity(values.len());
+        let mut keys = Vec::with_capacity(values.len());
+        for (i, v) in values.into_iter().enumerate() {
+            let key = rask_graph::tokenize("scatter", &[ArgSpec::Lit(v.clone())]);
+            let targets: Vec<String> = if broadcast {
+                workers.iter().map(|w| w.1.clone()).collect()
+            } else {
+                vec![workers[i % workers.len()].1.clone()]
+            };
+            for t in &targets {
+                per_worker.entry(t.clone()).or_default().push((key.as_str().to_owned(), v.clone()));
+            }
+            items.push((key.as_str().to_owned(), v.nbytes() as u64, targets));
+            keys.push(key);
+        }
+        for (addr, batch) in per_worker {
+            self.inner
+                .peers
+                .put_data(&addr, batch)
+                .await
+                .map_err(|e| ClientError::Fetch(Key::new("scatter"), e.to_string()))?;
+        }
+        let futures = keys.iter().map(|k| self.track(k)).collect();
+        self.inner.outbox.send(ToScheduler::Scattered { items }, Vec::new());
+        Ok(futures)
     }
 
     /// Lets these futures' tasks run to completion even after every future is dropped (like
@@ -499,6 +561,10 @@ fn apply(st: &mut State, m: FromScheduler) {
         FromScheduler::KeyErred { key, error } => set(st, &key, Status::Erred(Arc::new(TaskError::from(error)))),
         FromScheduler::KeyCancelled { key } => set(st, &key, Status::Cancelled),
         FromScheduler::GraphAccepted { .. } => st.accepted += 1,
+        FromScheduler::Workers { workers } => {
+            st.workers = workers;
+            st.worker_answers += 1;
+        }
         FromScheduler::Shutdown { reason } => {
             st.closed.get_or_insert(format!("the scheduler shut down: {reason}"));
         }
@@ -609,6 +675,22 @@ impl BlockingClient {
     /// See [`Client::wait`].
     pub fn wait(&self, futures: &[RemoteFuture], timeout: Option<Duration>) -> Result<(), ClientError> {
         self.rt.block_on(self.client.wait(futures, timeout))
+    }
+
+    /// Blocking [`Client::workers`].
+    ///
+    /// # Errors
+    /// See [`Client::workers`].
+    pub fn workers(&self) -> Result<Vec<(String, String, u32)>, ClientError> {
+        self.rt.block_on(self.client.workers())
+    }
+
+    /// Blocking [`Client::scatter`].
+    ///
+    /// # Errors
+    /// See [`Client::scatter`].
+    pub fn scatter(&self, values: Vec<Value>, broadcast: bool) -> Result<Vec<RemoteFuture>, ClientError> {
+        self.rt.block_on(self.client.scatter(values, broadcast))
     }
 
     /// See [`Client::fire_and_forget`].

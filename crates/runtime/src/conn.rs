@@ -138,6 +138,44 @@ pub(crate) struct PeerPool {
 type PeerSlot = Arc<tokio::sync::Mutex<Option<TcpStream>>>;
 
 impl PeerPool {
+    /// Stores values on the worker at `address` (scatter); returns once they are stored.
+    pub(crate) async fn put_data(
+        &self,
+        address: &str,
+        values: Vec<(String, rask_graph::Value)>,
+    ) -> Result<(), ProtocolError> {
+        use rask_protocol::msg::PeerMsg;
+        let slot = {
+            let mut conns = self.conns.lock().await;
+            Arc::clone(conns.entry(address.to_owned()).or_default())
+        };
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            let (stream, _) = dial(address, &Role::Peer).await?;
+            *guard = Some(stream);
+        }
+        let stream = guard.as_mut().ok_or_else(|| ProtocolError::Malformed("no connection".into()))?;
+        let result = async {
+            let mut blobs = Vec::new();
+            let values =
+                values.iter().map(|(k, v)| (k.clone(), rask_protocol::wire::value_to_wire(v, &mut blobs))).collect();
+            write_frame(stream, &[PeerMsg::PutData { values }], &blobs).await?;
+            let frame: Frame<PeerMsg> = read_frame(stream)
+                .await?
+                .ok_or_else(|| ProtocolError::Refused(format!("worker {address} closed the connection")))?;
+            if frame.messages.iter().any(|m| matches!(m, PeerMsg::Stored { .. })) {
+                Ok(())
+            } else {
+                Err(ProtocolError::Malformed(format!("worker {address} did not confirm storing the data")))
+            }
+        }
+        .await;
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+
     /// Fetches values from the worker at `address`. `None` for keys it does not hold.
     pub(crate) async fn get_data(
         &self,

@@ -80,7 +80,7 @@ enum Inbound {
 
 enum Peer {
     Client { outbox: Outbox<FromScheduler> },
-    Worker { address: Arc<str>, outbox: Outbox<FromScheduler> },
+    Worker { address: Arc<str>, name: String, nthreads: u32, outbox: Outbox<FromScheduler> },
 }
 
 /// Binds and starts a scheduler on the current tokio runtime.
@@ -188,6 +188,11 @@ async fn core_loop(
             _ => Vec::new(),
         };
         let events = translate(inbound, &mut peers);
+        if debug_events() {
+            for e in &events {
+                eprintln!("event: {}", format!("{e:?}").chars().take(200).collect::<String>());
+            }
+        }
         worker_count.store(peers.values().filter(|p| matches!(p, Peer::Worker { .. })).count(), Ordering::Relaxed);
         for ev in events {
             let mut frees: HashMap<WorkerId, Vec<String>> = HashMap::new();
@@ -214,6 +219,12 @@ async fn core_loop(
     }
 }
 
+/// Whether to print every event to standard error (`RASK_DEBUG_EVENTS=1`), for debugging.
+fn debug_events() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("RASK_DEBUG_EVENTS").is_some())
+}
+
 fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>) -> Vec<Event<Arc<Payload>>> {
     match inbound {
         Inbound::Joined { id, role, outbox } => match role {
@@ -223,7 +234,15 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>) -> Vec<Event<Arc<
             }
             Role::Worker(info) => {
                 let address: Arc<str> = Arc::from(info.data_address.as_str());
-                peers.insert(id, Peer::Worker { address: Arc::clone(&address), outbox });
+                peers.insert(
+                    id,
+                    Peer::Worker {
+                        address: Arc::clone(&address),
+                        name: info.name.clone(),
+                        nthreads: info.nthreads,
+                        outbox,
+                    },
+                );
                 let spec = WorkerSpec {
                     name: Arc::from(info.name.as_str()),
                     address,
@@ -241,7 +260,46 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>) -> Vec<Event<Arc<
         },
         Inbound::Frame { id, messages } => {
             let is_worker = matches!(peers.get(&id), Some(Peer::Worker { .. }));
-            messages.into_iter().filter_map(|m| message_event(id, is_worker, m)).collect()
+            let mut events = Vec::new();
+            for m in messages {
+                match m {
+                    // Answered by the shell: it is about connections, not scheduling.
+                    ToScheduler::WhoIsThere => {
+                        let workers = peers
+                            .values()
+                            .filter_map(|p| match p {
+                                Peer::Worker { address, name, nthreads, .. } => {
+                                    Some((name.clone(), address.to_string(), *nthreads))
+                                }
+                                Peer::Client { .. } => None,
+                            })
+                            .collect();
+                        if let Some(Peer::Client { outbox }) = peers.get(&id) {
+                            outbox.send(FromScheduler::Workers { workers }, Vec::new());
+                        }
+                    }
+                    ToScheduler::Scattered { items } if !is_worker => {
+                        let by_address: HashMap<&str, WorkerId> = peers
+                            .iter()
+                            .filter_map(|(wid, p)| match p {
+                                Peer::Worker { address, .. } => Some((&**address, WorkerId(*wid))),
+                                Peer::Client { .. } => None,
+                            })
+                            .collect();
+                        let items = items
+                            .into_iter()
+                            .map(|(k, nbytes, addrs)| {
+                                let holders =
+                                    addrs.iter().filter_map(|a| by_address.get(a.as_str()).copied()).collect();
+                                (Key::from(k), nbytes, holders)
+                            })
+                            .collect();
+                        events.push(Event::DataScattered { client: ClientId(id), items });
+                    }
+                    m => events.extend(message_event(id, is_worker, m)),
+                }
+            }
+            events
         }
     }
 }
@@ -259,6 +317,9 @@ fn message_event(id: u32, is_worker: bool, m: ToScheduler) -> Option<Event<Arc<P
         }
         (false, ToScheduler::Cancel { keys }) => {
             Event::KeysCancelled { client, keys: keys.into_iter().map(Key::from).collect() }
+        }
+        (false, ToScheduler::FireAndForget { keys }) => {
+            Event::KeysFireAndForget { keys: keys.into_iter().map(Key::from).collect() }
         }
         (true, ToScheduler::TaskFinished { key, nbytes, duration_us }) => {
             Event::TaskFinished { worker, key: Key::from(key), nbytes, duration_us }

@@ -469,6 +469,17 @@ async fn serve_peer(mut stream: TcpStream, store: &Store) -> Result<(), RuntimeE
     handshake::welcome(&mut stream, &handshake::Welcome { id: 0 }).await?;
     while let Some(frame) = read_frame::<_, PeerMsg>(&mut stream).await? {
         for m in frame.messages {
+            if let PeerMsg::PutData { values } = m {
+                let mut keys = Vec::with_capacity(values.len());
+                let mut decoded = Vec::with_capacity(values.len());
+                for (k, v) in values {
+                    decoded.push((k.clone(), rask_protocol::wire::value_from_wire(v, &frame.blobs)?));
+                    keys.push(k);
+                }
+                lock(store).extend(decoded);
+                write_frame(&mut stream, &[PeerMsg::Stored { keys }], &[]).await?;
+                continue;
+            }
             let PeerMsg::GetData { keys } = m else { continue };
             let mut blobs = Vec::new();
             let values = {

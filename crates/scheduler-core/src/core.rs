@@ -138,6 +138,13 @@ pub enum Event<P> {
         /// Which.
         keys: Vec<Key>,
     },
+    /// A client put values directly on workers (`scatter`); it holds futures for them.
+    DataScattered {
+        /// Who.
+        client: ClientId,
+        /// (key, size, holders).
+        items: Vec<(Key, u64, Vec<WorkerId>)>,
+    },
     /// A worker joined.
     WorkerConnected {
         /// Its id.
@@ -257,7 +264,8 @@ impl State {
 
 struct Task<P> {
     key: Key,
-    payload: P,
+    /// What to run; `None` for scattered data, which cannot be recomputed.
+    payload: Option<P>,
     deps: Vec<Tid>,
     dependents: Vec<Tid>,
     state: State,
@@ -386,6 +394,7 @@ impl<P: Clone> Core<P> {
                     }
                 }
             }
+            Event::DataScattered { client, items } => self.scattered(client, items),
             Event::WorkerConnected { worker, spec } => {
                 let available = spec.resources.clone();
                 self.workers
@@ -481,7 +490,7 @@ impl<P: Clone> Core<P> {
             }
             let t = self.alloc(Task {
                 key: nt.key,
-                payload: nt.payload,
+                payload: Some(nt.payload),
                 deps: Vec::new(),
                 dependents: Vec::new(),
                 state: State::Released,
@@ -604,6 +613,19 @@ impl<P: Clone> Core<P> {
         let mut stack = vec![t];
         while let Some(t) = stack.pop() {
             if self.task(t).state != State::Released {
+                continue;
+            }
+            if self.task(t).payload.is_none() {
+                // Scattered data exists only where it was put; once lost it cannot come back.
+                let err = Arc::new(TaskError {
+                    key: self.task(t).key.clone(),
+                    message: "lost: the scattered data was held only by workers that are gone".into(),
+                    kind: FailureKind::Unrunnable,
+                    attempts: 0,
+                });
+                self.task_mut(t).state = State::Erred(err);
+                self.notify_wanters(t);
+                self.propagate_failure(t);
                 continue;
             }
             let deps = self.task(t).deps.clone();
@@ -772,8 +794,10 @@ impl<P: Clone> Core<P> {
         w.processing.insert(key.clone(), resources);
         let task = self.task_mut(t);
         task.state = State::Processing { on: wid };
-        let (payload, prio) = (task.payload.clone(), task.prio);
-        self.out.push(Command::Compute { worker: wid, key, payload, inputs, prio });
+        let prio = task.prio;
+        if let Some(payload) = task.payload.clone() {
+            self.out.push(Command::Compute { worker: wid, key, payload, inputs, prio });
+        }
     }
 
     /// Returns a worker's accounting for `key`; whether it was processing there.
@@ -786,6 +810,72 @@ impl<P: Clone> Core<P> {
             }
         }
         true
+    }
+
+    fn scattered(&mut self, client: ClientId, items: Vec<(Key, u64, Vec<WorkerId>)>) {
+        for (key, nbytes, holders) in items {
+            let holders: Vec<WorkerId> = holders.into_iter().filter(|w| self.workers.contains_key(w)).collect();
+            let t = match self.by_key.get(&key).copied() {
+                Some(t) => t,
+                None => self.alloc(Task {
+                    key: key.clone(),
+                    payload: None,
+                    deps: Vec::new(),
+                    dependents: Vec::new(),
+                    state: State::Released,
+                    prio: (0, 0, 0),
+                    restrictions: None,
+                    wanted_by: Vec::new(),
+                    waiting_on: 0,
+                    consumers: 0,
+                    nbytes,
+                    input_failures: 0,
+                }),
+            };
+            if !self.task(t).wanted_by.contains(&client) {
+                self.task_mut(t).wanted_by.push(client);
+            }
+            match &mut self.task_mut(t).state {
+                State::Memory { who_has } => {
+                    for h in holders {
+                        if !who_has.contains(&h) {
+                            who_has.push(h);
+                        }
+                    }
+                }
+                State::Released if !holders.is_empty() => {
+                    self.task_mut(t).nbytes = nbytes;
+                    self.task_mut(t).state = State::Memory { who_has: holders };
+                    // Dependents waiting for it (a recomputation) can go on.
+                    for d in self.task(t).dependents.clone() {
+                        if self.task(d).state == State::Waiting {
+                            self.task_mut(d).waiting_on -= 1;
+                            if self.task(d).waiting_on == 0 {
+                                self.inputs_done(d);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            match self.task(t).state {
+                State::Memory { .. } | State::Erred(_) => {
+                    let task = self.task(t);
+                    let cmd = match &task.state {
+                        State::Memory { who_has } => {
+                            Command::KeyInMemory { client, key, workers: who_has.clone(), nbytes: task.nbytes }
+                        }
+                        State::Erred(e) => Command::KeyErred { client, key, error: Arc::clone(e) },
+                        _ => unreachable!("matched above"),
+                    };
+                    self.out.push(cmd);
+                }
+                _ => {
+                    // Every holder left before the scatter was registered.
+                    self.compute(t);
+                }
+            }
+        }
     }
 
     // ----- results --------------------------------------------------------------------------

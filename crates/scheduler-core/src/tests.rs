@@ -283,6 +283,29 @@ fn unknown_input_and_unknown_wanted_key_fail_instead_of_hanging() {
 }
 
 #[test]
+fn scattered_data_is_used_in_place_and_fails_as_lost_when_its_worker_goes() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.worker(W2, "w2", 1, &[]);
+    env.ev(Event::ClientConnected { client: C1 });
+    let out = env.ev(Event::DataScattered { client: C1, items: vec![(Key::new("s"), 100, vec![W2])] });
+    assert!(out.contains(&Command::KeyInMemory { client: C1, key: Key::new("s"), workers: vec![W2], nbytes: 100 }));
+    let out = env.submit(C1, vec![task("use", &["s"])], &["use"]);
+    assert_eq!(computes(&out), [(W2, "use")], "runs where the data was put");
+    let out = env.ev(Event::WorkerDisconnected { worker: W2 });
+    let lost: Vec<&str> = out
+        .iter()
+        .filter_map(|c| match c {
+            Command::KeyErred { key, error, .. } if error.message.starts_with("lost") && error.key.as_str() == "s" => {
+                Some(key.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost, ["s", "use"], "scattered data cannot be recomputed; its dependent fails with the cause");
+}
+
+#[test]
 fn cyclic_submission_fails_its_tasks() {
     let mut env = Env::new();
     env.worker(W1, "w1", 1, &[]);
