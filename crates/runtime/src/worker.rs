@@ -399,8 +399,10 @@ fn executor_thread(
                     drop(q);
                     spun = true;
                     let until = Instant::now() + SPIN_BEFORE_SLEEP;
+                    // Yield rather than spin hard: on a busy machine the scheduler and the other
+                    // workers need the core more than this thread does.
                     while Instant::now() < until {
-                        std::hint::spin_loop();
+                        std::thread::yield_now();
                         if !lock(m).heap.is_empty() {
                             break;
                         }

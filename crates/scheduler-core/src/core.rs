@@ -301,6 +301,9 @@ pub struct Core<P> {
     no_worker: Vec<Tid>,
     submissions: u64,
     out: Vec<Command<P>>,
+    /// Reusable id buffers, so iterating a task's neighbours while mutating the core does not
+    /// allocate on every event.
+    scratch: Vec<Vec<Tid>>,
 }
 
 impl<P: Clone> Core<P> {
@@ -318,6 +321,7 @@ impl<P: Clone> Core<P> {
             no_worker: Vec::new(),
             submissions: 0,
             out: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -418,6 +422,20 @@ impl<P: Clone> Core<P> {
     }
 
     // ----- small helpers -------------------------------------------------------------------
+
+    /// A copy of `t`'s dependents (or dependencies) in a recycled buffer; give it back with
+    /// [`Self::recycle`].
+    fn neighbours(&mut self, t: Tid, dependents: bool) -> Vec<Tid> {
+        let mut v = self.scratch.pop().unwrap_or_default();
+        let task = self.task(t);
+        v.extend_from_slice(if dependents { &task.dependents } else { &task.deps });
+        v
+    }
+
+    fn recycle(&mut self, mut v: Vec<Tid>) {
+        v.clear();
+        self.scratch.push(v);
+    }
 
     fn task(&self, t: Tid) -> &Task<P> {
         self.tasks[t.0 as usize].as_ref().expect("invariant: live task id")
@@ -885,10 +903,12 @@ impl<P: Clone> Core<P> {
         let was_pending = self.task(t).state.pending();
         self.task_mut(t).state = state;
         if was_pending {
-            for d in self.task(t).deps.clone() {
+            let deps = self.neighbours(t, false);
+            for &d in &deps {
                 let dep = self.task_mut(d);
                 dep.consumers = dep.consumers.saturating_sub(1);
             }
+            self.recycle(deps);
         }
     }
 
@@ -919,7 +939,8 @@ impl<P: Clone> Core<P> {
         self.task_mut(t).nbytes = nbytes;
         self.set_finished(t, State::Memory { who_has: vec![wid] });
         self.notify_wanters(t);
-        for d in self.task(t).dependents.clone() {
+        let dependents = self.neighbours(t, true);
+        for &d in &dependents {
             if self.task(d).state == State::Waiting {
                 let dep = self.task_mut(d);
                 dep.waiting_on -= 1;
@@ -928,6 +949,7 @@ impl<P: Clone> Core<P> {
                 }
             }
         }
+        self.recycle(dependents);
         self.release_inputs(t);
         self.maybe_release(t);
     }
@@ -1008,9 +1030,11 @@ impl<P: Clone> Core<P> {
 
     /// After `t` finished, its inputs may no longer be needed.
     fn release_inputs(&mut self, t: Tid) {
-        for d in self.task(t).deps.clone() {
+        let deps = self.neighbours(t, false);
+        for &d in &deps {
             self.maybe_release(d);
         }
+        self.recycle(deps);
     }
 
     /// Frees a finished task's data if nobody needs it; forgets it if nothing refers to it.
