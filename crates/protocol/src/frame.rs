@@ -60,12 +60,12 @@ pub async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
 pub async fn read_frame<R: AsyncRead + Unpin, M: DeserializeOwned>(
     r: &mut R,
 ) -> Result<Option<Frame<M>>, ProtocolError> {
-    let Some(raw) = read_raw(r).await? else { return Ok(None) };
+    let Some(raw) = read_raw(r, MAX_FRAME).await? else { return Ok(None) };
     decode(raw).map(Some)
 }
 
 /// Reads one length-prefixed frame without decoding it.
-pub(crate) async fn read_raw<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Bytes>, ProtocolError> {
+pub(crate) async fn read_raw<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> Result<Option<Bytes>, ProtocolError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -73,8 +73,8 @@ pub(crate) async fn read_raw<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<B
         Err(e) => return Err(e.into()),
     }
     let size = u32::from_be_bytes(len) as usize;
-    if size > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge { size, limit: MAX_FRAME });
+    if size > limit {
+        return Err(ProtocolError::FrameTooLarge { size, limit });
     }
     // Read into uninitialised capacity (no memset of large frames).
     let mut buf = BytesMut::with_capacity(size);

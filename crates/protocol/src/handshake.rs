@@ -77,8 +77,13 @@ struct Parsed {
     payload: bytes::Bytes,
 }
 
+/// Largest handshake frame accepted: a stranger may not make us reserve more before we know
+/// it speaks rask.
+const MAX_HANDSHAKE: usize = 64 * 1024;
+
 async fn recv<R: AsyncRead + Unpin>(r: &mut R) -> Result<Parsed, ProtocolError> {
-    let body = read_raw(r).await?.ok_or_else(|| ProtocolError::Refused("peer closed the connection".into()))?;
+    let body =
+        read_raw(r, MAX_HANDSHAKE).await?.ok_or_else(|| ProtocolError::Refused("peer closed the connection".into()))?;
     let bad = || ProtocolError::Refused("peer is not speaking the rask protocol (bad handshake)".into());
     if body.len() < 11 || &body[..4] != MAGIC {
         return Err(bad());

@@ -62,6 +62,11 @@ pub enum ToScheduler {
         /// Inputs that no peer could provide.
         missing: Vec<String>,
     },
+    /// Worker: told to free a task it had not started, it dropped it.
+    TaskDropped {
+        /// The task.
+        key: String,
+    },
     /// Anyone: still alive.
     Heartbeat,
 }

@@ -207,16 +207,19 @@ impl Client {
             changed,
             peers: PeerPool::default(),
         });
-        let reader = Arc::clone(&inner);
+        // The reader holds only a weak reference: when the last handle of the client is
+        // dropped, its outbox goes, the connection closes, and the scheduler releases its keys.
+        let reader = Arc::downgrade(&inner);
         tokio::spawn(async move {
             let result = read_loop::<FromScheduler>(r, |frame| {
+                let Some(inner) = reader.upgrade() else { return false };
                 {
-                    let mut st = reader.state();
+                    let mut st = inner.state();
                     for m in frame.messages {
                         apply(&mut st, m);
                     }
                 }
-                reader.changed.send_modify(|v| *v += 1);
+                inner.changed.send_modify(|v| *v += 1);
                 true
             })
             .await;
@@ -224,11 +227,10 @@ impl Client {
                 Ok(()) => "the scheduler closed the connection".to_owned(),
                 Err(e) => e.to_string(),
             };
-            {
-                let mut st = reader.state();
-                st.closed.get_or_insert(why);
+            if let Some(inner) = reader.upgrade() {
+                inner.state().closed.get_or_insert(why);
+                inner.changed.send_modify(|v| *v += 1);
             }
-            reader.changed.send_modify(|v| *v += 1);
         });
         Ok(Client { inner, fuse: true })
     }

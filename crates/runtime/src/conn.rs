@@ -150,12 +150,14 @@ impl PeerPool {
             Arc::clone(conns.entry(address.to_owned()).or_default())
         };
         let mut guard = slot.lock().await;
-        if guard.is_none() {
-            let (stream, _) = dial(address, &Role::Peer).await?;
-            *guard = Some(stream);
-        }
-        let stream = guard.as_mut().ok_or_else(|| ProtocolError::Malformed("no connection".into()))?;
+        // The stream is taken out while in use and put back only after a complete exchange, so
+        // a request dropped halfway never leaves a desynchronised connection in the pool.
+        let mut stream = match guard.take() {
+            Some(s) => s,
+            None => dial(address, &Role::Peer).await?.0,
+        };
         let result = async {
+            let stream = &mut stream;
             let mut blobs = Vec::new();
             let values =
                 values.iter().map(|(k, v)| (k.clone(), rask_protocol::wire::value_to_wire(v, &mut blobs))).collect();
@@ -170,8 +172,8 @@ impl PeerPool {
             }
         }
         .await;
-        if result.is_err() {
-            *guard = None;
+        if result.is_ok() {
+            *guard = Some(stream);
         }
         result
     }
@@ -188,12 +190,12 @@ impl PeerPool {
             Arc::clone(conns.entry(address.to_owned()).or_default())
         };
         let mut guard = slot.lock().await;
-        if guard.is_none() {
-            let (stream, _) = dial(address, &Role::Peer).await?;
-            *guard = Some(stream);
-        }
-        let stream = guard.as_mut().ok_or_else(|| ProtocolError::Malformed("no connection".into()))?;
+        let mut stream = match guard.take() {
+            Some(s) => s,
+            None => dial(address, &Role::Peer).await?.0,
+        };
         let result = async {
+            let stream = &mut stream;
             write_frame(stream, &[PeerMsg::GetData { keys }], &[]).await?;
             let frame: Frame<PeerMsg> = read_frame(stream)
                 .await?
@@ -210,8 +212,8 @@ impl PeerPool {
             Ok(out)
         }
         .await;
-        if result.is_err() {
-            *guard = None; // reconnect next time
+        if result.is_ok() {
+            *guard = Some(stream);
         }
         result
     }

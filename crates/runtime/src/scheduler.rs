@@ -328,6 +328,7 @@ fn message_event(id: u32, is_worker: bool, m: ToScheduler) -> Option<Event<Arc<P
             Event::TaskFailed { worker, key: Key::from(key), error: Arc::new(TaskError::from(error)) }
         }
         (true, ToScheduler::MissingInputs { key, .. }) => Event::InputsMissing { worker, key: Key::from(key) },
+        (true, ToScheduler::TaskDropped { key }) => Event::TaskDropped { worker, key: Key::from(key) },
         (_, ToScheduler::Heartbeat) => return None,
         (_, other) => {
             eprintln!("rask scheduler: ignoring a message not meant for this kind of peer: {other:?}");

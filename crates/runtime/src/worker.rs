@@ -179,6 +179,8 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     // fetched copies -> number of local tasks still needing them
     let mut replicas: HashMap<String, (Value, usize)> = HashMap::new();
     let mut seq = 0u64;
+    // tasks handed to the executor queue and not yet reported: key -> queue sequence number
+    let mut queued: HashMap<String, u64> = HashMap::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
 
     let exit = loop {
@@ -237,9 +239,12 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             }
                             if missing == 0 {
                                 seq += 1;
+                                queued.insert(key, seq);
                                 enqueue(&queue, job, priority, seq);
                             } else {
-                                waiting.insert(key, Waiting { job, prio: priority, missing });
+                                if let Some(old) = waiting.insert(key, Waiting { job, prio: priority, missing }) {
+                                    release_replicas(&mut replicas, old.job.replicas);
+                                }
                                 for (addr, keys) in to_fetch {
                                     let (tx, peers, limit) = (tx.clone(), peers.clone(), Arc::clone(&fetch_limit));
                                     tokio::spawn(async move {
@@ -261,8 +266,25 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             let mut held = lock(&store);
                             for k in keys {
                                 held.remove(&k);
+                                // A task not started yet is dropped, and the scheduler told so
+                                // (it keeps the slot reserved until it hears back).
+                                let mut dropped = false;
                                 if let Some(w) = waiting.remove(&k) {
                                     release_replicas(&mut replicas, w.job.replicas);
+                                    for list in fetching.values_mut() {
+                                        list.retain(|t| *t != k);
+                                    }
+                                    dropped = true;
+                                } else if let Some(s) = queued.get(&k).copied() {
+                                    let (m, _) = &*queue;
+                                    if let Some(job) = lock(m).jobs.remove(&s) {
+                                        queued.remove(&k);
+                                        release_replicas(&mut replicas, job.replicas);
+                                        dropped = true;
+                                    }
+                                }
+                                if dropped {
+                                    to_scheduler.send(ToScheduler::TaskDropped { key: k }, Vec::new());
                                 }
                             }
                         }
@@ -286,6 +308,9 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     let tasks = fetching.remove(&k).unwrap_or_default();
                     match got.get(&k).cloned().flatten() {
                         Some(v) => {
+                            let mut tasks = tasks;
+                            tasks.sort_unstable();
+                            tasks.dedup();
                             let users = tasks.iter().filter(|t| waiting.contains_key(*t)).count();
                             for t in &tasks {
                                 let Some(w) = waiting.get_mut(t) else { continue };
@@ -295,6 +320,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 if w.missing == 0 {
                                     if let Some(w) = waiting.remove(t) {
                                         seq += 1;
+                                        queued.insert(t.clone(), seq);
                                         enqueue(&queue, w.job, w.prio, seq);
                                     }
                                 }
@@ -319,6 +345,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 }
             }
             Inbox::Done(Outcome { key, replicas: used, result, duration }) => {
+                queued.remove(&key);
                 let duration_us = duration.as_micros().min(u128::from(u64::MAX)) as u64;
                 release_replicas(&mut replicas, used);
                 match result {
@@ -450,10 +477,14 @@ fn run_job(job: &Job, registry: &Registry, location: &str, buf: &mut Vec<Value>)
 
 /// Serves `GetData` requests from peers and clients.
 async fn data_server(listener: TcpListener, store: Store) {
+    // Connections live in this set, so stopping the server (aborting this task) closes them
+    // and releases the store.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, peer)) = listener.accept().await else { continue };
+        while conns.try_join_next().is_some() {}
         let store = Arc::clone(&store);
-        tokio::spawn(async move {
+        conns.spawn(async move {
             if let Err(e) = serve_peer(stream, &store).await {
                 eprintln!("rask worker: data connection from {peer} closed: {e}");
             }

@@ -184,6 +184,13 @@ pub enum Event<P> {
         /// The task.
         key: Key,
     },
+    /// A worker dropped a task it had not started, after being told to free it.
+    TaskDropped {
+        /// Where.
+        worker: WorkerId,
+        /// Which.
+        key: Key,
+    },
 }
 
 /// What the shell must do.
@@ -304,6 +311,9 @@ pub struct Core<P> {
     /// Reusable id buffers, so iterating a task's neighbours while mutating the core does not
     /// allocate on every event.
     scratch: Vec<Vec<Tid>>,
+    /// Tasks to forget once the current event is fully handled (never in the middle of a
+    /// handler, which may still refer to them).
+    to_forget: Vec<Tid>,
 }
 
 impl<P: Clone> Core<P> {
@@ -322,6 +332,7 @@ impl<P: Clone> Core<P> {
             submissions: 0,
             out: Vec::new(),
             scratch: Vec::new(),
+            to_forget: Vec::new(),
         }
     }
 
@@ -416,6 +427,10 @@ impl<P: Clone> Core<P> {
             }
             Event::TaskFailed { worker, key, error } => self.failed(worker, &key, error),
             Event::InputsMissing { worker, key } => self.inputs_missing(worker, &key),
+            Event::TaskDropped { worker, key } => self.dropped(worker, &key),
+        }
+        while let Some(t) = self.to_forget.pop() {
+            self.forget_now(t);
         }
         self.schedule();
         std::mem::take(&mut self.out)
@@ -1000,11 +1015,22 @@ impl<P: Clone> Core<P> {
             .filter(|d| !matches!(self.task(**d).state, State::Memory { .. } | State::Erred(_)))
             .count() as u32;
         if unfinished == 0 {
-            self.make_ready(t);
+            // Inputs may have failed meanwhile (e.g. lost scattered data): inherit that.
+            self.inputs_done(t);
         } else {
             let task = self.task_mut(t);
             task.state = State::Waiting;
             task.waiting_on = unfinished;
+        }
+    }
+
+    /// A worker dropped a task it had not started (after a `Free`): release its slot.
+    fn dropped(&mut self, wid: WorkerId, key: &Key) {
+        self.unassign(wid, key);
+        if let Some(t) = self.by_key.get(key).copied() {
+            if self.task(t).state == (State::Processing { on: wid }) {
+                self.requeue(t);
+            }
         }
     }
 
@@ -1052,8 +1078,13 @@ impl<P: Clone> Core<P> {
         self.maybe_forget(t);
     }
 
-    /// Removes a task nobody wants and nothing depends on; cascades to its inputs.
+    /// Schedules a check whether `t` can be forgotten, at the end of the current event.
     fn maybe_forget(&mut self, t: Tid) {
+        self.to_forget.push(t);
+    }
+
+    /// Removes a task nobody wants and nothing depends on; cascades to its inputs.
+    fn forget_now(&mut self, t: Tid) {
         let mut stack = vec![t];
         while let Some(t) = stack.pop() {
             if !self.exists(t) {

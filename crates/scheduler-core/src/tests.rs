@@ -306,6 +306,48 @@ fn scattered_data_is_used_in_place_and_fails_as_lost_when_its_worker_goes() {
 }
 
 #[test]
+fn fire_and_forget_task_whose_input_fails_is_cleaned_up_without_panicking() {
+    // t -> d ; d is fire-and-forget only, t fails.
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.submit(C1, vec![task("t", &[]), task("d", &["t"])], &["d"]);
+    env.ev(Event::KeysFireAndForget { keys: vec![Key::new("d")] });
+    env.ev(Event::KeysReleased { client: C1, keys: vec![Key::new("d")] });
+    assert_eq!(env.core.state_of("d"), Some("waiting"), "kept alive by fire-and-forget");
+    env.fail(W1, "t", "boom");
+    assert_eq!(env.core.task_count(), 0, "both forgotten once finished");
+}
+
+#[test]
+fn fire_and_forget_task_runs_after_its_client_leaves_and_is_then_released() {
+    let mut env = Env::new();
+    env.submit(C1, vec![task("side", &[])], &["side"]);
+    env.ev(Event::KeysFireAndForget { keys: vec![Key::new("side")] });
+    env.ev(Event::ClientDisconnected { client: C1 });
+    let out = env.worker(W1, "w1", 1, &[]);
+    assert_eq!(computes(&out), [(W1, "side")]);
+    let out = env.finish(W1, "side", 1);
+    assert_eq!(frees(&out), [(W1, "side".to_owned())]);
+    assert_eq!(env.core.task_count(), 0);
+}
+
+#[test]
+fn dropped_task_returns_its_slot_and_resources() {
+    let mut env = Env::new();
+    env.worker(W1, "gpu", 1, &[("GPU", 1.0)]);
+    let mut g = task("g", &[]);
+    g.restrictions = Some(Box::new(Restrictions { resources: vec![(Arc::from("GPU"), 1.0)], ..Default::default() }));
+    env.submit(C1, vec![g], &["g"]);
+    env.ev(Event::KeysCancelled { client: C1, keys: vec![Key::new("g")] });
+    // The worker had not started it: it says so, and the GPU is free again.
+    env.ev(Event::TaskDropped { worker: W1, key: Key::new("g") });
+    let mut h = task("h", &[]);
+    h.restrictions = Some(Box::new(Restrictions { resources: vec![(Arc::from("GPU"), 1.0)], ..Default::default() }));
+    let out = env.submit(C1, vec![h], &["h"]);
+    assert_eq!(computes(&out), [(W1, "h")]);
+}
+
+#[test]
 fn cyclic_submission_fails_its_tasks() {
     let mut env = Env::new();
     env.worker(W1, "w1", 1, &[]);
