@@ -442,3 +442,26 @@ fn scatter_puts_data_on_workers_and_tasks_use_it() {
     c.wait(&everywhere, Some(Duration::from_secs(10))).expect("registered");
     assert_eq!(everywhere[0].who_has().len(), 2, "broadcast puts a copy on every worker");
 }
+
+#[test]
+fn result_lost_with_its_worker_is_recomputed_for_the_client() {
+    let mut cluster = Cluster::start();
+    let a = cluster.worker(&["--name", "a", "--nthreads", "1"], &[]);
+    let b = cluster.worker(&["--name", "b", "--nthreads", "1"], &[]);
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    let argv = Value::list(vec![Value::str("sh"), Value::str("-c"), Value::str("echo $PPID")]);
+    let f = c.submit("shell", vec![CallArg::Value(argv)]);
+    let first = c.gather(std::slice::from_ref(&f)).pop().expect("one").expect("computed");
+    let holder: u32 = match &first {
+        Value::Str(s) => s.trim().parse().expect("a pid"),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert!(holder == a || holder == b);
+    // Kill the worker holding the value; the future must still deliver (recomputed elsewhere).
+    let child = cluster.workers.iter_mut().find(|w| w.id() == holder).expect("holder is ours");
+    child.kill().expect("kill");
+    let _ = child.wait();
+    let again = c.gather(std::slice::from_ref(&f)).pop().expect("one").expect("recomputed");
+    let other = if holder == a { b } else { a };
+    assert_eq!(again, Value::from(format!("{other}\n")), "recomputed on the surviving worker");
+}

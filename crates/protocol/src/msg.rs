@@ -100,6 +100,12 @@ pub enum FromScheduler {
         /// The root failure.
         error: WireError,
     },
+    /// To a client: a wanted key's value was lost with a worker; it is being recomputed (a
+    /// `KeyInMemory` or `KeyErred` follows).
+    KeyLost {
+        /// The key.
+        key: String,
+    },
     /// To a client: a wanted key was cancelled.
     KeyCancelled {
         /// The key.

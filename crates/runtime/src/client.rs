@@ -19,6 +19,12 @@ use tokio::sync::watch;
 
 use crate::conn::{Outbox, PeerPool, dial, read_loop};
 
+/// Attempts `gather` makes for a value whose holder disappears while it is fetched.
+const GATHER_ROUNDS: usize = 5;
+
+/// Scatter calls made by this process (part of each scattered key).
+static SCATTERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Why a client operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -371,9 +377,9 @@ impl Client {
 
     /// Puts values directly into workers' memory (like Dask's `scatter`) and returns futures
     /// for them, usable as arguments of later tasks. Values go round-robin to the workers, or to
-    /// every worker with `broadcast`. Keys are content hashes, so scattering the same value twice
-    /// gives the same key. Scattered data cannot be recomputed: if every worker holding it is
-    /// lost, its futures fail with a "lost" error.
+    /// every worker with `broadcast`. Each scatter gets fresh keys (content hash plus a unique
+    /// suffix). Scattered data cannot be recomputed: if every worker holding it is lost, its
+    /// futures fail with a "lost" error.
     ///
     /// # Errors
     /// When no worker is connected or a worker cannot store the data.
@@ -386,7 +392,11 @@ impl Client {
         let mut items = Vec::with_capacity(values.len());
         let mut keys = Vec::with_capacity(values.len());
         for (i, v) in values.into_iter().enumerate() {
-            let key = rask_graph::tokenize("scatter", &[ArgSpec::Lit(v.clone())]);
+            // Unique per scatter call: a content-only key could meet a late `Free` of an
+            // earlier scatter of the same value on the same worker and lose the new copy.
+            let n = SCATTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let token = rask_graph::tokenize("scatter", &[ArgSpec::Lit(v.clone())]);
+            let key = Key::from(format!("{token}-{}-{n}", std::process::id()));
             let targets: Vec<String> = if broadcast {
                 workers.iter().map(|w| w.1.clone()).collect()
             } else {
@@ -476,54 +486,72 @@ impl Client {
     }
 
     /// Waits for every future and fetches the values from the workers (one request per worker).
-    /// Each result is the value or the reason there is none.
+    /// Each result is the value or the reason there is none. A value lost with its worker
+    /// while being fetched is waited for again (the scheduler recomputes it).
     pub async fn gather(&self, futures: &[RemoteFuture]) -> Vec<Result<Value, ClientError>> {
-        if let Err(e) = self.wait(futures, None).await {
-            return futures.iter().map(|_| Err(e.clone())).collect();
-        }
-        let mut out: Vec<Option<Result<Value, ClientError>>> = Vec::with_capacity(futures.len());
-        let mut by_worker: HashMap<String, Vec<(usize, String)>> = HashMap::new();
-        {
-            let st = self.inner.state();
-            for (i, f) in futures.iter().enumerate() {
-                match st.keys.get(f.key.as_str()).map(|e| &e.status) {
-                    Some(Status::Memory { workers }) => {
-                        let w = workers.first().cloned().unwrap_or_default();
-                        by_worker.entry(w).or_default().push((i, f.key.as_str().to_owned()));
-                        out.push(None);
+        let mut out: Vec<Option<Result<Value, ClientError>>> = (0..futures.len()).map(|_| None).collect();
+        for round in 0..GATHER_ROUNDS {
+            let todo: Vec<usize> = (0..futures.len()).filter(|i| out[*i].is_none()).collect();
+            if todo.is_empty() {
+                break;
+            }
+            let pending: Vec<RemoteFuture> = todo.iter().map(|i| futures[*i].clone()).collect();
+            if let Err(e) = self.wait(&pending, None).await {
+                for i in todo {
+                    out[i] = Some(Err(e.clone()));
+                }
+                break;
+            }
+            let mut by_worker: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+            {
+                let st = self.inner.state();
+                for i in todo {
+                    let f = &futures[i];
+                    match st.keys.get(f.key.as_str()).map(|e| &e.status) {
+                        Some(Status::Memory { workers }) => {
+                            let w = workers.first().cloned().unwrap_or_default();
+                            by_worker.entry(w).or_default().push((i, f.key.as_str().to_owned()));
+                        }
+                        Some(Status::Erred(e)) => out[i] = Some(Err(ClientError::Task(Arc::clone(e)))),
+                        Some(Status::Cancelled) => out[i] = Some(Err(ClientError::Cancelled(f.key.clone()))),
+                        Some(Status::Pending) => {} // lost meanwhile: next round
+                        None => out[i] = Some(Err(ClientError::Lost("key unknown to this client".into()))),
                     }
-                    Some(Status::Erred(e)) => out.push(Some(Err(ClientError::Task(Arc::clone(e))))),
-                    Some(Status::Cancelled) => out.push(Some(Err(ClientError::Cancelled(f.key.clone())))),
-                    _ => out.push(Some(Err(ClientError::Lost("key unknown to this client".into())))),
                 }
             }
-        }
-        let mut fetches = Vec::new();
-        for (addr, items) in by_worker {
-            let peers = self.inner.peers.clone();
-            fetches.push(tokio::spawn(async move {
-                let keys: Vec<String> = items.iter().map(|(_, k)| k.clone()).collect();
-                let got = peers.get_data(&addr, keys).await.map_err(|e| format!("{addr}: {e}"));
-                (items, got)
-            }));
-        }
-        for f in fetches {
-            let Ok((items, got)) = f.await else { continue };
-            match got {
-                Ok(values) => {
-                    let mut map: HashMap<String, Option<Value>> = values.into_iter().collect();
-                    for (i, k) in items {
-                        out[i] = Some(match map.remove(&k).flatten() {
-                            Some(v) => Ok(v),
-                            None => Err(ClientError::Fetch(Key::from(k), "the worker no longer holds it".into())),
-                        });
+            let last = round + 1 == GATHER_ROUNDS;
+            let mut failed_fetch = false;
+            let mut fetches = Vec::new();
+            for (addr, items) in by_worker {
+                let peers = self.inner.peers.clone();
+                fetches.push(tokio::spawn(async move {
+                    let keys: Vec<String> = items.iter().map(|(_, k)| k.clone()).collect();
+                    let got = peers.get_data(&addr, keys).await.map_err(|e| format!("{addr}: {e}"));
+                    (items, got)
+                }));
+            }
+            for f in fetches {
+                let Ok((items, got)) = f.await else { continue };
+                let mut map: HashMap<String, Option<Value>> = match &got {
+                    Ok(values) => values.iter().cloned().collect(),
+                    Err(_) => HashMap::new(),
+                };
+                for (i, k) in items {
+                    match map.remove(&k).flatten() {
+                        Some(v) => out[i] = Some(Ok(v)),
+                        None if last => {
+                            let why =
+                                got.as_ref().err().cloned().unwrap_or_else(|| "the worker no longer holds it".into());
+                            out[i] = Some(Err(ClientError::Fetch(Key::from(k), why)));
+                        }
+                        None => failed_fetch = true,
                     }
                 }
-                Err(e) => {
-                    for (i, k) in items {
-                        out[i] = Some(Err(ClientError::Fetch(Key::from(k), e.clone())));
-                    }
-                }
+            }
+            if failed_fetch {
+                // The holder is gone or freed it; give the scheduler a moment to notice and
+                // reschedule before waiting for the key again.
+                tokio::time::sleep(Duration::from_millis(200 * (round as u64 + 1))).await;
             }
         }
         out.into_iter().map(|r| r.unwrap_or(Err(ClientError::Timeout))).collect()
@@ -562,6 +590,7 @@ fn apply(st: &mut State, m: FromScheduler) {
         FromScheduler::KeyInMemory { key, workers, .. } => set(st, &key, Status::Memory { workers }),
         FromScheduler::KeyErred { key, error } => set(st, &key, Status::Erred(Arc::new(TaskError::from(error)))),
         FromScheduler::KeyCancelled { key } => set(st, &key, Status::Cancelled),
+        FromScheduler::KeyLost { key } => set(st, &key, Status::Pending),
         FromScheduler::GraphAccepted { .. } => st.accepted += 1,
         FromScheduler::Workers { workers } => {
             st.workers = workers;

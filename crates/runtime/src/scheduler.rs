@@ -400,5 +400,6 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
         Command::KeyCancelled { client, key } => {
             send(client.0, FromScheduler::KeyCancelled { key: key.as_str().to_owned() })
         }
+        Command::KeyLost { client, key } => send(client.0, FromScheduler::KeyLost { key: key.as_str().to_owned() }),
     }
 }

@@ -236,6 +236,13 @@ pub enum Command<P> {
         /// The root failure.
         error: Arc<TaskError>,
     },
+    /// Tell a client its key's value was lost with a worker and is being recomputed.
+    KeyLost {
+        /// Who.
+        client: ClientId,
+        /// Which.
+        key: Key,
+    },
     /// Tell a client its key was cancelled.
     KeyCancelled {
         /// Who.
@@ -1172,6 +1179,14 @@ impl<P: Clone> Core<P> {
         }
         for t in &lost {
             self.task_mut(*t).state = State::Released;
+            let task = self.task(*t);
+            let notes: Vec<Command<P>> = task
+                .wanted_by
+                .iter()
+                .filter(|c| **c != FIRE_AND_FORGET)
+                .map(|c| Command::KeyLost { client: *c, key: task.key.clone() })
+                .collect();
+            self.out.extend(notes);
             // Dependents that were waiting for inputs now wait for this one again.
             for d in self.task(*t).dependents.clone() {
                 if self.task(d).state == State::Waiting {

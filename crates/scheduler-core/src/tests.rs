@@ -247,10 +247,25 @@ fn lost_worker_work_is_rescheduled_and_lost_data_recomputed() {
     env.worker(W2, "w2", 1, &[]);
     let out = env.ev(Event::WorkerDisconnected { worker: W1 });
     assert_eq!(computes(&out), [(W2, "a")], "a's value was lost with W1: recompute it");
+    assert!(!out.iter().any(|c| matches!(c, Command::KeyLost { .. })), "a is not wanted by a client");
     let out = env.finish(W2, "a", 1);
     assert_eq!(computes(&out), [(W2, "b")]);
     let out = env.finish(W2, "b", 1);
     assert!(out.iter().any(|c| matches!(c, Command::KeyInMemory { key, .. } if key.as_str() == "b")));
+}
+
+#[test]
+fn clients_hear_when_a_wanted_value_is_lost_and_again_when_it_is_back() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.worker(W2, "w2", 1, &[]);
+    env.submit(C1, vec![task("k", &[])], &["k"]);
+    env.finish(W1, "k", 1);
+    let out = env.ev(Event::WorkerDisconnected { worker: W1 });
+    assert!(out.contains(&Command::KeyLost { client: C1, key: Key::new("k") }));
+    assert_eq!(computes(&out), [(W2, "k")]);
+    let out = env.finish(W2, "k", 1);
+    assert!(out.contains(&Command::KeyInMemory { client: C1, key: Key::new("k"), workers: vec![W2], nbytes: 1 }));
 }
 
 #[test]
@@ -449,6 +464,7 @@ proptest! {
                     Command::KeyInMemory { key, workers, .. } => { results.insert(key.as_str().to_owned(), Ok((workers, ()))); }
                     Command::KeyErred { key, error, .. } => { results.insert(key.as_str().to_owned(), Err(error.key.as_str().to_owned())); }
                     Command::KeyCancelled { .. } => {}
+                    Command::KeyLost { key, .. } => { results.remove(key.as_str()); }
                 }
             }
         };
