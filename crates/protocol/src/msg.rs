@@ -55,12 +55,12 @@ pub enum ToScheduler {
         /// Why.
         error: WireError,
     },
-    /// Worker: these keys could not be computed because an input could not be fetched.
+    /// Worker: a task could not start because inputs could not be fetched.
     MissingInputs {
         /// The task that could not start.
         key: String,
-        /// Inputs that no peer could provide.
-        missing: Vec<String>,
+        /// (input, data address of the worker that was asked for it and did not deliver).
+        missing: Vec<(String, String)>,
     },
     /// Worker: told to free a task it had not started, it dropped it.
     TaskDropped {

@@ -296,7 +296,7 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>) -> Vec<Event<Arc<
                             .collect();
                         events.push(Event::DataScattered { client: ClientId(id), items });
                     }
-                    m => events.extend(message_event(id, is_worker, m)),
+                    m => events.extend(message_event(id, peers, is_worker, m)),
                 }
             }
             events
@@ -304,7 +304,15 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>) -> Vec<Event<Arc<
     }
 }
 
-fn message_event(id: u32, is_worker: bool, m: ToScheduler) -> Option<Event<Arc<Payload>>> {
+/// The worker whose data address is `addr`.
+fn worker_at(peers: &HashMap<u32, Peer>, addr: &str) -> Option<WorkerId> {
+    peers.iter().find_map(|(id, p)| match p {
+        Peer::Worker { address, .. } if &**address == addr => Some(WorkerId(*id)),
+        _ => None,
+    })
+}
+
+fn message_event(id: u32, peers: &HashMap<u32, Peer>, is_worker: bool, m: ToScheduler) -> Option<Event<Arc<Payload>>> {
     let (client, worker) = (ClientId(id), WorkerId(id));
     Some(match (is_worker, m) {
         (false, ToScheduler::SubmitGraph { tasks, wanted }) => Event::GraphSubmitted {
@@ -327,7 +335,13 @@ fn message_event(id: u32, is_worker: bool, m: ToScheduler) -> Option<Event<Arc<P
         (true, ToScheduler::TaskFailed { key, error }) => {
             Event::TaskFailed { worker, key: Key::from(key), error: Arc::new(TaskError::from(error)) }
         }
-        (true, ToScheduler::MissingInputs { key, .. }) => Event::InputsMissing { worker, key: Key::from(key) },
+        (true, ToScheduler::MissingInputs { key, missing }) => {
+            let missing = missing
+                .into_iter()
+                .filter_map(|(k, addr)| worker_at(peers, &addr).map(|w| (Key::from(k), w)))
+                .collect();
+            Event::InputsMissing { worker, key: Key::from(key), missing }
+        }
         (true, ToScheduler::TaskDropped { key }) => Event::TaskDropped { worker, key: Key::from(key) },
         (_, ToScheduler::Heartbeat) => return None,
         (_, other) => {

@@ -105,7 +105,7 @@ enum Inbox {
     Scheduler(Vec<FromScheduler>),
     SchedulerClosed(String),
     Done(Outcome),
-    Fetched { keys: Vec<String>, result: Result<Vec<(String, Option<Value>)>, String> },
+    Fetched { from: String, keys: Vec<String>, result: Result<Vec<(String, Option<Value>)>, String> },
 }
 
 /// A task waiting for inputs to arrive.
@@ -257,7 +257,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                                 .await
                                                 .map_err(|e| format!("{addr}: {e}"))
                                         };
-                                        let _ = tx.send(Inbox::Fetched { keys, result });
+                                        let _ = tx.send(Inbox::Fetched { from: addr, keys, result });
                                     });
                                 }
                             }
@@ -296,7 +296,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     break WorkerExit::SchedulerShutdown(reason);
                 }
             }
-            Inbox::Fetched { keys, result } => {
+            Inbox::Fetched { from, keys, result } => {
                 let got: HashMap<String, Option<Value>> = match result {
                     Ok(values) => values.into_iter().collect(),
                     Err(e) => {
@@ -334,10 +334,8 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             for t in tasks {
                                 if let Some(w) = waiting.remove(&t) {
                                     release_replicas(&mut replicas, w.job.replicas);
-                                    to_scheduler.send(
-                                        ToScheduler::MissingInputs { key: t, missing: vec![k.clone()] },
-                                        Vec::new(),
-                                    );
+                                    let missing = vec![(k.clone(), from.clone())];
+                                    to_scheduler.send(ToScheduler::MissingInputs { key: t, missing }, Vec::new());
                                 }
                             }
                         }

@@ -183,6 +183,8 @@ pub enum Event<P> {
         worker: WorkerId,
         /// The task.
         key: Key,
+        /// (input, the worker that was asked for it and did not deliver it).
+        missing: Vec<(Key, WorkerId)>,
     },
     /// A worker dropped a task it had not started, after being told to free it.
     TaskDropped {
@@ -433,7 +435,7 @@ impl<P: Clone> Core<P> {
                 self.finished(worker, &key, nbytes, duration_us);
             }
             Event::TaskFailed { worker, key, error } => self.failed(worker, &key, error),
-            Event::InputsMissing { worker, key } => self.inputs_missing(worker, &key),
+            Event::InputsMissing { worker, key, missing } => self.inputs_missing(worker, &key, missing),
             Event::TaskDropped { worker, key } => self.dropped(worker, &key),
         }
         while let Some(t) = self.to_forget.pop() {
@@ -989,13 +991,30 @@ impl<P: Clone> Core<P> {
         self.maybe_forget(t);
     }
 
-    fn inputs_missing(&mut self, wid: WorkerId, key: &Key) {
+    fn inputs_missing(&mut self, wid: WorkerId, key: &Key, missing: Vec<(Key, WorkerId)>) {
+        // The holders that failed to deliver do not have the value (any more): believe them,
+        // so the next attempt goes elsewhere or the value is recomputed.
+        let mut corrected = false;
+        for (input, holder) in missing {
+            let Some(d) = self.by_key.get(&input).copied() else { continue };
+            let State::Memory { who_has } = &mut self.task_mut(d).state else { continue };
+            if !who_has.contains(&holder) {
+                continue;
+            }
+            who_has.retain(|w| *w != holder);
+            corrected = true;
+            if who_has.is_empty() {
+                self.lose(d);
+            }
+        }
         let was_assigned = self.unassign(wid, key);
         let Some(t) = self.by_key.get(key).copied() else { return };
         if !was_assigned || self.task(t).state != (State::Processing { on: wid }) {
             return;
         }
-        self.task_mut(t).input_failures += 1;
+        if !corrected {
+            self.task_mut(t).input_failures += 1;
+        }
         if self.task(t).input_failures > self.cfg.max_input_failures {
             let err = Arc::new(TaskError {
                 key: key.clone(),
@@ -1010,6 +1029,34 @@ impl<P: Clone> Core<P> {
             self.maybe_forget(t);
         } else {
             self.requeue(t);
+        }
+    }
+
+    /// A value held by no worker any more: dependents wait for it again, clients holding it
+    /// are told, and it is recomputed if still needed (scattered data fails as lost).
+    fn lose(&mut self, t: Tid) {
+        self.task_mut(t).state = State::Released;
+        let task = self.task(t);
+        let notes: Vec<Command<P>> = task
+            .wanted_by
+            .iter()
+            .filter(|c| **c != FIRE_AND_FORGET)
+            .map(|c| Command::KeyLost { client: *c, key: task.key.clone() })
+            .collect();
+        self.out.extend(notes);
+        let dependents = self.neighbours(t, true);
+        for &d in &dependents {
+            match self.task(d).state {
+                State::Waiting => self.task_mut(d).waiting_on += 1,
+                State::Ready | State::NoWorker => self.requeue(d),
+                _ => {}
+            }
+        }
+        self.recycle(dependents);
+        if self.needed(t) {
+            self.compute(t);
+        } else {
+            self.maybe_forget(t);
         }
     }
 

@@ -489,7 +489,10 @@ proptest! {
                 let v = holders.iter().find_map(|h| held.get(&(*h, k.as_str().to_owned())).copied());
                 match v {
                     Some(v) => sum += v,
-                    None => return env.ev(Event::InputsMissing { worker: w, key: Key::from(key) }),
+                    None => {
+                        let missing = vec![(k.clone(), holders.first().copied().unwrap_or(w))];
+                        return env.ev(Event::InputsMissing { worker: w, key: Key::from(key), missing });
+                    }
                 }
             }
             if fails[idx] {
