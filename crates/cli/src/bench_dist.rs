@@ -205,32 +205,22 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
     // Transfer: pieces made on bench-0, consumed on bench-1.
     let pieces = transfer_mib / 64;
     let piece = |i: u64| Key::from(format!("piece-{i}"));
+    let add_pieces = |b: &mut GraphBuilder| {
+        for i in 0..pieces {
+            let on0 = Annotations { workers: vec!["bench-0".into()], ..Default::default() };
+            let args = vec![ArgSpec::Lit(Value::Int(64 << 20)), ArgSpec::Lit(Value::Int(i as i64))];
+            b.add(TaskSpec::new(piece(i), "bytes", args).with_annotations(on0));
+        }
+    };
     let mut b = GraphBuilder::new();
-    for i in 0..pieces {
-        let on0 = Annotations { workers: vec!["bench-0".into()], ..Default::default() };
-        b.add(
-            TaskSpec::new(
-                piece(i),
-                "bytes",
-                vec![ArgSpec::Lit(Value::Int(64 << 20)), ArgSpec::Lit(Value::Int(i as i64))],
-            )
-            .with_annotations(on0),
-        );
-    }
+    add_pieces(&mut b);
     let g = b.build().map_err(|e| e.to_string())?;
     let made = client.submit_graph(&g, &g.sinks());
     client.wait(&made, Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+    // The same piece tasks (same keys: reused, not recomputed) plus consumers on bench-1.
     let mut b = GraphBuilder::new();
+    add_pieces(&mut b);
     for i in 0..pieces {
-        let on0 = Annotations { workers: vec!["bench-0".into()], ..Default::default() };
-        b.add(
-            TaskSpec::new(
-                piece(i),
-                "bytes",
-                vec![ArgSpec::Lit(Value::Int(64 << 20)), ArgSpec::Lit(Value::Int(i as i64))],
-            )
-            .with_annotations(on0),
-        );
         let on1 = Annotations { workers: vec!["bench-1".into()], ..Default::default() };
         b.add(TaskSpec::new(format!("size-{i}"), "nbytes", vec![ArgSpec::Ref(piece(i))]).with_annotations(on1));
     }

@@ -138,6 +138,34 @@ pub(crate) struct PeerPool {
 type PeerSlot = Arc<tokio::sync::Mutex<Option<TcpStream>>>;
 
 impl PeerPool {
+    /// One request/response exchange with the worker at `address` over its pooled connection.
+    ///
+    /// The stream is taken out of the pool while in use and put back only after a complete
+    /// exchange, so a request dropped halfway (cancelled future) never leaves a desynchronised
+    /// connection behind; the next request simply dials again.
+    async fn exchange(
+        &self,
+        address: &str,
+        request: rask_protocol::msg::PeerMsg,
+        blobs: &[Bytes],
+    ) -> Result<Frame<rask_protocol::msg::PeerMsg>, ProtocolError> {
+        let slot = {
+            let mut conns = self.conns.lock().await;
+            Arc::clone(conns.entry(address.to_owned()).or_default())
+        };
+        let mut guard = slot.lock().await;
+        let mut stream = match guard.take() {
+            Some(s) => s,
+            None => dial(address, &Role::Peer).await?.0,
+        };
+        write_frame(&mut stream, &[request], blobs).await?;
+        let frame = read_frame(&mut stream)
+            .await?
+            .ok_or_else(|| ProtocolError::Refused(format!("worker {address} closed the connection")))?;
+        *guard = Some(stream);
+        Ok(frame)
+    }
+
     /// Stores values on the worker at `address` (scatter); returns once they are stored.
     pub(crate) async fn put_data(
         &self,
@@ -145,37 +173,15 @@ impl PeerPool {
         values: Vec<(String, rask_graph::Value)>,
     ) -> Result<(), ProtocolError> {
         use rask_protocol::msg::PeerMsg;
-        let slot = {
-            let mut conns = self.conns.lock().await;
-            Arc::clone(conns.entry(address.to_owned()).or_default())
-        };
-        let mut guard = slot.lock().await;
-        // The stream is taken out while in use and put back only after a complete exchange, so
-        // a request dropped halfway never leaves a desynchronised connection in the pool.
-        let mut stream = match guard.take() {
-            Some(s) => s,
-            None => dial(address, &Role::Peer).await?.0,
-        };
-        let result = async {
-            let stream = &mut stream;
-            let mut blobs = Vec::new();
-            let values =
-                values.iter().map(|(k, v)| (k.clone(), rask_protocol::wire::value_to_wire(v, &mut blobs))).collect();
-            write_frame(stream, &[PeerMsg::PutData { values }], &blobs).await?;
-            let frame: Frame<PeerMsg> = read_frame(stream)
-                .await?
-                .ok_or_else(|| ProtocolError::Refused(format!("worker {address} closed the connection")))?;
-            if frame.messages.iter().any(|m| matches!(m, PeerMsg::Stored { .. })) {
-                Ok(())
-            } else {
-                Err(ProtocolError::Malformed(format!("worker {address} did not confirm storing the data")))
-            }
+        let mut blobs = Vec::new();
+        let values =
+            values.iter().map(|(k, v)| (k.clone(), rask_protocol::wire::value_to_wire(v, &mut blobs))).collect();
+        let frame = self.exchange(address, PeerMsg::PutData { values }, &blobs).await?;
+        if frame.messages.iter().any(|m| matches!(m, PeerMsg::Stored { .. })) {
+            Ok(())
+        } else {
+            Err(ProtocolError::Malformed(format!("worker {address} did not confirm storing the data")))
         }
-        .await;
-        if result.is_ok() {
-            *guard = Some(stream);
-        }
-        result
     }
 
     /// Fetches values from the worker at `address`. `None` for keys it does not hold.
@@ -185,36 +191,16 @@ impl PeerPool {
         keys: Vec<String>,
     ) -> Result<Vec<(String, Option<rask_graph::Value>)>, ProtocolError> {
         use rask_protocol::msg::PeerMsg;
-        let slot = {
-            let mut conns = self.conns.lock().await;
-            Arc::clone(conns.entry(address.to_owned()).or_default())
-        };
-        let mut guard = slot.lock().await;
-        let mut stream = match guard.take() {
-            Some(s) => s,
-            None => dial(address, &Role::Peer).await?.0,
-        };
-        let result = async {
-            let stream = &mut stream;
-            write_frame(stream, &[PeerMsg::GetData { keys }], &[]).await?;
-            let frame: Frame<PeerMsg> = read_frame(stream)
-                .await?
-                .ok_or_else(|| ProtocolError::Refused(format!("worker {address} closed the connection")))?;
-            let mut out = Vec::new();
-            for m in frame.messages {
-                if let PeerMsg::Data { values } = m {
-                    for (k, v) in values {
-                        let v = v.map(|v| rask_protocol::wire::value_from_wire(v, &frame.blobs)).transpose()?;
-                        out.push((k, v));
-                    }
+        let frame = self.exchange(address, PeerMsg::GetData { keys }, &[]).await?;
+        let mut out = Vec::new();
+        for m in frame.messages {
+            if let PeerMsg::Data { values } = m {
+                for (k, v) in values {
+                    let v = v.map(|v| rask_protocol::wire::value_from_wire(v, &frame.blobs)).transpose()?;
+                    out.push((k, v));
                 }
             }
-            Ok(out)
         }
-        .await;
-        if result.is_ok() {
-            *guard = Some(stream);
-        }
-        result
+        Ok(out)
     }
 }

@@ -1137,62 +1137,42 @@ impl<P: Clone> Core<P> {
         self.to_forget.push(t);
     }
 
-    /// Removes a task nobody wants and nothing depends on; cascades to its inputs.
+    /// Removes a task nobody wants and nothing depends on; its inputs are then released and
+    /// checked for forgetting in turn (through `to_forget`).
     fn forget_now(&mut self, t: Tid) {
-        let mut stack = vec![t];
-        while let Some(t) = stack.pop() {
-            if !self.exists(t) {
-                continue;
-            }
-            let task = self.task(t);
-            if !task.wanted_by.is_empty() || !task.dependents.is_empty() {
-                continue;
-            }
-            // Not wanted and nothing depends on it: stop it if pending, free its data.
-            let running_on = match task.state {
-                State::Processing { on } => Some(on),
-                _ => None,
-            };
-            if task.state.pending() {
-                self.set_finished(t, State::Released);
-            }
-            let task = self.tasks[t.0 as usize].take().expect("invariant: checked above");
-            self.free_slots.push(t.0);
-            self.by_key.remove(&task.key);
-            if let State::Memory { who_has } = &task.state {
-                for w in who_has {
-                    self.out.push(Command::Free { worker: *w, keys: vec![task.key.clone()] });
-                }
-            }
-            if let Some(on) = running_on {
-                // The worker keeps its accounting until it reports; tell it to drop the result.
-                self.out.push(Command::Free { worker: on, keys: vec![task.key.clone()] });
-            }
-            for d in &task.deps {
-                if self.exists(*d) {
-                    let dep = self.task_mut(*d);
-                    dep.dependents.retain(|x| *x != t);
-                    stack.push(*d);
-                    self.maybe_release_shallow(*d);
-                }
-            }
-        }
-    }
-
-    /// Like [`Self::maybe_release`] without forgetting (the caller's loop does that).
-    fn maybe_release_shallow(&mut self, t: Tid) {
-        if self.needed(t) {
+        if !self.exists(t) {
             return;
         }
-        if let State::Memory { who_has } = &self.task(t).state {
-            let key = self.task(t).key.clone();
-            for w in who_has.clone() {
-                self.out.push(Command::Free { worker: w, keys: vec![key.clone()] });
-            }
-            self.task_mut(t).state = State::Released;
+        let task = self.task(t);
+        if !task.wanted_by.is_empty() || !task.dependents.is_empty() {
+            return;
         }
-        // A pending input computed only for the forgotten task is stopped when the caller's
-        // loop forgets it (if nothing else depends on it).
+        // Not wanted and nothing depends on it: stop it if pending, free its data.
+        let running_on = match task.state {
+            State::Processing { on } => Some(on),
+            _ => None,
+        };
+        if task.state.pending() {
+            self.set_finished(t, State::Released);
+        }
+        let task = self.tasks[t.0 as usize].take().expect("invariant: checked above");
+        self.free_slots.push(t.0);
+        self.by_key.remove(&task.key);
+        if let State::Memory { who_has } = &task.state {
+            for w in who_has {
+                self.out.push(Command::Free { worker: *w, keys: vec![task.key.clone()] });
+            }
+        }
+        if let Some(on) = running_on {
+            // The worker keeps its accounting until it reports; tell it to drop the result.
+            self.out.push(Command::Free { worker: on, keys: vec![task.key.clone()] });
+        }
+        for d in &task.deps {
+            if self.exists(*d) {
+                self.task_mut(*d).dependents.retain(|x| *x != t);
+                self.maybe_release(*d);
+            }
+        }
     }
 
     fn unwant(&mut self, t: Tid, client: ClientId) {
