@@ -227,9 +227,9 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                         continue;
                                     }
                                     missing += 1;
-                                    let first = fetching.contains_key(&k);
+                                    let already = fetching.contains_key(&k);
                                     fetching.entry(k.clone()).or_default().push(key.clone());
-                                    if !first {
+                                    if !already {
                                         match holders.first() {
                                             Some(h) => to_fetch.entry(h.clone()).or_default().push(k),
                                             None => to_fetch.entry(String::new()).or_default().push(k),
