@@ -26,6 +26,8 @@ struct Node {
     args: Vec<ArgSpec>,
     deps: Vec<Arc<Node>>,
     annotations: Annotations,
+    /// Keeps a value persisted on a cluster alive while this handle exists.
+    pinned: Option<Arc<rask_runtime::RemoteFuture>>,
 }
 
 impl Drop for Node {
@@ -128,7 +130,14 @@ impl<Args, R> Function<Args, R> {
         }
         let key = rask_graph::tokenize(&self.name, &args);
         Delayed {
-            node: Arc::new(Node { key, op: Arc::clone(&self.name), args, deps, annotations: Annotations::default() }),
+            node: Arc::new(Node {
+                key,
+                op: Arc::clone(&self.name),
+                args,
+                deps,
+                annotations: Annotations::default(),
+                pinned: None,
+            }),
             _t: PhantomData,
         }
     }
@@ -145,6 +154,14 @@ impl<Args, R> Function<Args, R> {
 pub fn function<Args, F: IntoOp<Args>>(name: &str, f: F) -> Result<Function<Args, F::Output>, Error> {
     rask_ops::register_global(name, OpEntry { func: f.into_op(name), check: None })?;
     Ok(Function { name: Arc::from(name), _t: PhantomData })
+}
+
+/// A typed handle to a function registered elsewhere — a builtin op (`"add"`, `"shell"`) or a
+/// function only the cluster's workers register. Nothing is registered here and the types are
+/// not checked until the function runs: a mismatch is a task error naming the function.
+#[must_use]
+pub fn op<Args, R>(name: &str) -> Function<Args, R> {
+    Function { name: Arc::from(name), _t: PhantomData }
 }
 
 /// A literal value as a task (like `dask.delayed(value)`).
@@ -184,8 +201,14 @@ impl<T> Delayed<T> {
         let n = &self.node;
         let mut annotations = n.annotations.clone();
         f(&mut annotations);
-        let node =
-            Node { key: n.key.clone(), op: Arc::clone(&n.op), args: n.args.clone(), deps: n.deps.clone(), annotations };
+        let node = Node {
+            key: n.key.clone(),
+            op: Arc::clone(&n.op),
+            args: n.args.clone(),
+            deps: n.deps.clone(),
+            annotations,
+            pinned: n.pinned.clone(),
+        };
         Delayed { node: Arc::new(node), _t: PhantomData }
     }
 
@@ -266,8 +289,29 @@ impl<T: FromValue> Delayed<T> {
             args: vec![ArgSpec::Lit(v.into_value())],
             deps: Vec::new(),
             annotations: Annotations::default(),
+            pinned: None,
         };
         Ok(Delayed { node: Arc::new(node), _t: PhantomData })
+    }
+
+    /// Starts computing on a cluster and keeps the result in the cluster's memory for as long
+    /// as the returned handle (or a graph built from it) exists — like `client.persist`. Later
+    /// graphs that use it, computed on the same cluster, reuse the value instead of
+    /// recomputing it (the scheduler knows the key).
+    #[must_use]
+    pub fn persist_on(&self, client: &rask_runtime::BlockingClient) -> Delayed<T> {
+        let (graph, outs) = collect(&[&self.node]);
+        let future = client.submit_graph(&graph, &outs).pop();
+        let n = &self.node;
+        let node = Node {
+            key: n.key.clone(),
+            op: Arc::clone(&n.op),
+            args: n.args.clone(),
+            deps: n.deps.clone(),
+            annotations: n.annotations.clone(),
+            pinned: future.map(Arc::new),
+        };
+        Delayed { node: Arc::new(node), _t: PhantomData }
     }
 }
 

@@ -465,3 +465,22 @@ fn result_lost_with_its_worker_is_recomputed_for_the_client() {
     let other = if holder == a { b } else { a };
     assert_eq!(again, Value::from(format!("{other}\n")), "recomputed on the surviving worker");
 }
+
+#[test]
+fn persisted_lazy_value_is_reused_not_recomputed() {
+    let dir = scratch("persist");
+    let log = dir.join("runs");
+    let cluster = Cluster::with_workers(1, &[]);
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    // Builtin ops through typed handles; the shell step records each time it runs.
+    let shell = rask::op::<(Vec<String>,), String>("shell");
+    let len = rask::op::<(String,), i64>("len");
+    let script = format!("echo ran >> {}; echo 21", log.display());
+    let expensive = shell.call(vec!["sh".to_owned(), "-c".to_owned(), script]);
+    let kept = expensive.persist_on(&c);
+    assert_eq!(len.call(&kept).compute_with(&c).expect("computes"), 3);
+    assert_eq!(len.call(&kept).compute_with(&c).expect("computes"), 3);
+    let runs = std::fs::read_to_string(&log).expect("ran once").lines().count();
+    assert_eq!(runs, 1, "the persisted value was recomputed");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -261,9 +261,19 @@ impl Client {
             Some((g, o)) => (std::borrow::Cow::Owned(g), o),
             None => (std::borrow::Cow::Borrowed(graph), outputs.to_vec()),
         };
-        let fused = if self.fuse { rask_graph::fuse(&culled, &outs) } else { None };
+        // Keys this client already holds futures for (e.g. persisted values) must stay tasks
+        // of their own, so the scheduler reuses them instead of a fused chain recomputing them.
+        let mut keep = outs.clone();
+        {
+            let st = self.inner.state();
+            keep.extend(culled.ids().filter(|t| st.keys.contains_key(culled.key(*t).as_str())));
+        }
+        let fused = if self.fuse { rask_graph::fuse(&culled, &keep) } else { None };
         let (g, outs) = match fused {
-            Some((g, o)) => (std::borrow::Cow::Owned(g), o),
+            Some((g, mut o)) => {
+                o.truncate(outs.len());
+                (std::borrow::Cow::Owned(g), o)
+            }
             None => (culled, outs),
         };
         let rank = rask_graph::execution_ranks(&g, &outs);
