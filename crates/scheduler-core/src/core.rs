@@ -1032,10 +1032,8 @@ impl<P: Clone> Core<P> {
         }
     }
 
-    /// A value held by no worker any more: dependents wait for it again, clients holding it
-    /// are told, and it is recomputed if still needed (scattered data fails as lost).
-    fn lose(&mut self, t: Tid) {
-        self.task_mut(t).state = State::Released;
+    /// Tells the clients holding `t` that its value is gone (and being recomputed).
+    fn tell_lost(&mut self, t: Tid) {
         let task = self.task(t);
         let notes: Vec<Command<P>> = task
             .wanted_by
@@ -1044,6 +1042,13 @@ impl<P: Clone> Core<P> {
             .map(|c| Command::KeyLost { client: *c, key: task.key.clone() })
             .collect();
         self.out.extend(notes);
+    }
+
+    /// A value held by no worker any more: dependents wait for it again, clients holding it
+    /// are told, and it is recomputed if still needed (scattered data fails as lost).
+    fn lose(&mut self, t: Tid) {
+        self.task_mut(t).state = State::Released;
+        self.tell_lost(t);
         let dependents = self.neighbours(t, true);
         for &d in &dependents {
             match self.task(d).state {
@@ -1206,14 +1211,7 @@ impl<P: Clone> Core<P> {
         }
         for t in &lost {
             self.task_mut(*t).state = State::Released;
-            let task = self.task(*t);
-            let notes: Vec<Command<P>> = task
-                .wanted_by
-                .iter()
-                .filter(|c| **c != FIRE_AND_FORGET)
-                .map(|c| Command::KeyLost { client: *c, key: task.key.clone() })
-                .collect();
-            self.out.extend(notes);
+            self.tell_lost(*t);
             // Dependents that were waiting for inputs now wait for this one again.
             for d in self.task(*t).dependents.clone() {
                 if self.task(d).state == State::Waiting {
