@@ -162,6 +162,9 @@ async fn core_loop(
 ) {
     let mut core: Core<Arc<Payload>> = Core::new(cfg);
     let mut peers: HashMap<u32, Peer> = HashMap::new();
+    // Reused across events: the loop runs once per task event.
+    let mut commands: Vec<Command<Arc<Payload>>> = Vec::new();
+    let mut frees: HashMap<WorkerId, Vec<String>> = HashMap::new();
     loop {
         let inbound = tokio::select! {
             m = rx.recv() => match m { Some(m) => m, None => break },
@@ -195,8 +198,8 @@ async fn core_loop(
         }
         worker_count.store(peers.values().filter(|p| matches!(p, Peer::Worker { .. })).count(), Ordering::Relaxed);
         for ev in events {
-            let mut frees: HashMap<WorkerId, Vec<String>> = HashMap::new();
-            for cmd in core.handle(ev) {
+            core.handle_into(ev, &mut commands);
+            for cmd in commands.drain(..) {
                 match cmd {
                     // One Free per worker per event, not one per key.
                     Command::Free { worker, keys } => {
@@ -205,7 +208,7 @@ async fn core_loop(
                     cmd => dispatch(cmd, &peers),
                 }
             }
-            for (worker, keys) in frees {
+            for (worker, keys) in frees.drain() {
                 if let Some(Peer::Worker { outbox, .. }) = peers.get(&worker.0) {
                     outbox.send(FromScheduler::Free { keys }, Vec::new());
                 }

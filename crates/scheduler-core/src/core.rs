@@ -383,6 +383,20 @@ impl<P: Clone> Core<P> {
 
     /// Applies one event and returns the commands that follow from it.
     pub fn handle(&mut self, event: Event<P>) -> Vec<Command<P>> {
+        let mut out = Vec::new();
+        self.handle_into(event, &mut out);
+        out
+    }
+
+    /// Like [`Core::handle`], appending the commands to `out` — a buffer the caller reuses, so
+    /// the hot loop does not allocate a command vector per event.
+    pub fn handle_into(&mut self, event: Event<P>, out: &mut Vec<Command<P>>) {
+        std::mem::swap(&mut self.out, out);
+        self.apply(event);
+        std::mem::swap(&mut self.out, out);
+    }
+
+    fn apply(&mut self, event: Event<P>) {
         match event {
             Event::ClientConnected { client } => {
                 self.clients.insert(client, ());
@@ -442,7 +456,6 @@ impl<P: Clone> Core<P> {
             self.forget_now(t);
         }
         self.schedule();
-        std::mem::take(&mut self.out)
     }
 
     // ----- small helpers -------------------------------------------------------------------
