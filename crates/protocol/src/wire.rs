@@ -32,9 +32,38 @@ pub enum WireValue {
     /// Large binary data: index into the frame's blobs.
     Blob(u32),
     /// A list.
-    List(Vec<WireValue>),
+    List(#[serde(deserialize_with = "nested")] Vec<WireValue>),
     /// An object (sorted by key).
-    Map(Vec<(String, WireValue)>),
+    Map(#[serde(deserialize_with = "nested")] Vec<(String, WireValue)>),
+}
+
+/// Deepest nesting of lists and objects accepted on the wire. Decoding recurses once per level,
+/// so without a bound a small frame of deeply nested lists would overflow the stack and abort
+/// the process; with it, such a frame is a decoding error that closes one connection.
+pub const MAX_NESTING: u32 = 256;
+
+thread_local! {
+    static DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Deserializes a nested container, failing past [`MAX_NESTING`] levels.
+fn nested<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let depth = DEPTH.with(|c| {
+        let v = c.get() + 1;
+        c.set(v);
+        v
+    });
+    let result = if depth > MAX_NESTING {
+        Err(serde::de::Error::custom(format_args!("values nested deeper than {MAX_NESTING} levels")))
+    } else {
+        T::deserialize(d)
+    };
+    DEPTH.with(|c| c.set(c.get() - 1));
+    result
 }
 
 /// Converts a value, moving large binary parts into `blobs` (zero-copy: `Bytes` clones).
@@ -93,9 +122,9 @@ pub enum WireArg {
     /// Inside a fused chain: the value of an earlier link.
     Link(u32),
     /// A list with references inside.
-    List(Vec<WireArg>),
+    List(#[serde(deserialize_with = "nested")] Vec<WireArg>),
     /// An object with references inside.
-    Map(Vec<(String, WireArg)>),
+    Map(#[serde(deserialize_with = "nested")] Vec<(String, WireArg)>),
 }
 
 /// One call: op name and arguments.
@@ -300,6 +329,28 @@ pub fn resolve_arg(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deeply_nested_values_are_refused_not_a_stack_overflow() {
+        // Hand-made postcard for 1,000,000 nested one-element lists: variant 7 (List), length 1,
+        // repeated. Cheap to send; decoding it without a bound would overflow the stack.
+        let list = 7u8; // index of `List` in `WireValue`
+        let mut bytes = Vec::new();
+        for _ in 0..1_000_000 {
+            bytes.push(list);
+            bytes.push(1);
+        }
+        bytes.push(0); // innermost: Null
+        let r: Result<WireValue, _> = postcard::from_bytes(&bytes);
+        assert!(r.is_err());
+        // Moderate nesting still works.
+        let mut v = WireValue::Null;
+        for _ in 0..100 {
+            v = WireValue::List(vec![v]);
+        }
+        let enc = postcard::to_stdvec(&v).expect("encode");
+        assert_eq!(postcard::from_bytes::<WireValue>(&enc).expect("decode"), v);
+    }
 
     #[test]
     fn values_round_trip_with_large_bytes_as_blobs() {
