@@ -19,6 +19,9 @@ use tokio::sync::watch;
 
 use crate::conn::{Outbox, PeerPool, dial, read_loop};
 
+/// How long `gather` waits for one worker to deliver results before trying again.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Attempts `gather` makes for a value whose holder disappears while it is fetched.
 const GATHER_ROUNDS: usize = 5;
 
@@ -536,7 +539,10 @@ impl Client {
                 let peers = self.inner.peers.clone();
                 fetches.push(tokio::spawn(async move {
                     let keys: Vec<String> = items.iter().map(|(_, k)| k.clone()).collect();
-                    let got = peers.get_data(&addr, keys).await.map_err(|e| format!("{addr}: {e}"));
+                    let got = match tokio::time::timeout(FETCH_TIMEOUT, peers.get_data(&addr, keys)).await {
+                        Ok(r) => r.map_err(|e| format!("{addr}: {e}")),
+                        Err(_) => Err(format!("{addr}: no answer within {FETCH_TIMEOUT:?}")),
+                    };
                     (items, got)
                 }));
             }

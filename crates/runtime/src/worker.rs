@@ -31,6 +31,10 @@ use crate::conn::{Outbox, PeerPool, dial, read_loop};
 /// How long an idle executor thread polls for new work before sleeping.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(200);
 
+/// A peer that does not deliver within this time is treated as not holding the data (the
+/// scheduler is told, and looks elsewhere or recomputes), so one hung peer cannot stall fetches.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Concurrent fetches from peers.
 const FETCH_CONCURRENCY: usize = 8;
 
@@ -252,10 +256,15 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                             Err("no worker holds it".to_owned())
                                         } else {
                                             let _permit = limit.acquire().await;
-                                            peers
-                                                .get_data(&addr, keys.clone())
-                                                .await
-                                                .map_err(|e| format!("{addr}: {e}"))
+                                            match tokio::time::timeout(
+                                                FETCH_TIMEOUT,
+                                                peers.get_data(&addr, keys.clone()),
+                                            )
+                                            .await
+                                            {
+                                                Ok(r) => r.map_err(|e| format!("{addr}: {e}")),
+                                                Err(_) => Err(format!("{addr}: no answer within {FETCH_TIMEOUT:?}")),
+                                            }
                                         };
                                         let _ = tx.send(Inbox::Fetched { from: addr, keys, result });
                                     });
