@@ -33,16 +33,18 @@ pub async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
     blobs: &[Bytes],
 ) -> Result<(), ProtocolError> {
     let lens: Vec<u64> = blobs.iter().map(|b| b.len() as u64).collect();
-    let header =
-        postcard::to_stdvec(&(messages, &lens)).map_err(|e| ProtocolError::Malformed(format!("cannot encode: {e}")))?;
-    let total = 4 + header.len() + blobs.iter().map(Bytes::len).sum::<usize>();
+    // Serialize straight after room for the two length prefixes (no copy of the header).
+    let mut head = Vec::with_capacity(8 + 64 + 48 * messages.len());
+    head.extend_from_slice(&[0u8; 8]);
+    let mut head = postcard::to_extend(&(messages, &lens), head)
+        .map_err(|e| ProtocolError::Malformed(format!("cannot encode: {e}")))?;
+    let header_len = head.len() - 8;
+    let total = 4 + header_len + blobs.iter().map(Bytes::len).sum::<usize>();
     if total > MAX_FRAME {
         return Err(ProtocolError::FrameTooLarge { size: total, limit: MAX_FRAME });
     }
-    let mut head = Vec::with_capacity(8 + header.len());
-    head.extend_from_slice(&(total as u32).to_be_bytes());
-    head.extend_from_slice(&(header.len() as u32).to_be_bytes());
-    head.extend_from_slice(&header);
+    head[..4].copy_from_slice(&(total as u32).to_be_bytes());
+    head[4..8].copy_from_slice(&(header_len as u32).to_be_bytes());
     w.write_all(&head).await?;
     for b in blobs {
         w.write_all(b).await?;
