@@ -484,3 +484,38 @@ fn persisted_lazy_value_is_reused_not_recomputed() {
     assert_eq!(runs, 1, "the persisted value was recomputed");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn idle_worker_steals_a_queued_slow_task_from_a_busy_one() {
+    // One 1-thread worker takes both slow tasks (saturation 1.1 → 2 in flight) and can run only
+    // one; a worker joining with nothing queued steals the other, so both run at once.
+    let dir = scratch("steal");
+    let mut cluster = Cluster::start();
+    let busy = cluster.worker(&["--name", "busy", "--nthreads", "1"], &[]);
+    let file = dir.join("w.json");
+    std::fs::write(
+        &file,
+        r#"{"version": 1, "tasks": {
+            "s1": {"op": "shell", "args": [["sh", "-c", "sleep 1.5; echo $PPID"]]},
+            "s2": {"op": "shell", "args": [["sh", "-c", "sleep 1.5; echo $PPID"]]}
+        }}"#,
+    )
+    .expect("write");
+    let addr = cluster.address.clone();
+    let f = file.to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let run = std::thread::spawn(move || rask(&["run", &f, "--json", "--scheduler", &addr]));
+    std::thread::sleep(Duration::from_millis(400));
+    let thief = cluster.worker(&["--name", "thief", "--nthreads", "1"], &[]);
+    let o = run.join().expect("run");
+    let elapsed = t0.elapsed();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let mut pids: Vec<String> = ["s1", "s2"].iter().map(|k| out[*k].as_str().expect("pid").trim().to_owned()).collect();
+    pids.sort();
+    let mut expected = vec![busy.to_string(), thief.to_string()];
+    expected.sort();
+    assert_eq!(pids, expected, "one task should have been stolen by the idle worker");
+    assert!(elapsed < Duration::from_millis(2900), "ran one after the other: {elapsed:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}

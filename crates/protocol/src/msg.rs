@@ -126,6 +126,12 @@ pub enum FromScheduler {
         /// Lower runs first on the worker.
         priority: (i64, u64, u32),
     },
+    /// To a worker: give these tasks back if they have not started (work stealing); answered
+    /// with `TaskDropped` for each task given back.
+    Steal {
+        /// The tasks.
+        keys: Vec<String>,
+    },
     /// To a worker: drop these values.
     Free {
         /// The keys.

@@ -407,6 +407,7 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
         Command::Free { worker, keys } => {
             send(worker.0, FromScheduler::Free { keys: keys.iter().map(|k| k.as_str().to_owned()).collect() });
         }
+        Command::Steal { worker, key } => send(worker.0, FromScheduler::Steal { keys: vec![key.as_str().to_owned()] }),
         Command::KeyInMemory { client, key, workers, nbytes } => {
             let workers = workers.iter().filter_map(|w| address_of(peers, *w)).collect();
             send(client.0, FromScheduler::KeyInMemory { key: key.as_str().to_owned(), workers, nbytes });

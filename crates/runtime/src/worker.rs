@@ -272,27 +272,18 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             }
                         }
                         FromScheduler::Free { keys } => {
-                            let mut held = lock(&store);
                             for k in keys {
-                                held.remove(&k);
+                                lock(&store).remove(&k);
                                 // A task not started yet is dropped, and the scheduler told so
                                 // (it keeps the slot reserved until it hears back).
-                                let mut dropped = false;
-                                if let Some(w) = waiting.remove(&k) {
-                                    release_replicas(&mut replicas, w.job.replicas);
-                                    for list in fetching.values_mut() {
-                                        list.retain(|t| *t != k);
-                                    }
-                                    dropped = true;
-                                } else if let Some(s) = queued.get(&k).copied() {
-                                    let (m, _) = &*queue;
-                                    if let Some(job) = lock(m).jobs.remove(&s) {
-                                        queued.remove(&k);
-                                        release_replicas(&mut replicas, job.replicas);
-                                        dropped = true;
-                                    }
+                                if unstart(&k, &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue) {
+                                    to_scheduler.send(ToScheduler::TaskDropped { key: k }, Vec::new());
                                 }
-                                if dropped {
+                            }
+                        }
+                        FromScheduler::Steal { keys } => {
+                            for k in keys {
+                                if unstart(&k, &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue) {
                                     to_scheduler.send(ToScheduler::TaskDropped { key: k }, Vec::new());
                                 }
                             }
@@ -383,6 +374,34 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
         let _ = t.join();
     }
     Ok(exit)
+}
+
+/// Takes back task `k` if it has not started (waiting for inputs, or queued for a thread).
+/// Returns whether it did; a running task is left alone.
+fn unstart(
+    k: &str,
+    waiting: &mut HashMap<String, Waiting>,
+    fetching: &mut HashMap<String, Vec<String>>,
+    queued: &mut HashMap<String, u64>,
+    replicas: &mut HashMap<String, (Value, usize)>,
+    queue: &(Mutex<Queue>, Condvar),
+) -> bool {
+    if let Some(w) = waiting.remove(k) {
+        release_replicas(replicas, w.job.replicas);
+        for list in fetching.values_mut() {
+            list.retain(|t| t != k);
+        }
+        return true;
+    }
+    if let Some(seq) = queued.get(k).copied() {
+        let (m, _) = queue;
+        if let Some(job) = lock(m).jobs.remove(&seq) {
+            queued.remove(k);
+            release_replicas(replicas, job.replicas);
+            return true;
+        }
+    }
+    false
 }
 
 /// A local task no longer needs these fetched copies; drop the ones nobody needs.

@@ -41,6 +41,11 @@ pub struct Config {
     pub bandwidth_bytes_per_us: f64,
     /// How often a task may be sent back because its inputs could not be fetched.
     pub max_input_failures: u32,
+    /// Work stealing: only tasks on workers whose tasks take at least this long on average
+    /// are worth a round-trip to move.
+    pub steal_min_duration_us: f64,
+    /// Work stealing: at most this many bytes of inputs may have to move with a stolen task.
+    pub steal_max_input_bytes: u64,
 }
 
 impl Default for Config {
@@ -51,6 +56,8 @@ impl Default for Config {
             max_in_flight_per_thread: 4096,
             bandwidth_bytes_per_us: 1000.0,
             max_input_failures: 3,
+            steal_min_duration_us: 1000.0,
+            steal_max_input_bytes: 16 << 20,
         }
     }
 }
@@ -211,6 +218,14 @@ pub enum Command<P> {
         /// Order on the worker.
         prio: Prio,
     },
+    /// Ask a worker to give back a task it has not started (work stealing); it answers
+    /// with `TaskDropped` if it could, and runs the task as usual otherwise.
+    Steal {
+        /// The busy worker.
+        worker: WorkerId,
+        /// The task.
+        key: Key,
+    },
     /// Drop values from a worker.
     Free {
         /// Where.
@@ -294,6 +309,8 @@ struct Task<P> {
     consumers: u32,
     nbytes: u64,
     input_failures: u32,
+    /// A steal request for this task is out; do not ask again.
+    steal_requested: bool,
 }
 
 struct Worker {
@@ -556,6 +573,7 @@ impl<P: Clone> Core<P> {
                 consumers: 0,
                 nbytes: 0,
                 input_failures: 0,
+                steal_requested: false,
             });
             fresh.push((t, nt.deps));
         }
@@ -775,8 +793,8 @@ impl<P: Clone> Core<P> {
             .is_none_or(|r| r.resources.iter().all(|(n, a)| w.available.iter().any(|(wn, wa)| wn == n && *wa >= *a)))
     }
 
-    /// Estimated cost (µs) of running `t` on `w`: fetching missing inputs plus queueing.
-    fn cost(&self, t: Tid, wid: WorkerId, w: &Worker) -> f64 {
+    /// Bytes of `t`'s inputs that worker `wid` would have to fetch.
+    fn missing_bytes(&self, t: Tid, wid: WorkerId) -> u64 {
         let mut missing = 0u64;
         for d in &self.task(t).deps {
             let dep = self.task(*d);
@@ -786,8 +804,13 @@ impl<P: Clone> Core<P> {
                 }
             }
         }
+        missing
+    }
+
+    /// Estimated cost (µs) of running `t` on `w`: fetching missing inputs plus queueing.
+    fn cost(&self, t: Tid, wid: WorkerId, w: &Worker) -> f64 {
         let wait = w.processing.len() as f64 / f64::from(w.spec.nthreads.max(1)) * w.avg_duration_us.max(1.0);
-        missing as f64 / self.cfg.bandwidth_bytes_per_us + wait
+        self.missing_bytes(t, wid) as f64 / self.cfg.bandwidth_bytes_per_us + wait
     }
 
     /// Assigns ready tasks to workers with free slots, best priority first.
@@ -821,7 +844,68 @@ impl<P: Clone> Core<P> {
                 None => skipped.push(Reverse((prio, t))),
             }
         }
+        let nothing_queued = self.ready.is_empty() && skipped.is_empty();
         self.ready.extend(skipped);
+        if nothing_queued {
+            self.steal();
+        }
+    }
+
+    /// Work stealing: when a worker has idle threads and nothing is queued, ask busy workers to
+    /// give back tasks they hold but have not started — only slow ones (a round-trip must be
+    /// worth it), only unrestricted ones, and only if their inputs are cheap to move. The
+    /// victim answers `TaskDropped` and the task is placed again; a task already running is
+    /// simply not given back.
+    fn steal(&mut self) {
+        let idle: Vec<(WorkerId, usize)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.processing.len() < w.spec.nthreads as usize)
+            .map(|(id, w)| (*id, w.spec.nthreads as usize - w.processing.len()))
+            .collect();
+        for (thief, free_threads) in idle {
+            for _ in 0..free_threads {
+                let Some((victim, t)) = self.steal_candidate(thief) else { return };
+                self.task_mut(t).steal_requested = true;
+                let key = self.task(t).key.clone();
+                self.out.push(Command::Steal { worker: victim, key });
+            }
+        }
+    }
+
+    fn steal_candidate(&self, thief: WorkerId) -> Option<(WorkerId, Tid)> {
+        let thief_w = self.workers.get(&thief)?;
+        let mut best: Option<(Prio, WorkerId, Tid)> = None;
+        for (vid, v) in &self.workers {
+            let surplus = v.processing.len().saturating_sub(v.spec.nthreads as usize);
+            // Unknown durations (nothing finished there yet) count as slow: first tasks are
+            // often the long ones, and waiting to learn would waste the idle worker.
+            let known_fast = v.avg_duration_us > 0.0 && v.avg_duration_us < self.cfg.steal_min_duration_us;
+            if *vid == thief || surplus == 0 || known_fast {
+                continue;
+            }
+            for key in v.processing.keys() {
+                let Some(t) = self.by_key.get(key).copied() else { continue };
+                let task = self.task(t);
+                if task.state != (State::Processing { on: *vid })
+                    || task.steal_requested
+                    || task.restrictions.is_some()
+                    || !self.eligible(t, thief_w)
+                {
+                    continue;
+                }
+                let bytes = self.missing_bytes(t, thief);
+                if bytes > self.cfg.steal_max_input_bytes {
+                    continue;
+                }
+                // The victim runs its lowest-priority task last: that one is the least likely
+                // to have started.
+                if best.is_none_or(|(p, _, bt)| (task.prio, t) > (p, bt)) {
+                    best = Some((task.prio, *vid, t));
+                }
+            }
+        }
+        best.map(|(_, v, t)| (v, t))
     }
 
     fn assign(&mut self, t: Tid, wid: WorkerId) {
@@ -885,6 +969,7 @@ impl<P: Clone> Core<P> {
                     consumers: 0,
                     nbytes,
                     input_failures: 0,
+                    steal_requested: false,
                 }),
             };
             if !self.task(t).wanted_by.contains(&client) {
@@ -1080,6 +1165,7 @@ impl<P: Clone> Core<P> {
 
     /// A task taken back from a worker: queue it again, or wait for inputs that were lost.
     fn requeue(&mut self, t: Tid) {
+        self.task_mut(t).steal_requested = false;
         let unfinished = self
             .task(t)
             .deps

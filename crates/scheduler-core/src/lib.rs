@@ -29,8 +29,13 @@
 //! - **Placement.** Among workers with a free slot that satisfy the task's restrictions and
 //!   resources, the one minimising (bytes to fetch ÷ bandwidth + expected wait) — data locality
 //!   first, then load; ties go to the lowest worker id.
+//! - **Work stealing.** When a worker has idle threads and nothing is queued, busy workers are
+//!   asked to give back tasks they hold but have not started: only slow ones (unknown or ≥1 ms on
+//!   average), never restricted ones, and only if their inputs are cheap to move; a worker gives
+//!   back a task only if it has not started it. Since ready tasks queue here rather than on the
+//!   workers, this only ever concerns the few tasks pipelined beyond each worker's threads.
 //! - **Resources** are reserved when a task is assigned and returned when the worker reports it
-//!   done, so they are never over-committed.
+//!   done (or gives it back), so they are never over-committed.
 //! - **Failures** propagate deterministically: a task whose inputs are all finished but some
 //!   failed inherits the failure of its first failed input in argument order (as in the local
 //!   schedulers).

@@ -363,6 +363,53 @@ fn dropped_task_returns_its_slot_and_resources() {
 }
 
 #[test]
+fn idle_worker_steals_a_slow_task_the_busy_worker_has_not_started() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]); // takes 2 (saturation), runs 1
+    env.submit(C1, vec![task("a", &[]), task("b", &[]), task("c", &[])], &["a", "b", "c"]);
+    // Slow tasks: 1 s each keeps the in-flight limit at ceil(1.1).
+    env.ev(Event::TaskFinished { worker: W1, key: Key::new("a"), nbytes: 1, duration_us: 1_000_000 });
+    // W1 holds b and c now; nothing is queued when W2 joins.
+    let out = env.worker(W2, "w2", 1, &[]);
+    let steals: Vec<(WorkerId, &str)> = out
+        .iter()
+        .filter_map(|c| match c {
+            Command::Steal { worker, key } => Some((*worker, key.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steals, [(W1, "c")], "the later of W1's two tasks is asked back");
+    let out = env.ev(Event::TaskDropped { worker: W1, key: Key::new("c") });
+    assert_eq!(computes(&out), [(W2, "c")]);
+}
+
+#[test]
+fn fast_or_restricted_tasks_are_not_stolen() {
+    // Known-fast tasks: not worth a round-trip.
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.submit(C1, vec![task("a", &[]), task("b", &[]), task("c", &[])], &["a", "b", "c"]);
+    env.ev(Event::TaskFinished { worker: W1, key: Key::new("a"), nbytes: 1, duration_us: 10 });
+    let out = env.worker(W2, "w2", 1, &[]);
+    assert!(!out.iter().any(|c| matches!(c, Command::Steal { .. })), "10 µs tasks are not worth a round-trip");
+    // Restricted tasks stay where their restriction put them.
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    let pinned = |k: &'static str| {
+        let mut t = task(k, &[]);
+        t.restrictions = Some(Box::new(Restrictions {
+            workers: vec![Arc::from("w1")],
+            allow_other_workers: true,
+            ..Default::default()
+        }));
+        t
+    };
+    env.submit(C1, vec![pinned("p"), pinned("q")], &["p", "q"]);
+    let out = env.worker(W2, "w2", 1, &[]);
+    assert!(!out.iter().any(|c| matches!(c, Command::Steal { .. })), "restricted tasks are never stolen");
+}
+
+#[test]
 fn cyclic_submission_fails_its_tasks() {
     let mut env = Env::new();
     env.worker(W1, "w1", 1, &[]);
@@ -463,7 +510,7 @@ proptest! {
                     Command::Free { worker, keys } => for k in keys { held.remove(&(worker, k.as_str().to_owned())); },
                     Command::KeyInMemory { key, workers, .. } => { results.insert(key.as_str().to_owned(), Ok((workers, ()))); }
                     Command::KeyErred { key, error, .. } => { results.insert(key.as_str().to_owned(), Err(error.key.as_str().to_owned())); }
-                    Command::KeyCancelled { .. } => {}
+                    Command::KeyCancelled { .. } | Command::Steal { .. } => {}
                     Command::KeyLost { key, .. } => { results.remove(key.as_str()); }
                 }
             }
