@@ -80,12 +80,37 @@ pub(crate) async fn read_raw<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> R
     }
     // Read into uninitialised capacity (no memset of large frames).
     let mut buf = BytesMut::with_capacity(size);
+    if size >= HUGE_FRAME {
+        advise_huge_pages(&mut buf);
+    }
     while buf.len() < size {
         if r.read_buf(&mut buf).await? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
     }
     Ok(Some(buf.freeze()))
+}
+
+/// Frames at least this large (data transfers) ask for transparent huge pages.
+const HUGE_FRAME: usize = 8 << 20;
+
+/// Asks the kernel to back a large receive buffer with huge pages: a 64 MiB buffer then takes
+/// 32 page faults instead of 16 384, which otherwise cost about as much as receiving the data.
+#[allow(unsafe_code)]
+fn advise_huge_pages(buf: &mut BytesMut) {
+    const HUGE: usize = 2 << 20;
+    let spare = buf.spare_capacity_mut();
+    let start = spare.as_mut_ptr() as usize;
+    let end = start + spare.len();
+    let aligned = (start + HUGE - 1) & !(HUGE - 1);
+    if aligned + HUGE > end {
+        return;
+    }
+    // SAFETY: the range lies inside memory this buffer owns; MADV_HUGEPAGE only changes how the
+    // kernel backs the pages, never their contents or validity.
+    unsafe {
+        libc::madvise(aligned as *mut libc::c_void, (end - aligned) & !(HUGE - 1), libc::MADV_HUGEPAGE);
+    }
 }
 
 /// Decodes a frame body (everything after the length prefix).
