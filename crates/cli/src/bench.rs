@@ -32,20 +32,34 @@ enum Which {
     Distributed(crate::bench_dist::DistArgs),
 }
 
+/// Options every benchmark shares: size, and where Dask comes from.
 #[derive(clap::Args)]
-struct LocalArgs {
+pub(crate) struct Common {
     /// Smaller graphs (for a quick look; the README's figures use the default sizes).
     #[arg(long)]
-    quick: bool,
+    pub(crate) quick: bool,
     /// Do not run Dask.
     #[arg(long)]
-    no_dask: bool,
-    /// Python interpreter that has Dask installed (skips the venv).
+    pub(crate) no_dask: bool,
+    /// Python interpreter that has Dask (and distributed) installed (skips the venv).
     #[arg(long)]
-    python: Option<PathBuf>,
+    pub(crate) python: Option<PathBuf>,
     /// Virtual environment to create or reuse for Dask.
     #[arg(long, default_value = "target/dask-venv")]
-    venv: PathBuf,
+    pub(crate) venv: PathBuf,
+}
+
+impl Common {
+    /// A Python with Dask, unless Dask is switched off or unavailable.
+    pub(crate) fn dask_python(&self) -> Option<PathBuf> {
+        if self.no_dask { None } else { dask_python(self.python.as_ref(), &self.venv) }
+    }
+}
+
+#[derive(clap::Args)]
+struct LocalArgs {
+    #[command(flatten)]
+    common: Common,
     /// Runs per rask measurement (the fastest is kept).
     #[arg(long, default_value_t = 3)]
     repeat: u32,
@@ -214,7 +228,7 @@ pub(crate) fn run_json<T: serde::de::DeserializeOwned>(cmd: &mut Command) -> Res
 }
 
 /// Finds or prepares a Python with Dask; `None` (with a message) when there is none.
-pub(crate) fn dask_python(python: Option<&PathBuf>, venv: &Path) -> Option<PathBuf> {
+fn dask_python(python: Option<&PathBuf>, venv: &Path) -> Option<PathBuf> {
     let works = |py: &Path| {
         Command::new(py)
             .args(["-c", "import dask"])
@@ -250,12 +264,12 @@ pub(crate) fn dask_python(python: Option<&PathBuf>, venv: &Path) -> Option<PathB
 
 fn local(a: &LocalArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let workloads: &[(&str, u64)] = if a.quick {
+    let workloads: &[(&str, u64)] = if a.common.quick {
         &[("merge", 10_000), ("tree", 13), ("chain", 10_000), ("independent", 10_000)]
     } else {
         &[("merge", 100_000), ("tree", 17), ("chain", 100_000), ("independent", 100_000)]
     };
-    let python = if a.no_dask { None } else { dask_python(a.python.as_ref(), &a.venv) };
+    let python = a.common.dask_python();
     let script = match &python {
         Some(_) => {
             let path = std::env::temp_dir().join(format!("rask-dask-local-{}.py", std::process::id()));

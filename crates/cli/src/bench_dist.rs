@@ -4,30 +4,19 @@
 //! and a zero-work mode that measures the scheduler alone.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rask_graph::{Annotations, ArgSpec, GraphBuilder, Key, TaskSpec, Value};
 use rask_runtime::{BlockingClient, CallArg};
 
-use crate::bench::{dask_python, human, proc_status_kib, run_json, workload};
+use crate::bench::{human, proc_status_kib, run_json, workload};
 
 /// Arguments of `rask bench distributed`.
 #[derive(clap::Args)]
 pub(crate) struct DistArgs {
-    /// Smaller graphs (for a quick look; the README's figures use the default sizes).
-    #[arg(long)]
-    quick: bool,
-    /// Do not run Dask.
-    #[arg(long)]
-    no_dask: bool,
-    /// Python interpreter that has Dask and distributed installed (skips the venv).
-    #[arg(long)]
-    python: Option<PathBuf>,
-    /// Virtual environment to create or reuse for Dask.
-    #[arg(long, default_value = "target/dask-venv")]
-    venv: PathBuf,
+    #[command(flatten)]
+    common: crate::bench::Common,
     /// Tasks in the zero-work intake measurement.
     #[arg(long, default_value_t = 1_000_000)]
     intake_tasks: u64,
@@ -138,7 +127,7 @@ impl Row {
 
 pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let python = if a.no_dask { None } else { dask_python(a.python.as_ref(), &a.venv) };
+    let python = a.common.dask_python();
     let script = match &python {
         Some(_) => {
             let path = std::env::temp_dir().join(format!("rask-dask-distributed-{}.py", std::process::id()));
@@ -154,7 +143,7 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
         }
     };
     let (merge_n, tree_d, map_n, chain_n, transfer_mib) =
-        if a.quick { (2_000, 11, 2_000, 1_000, 256) } else { (20_000, 15, 20_000, 10_000, 1024) };
+        if a.common.quick { (2_000, 11, 2_000, 1_000, 256) } else { (20_000, 15, 20_000, 10_000, 1024) };
 
     println!(
         "rask bench distributed: scheduler + 2 worker processes × 1 thread on loopback; Dask LocalCluster(2 workers × 1 thread)"
@@ -266,7 +255,7 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
     // The scheduler alone: workers finish every task instantly.
     let zero = BenchCluster::start(&exe, 2, true)?;
     let zclient = zero.client()?;
-    let zn = if a.quick { 10_000 } else { 100_000 };
+    let zn = if a.common.quick { 10_000 } else { 100_000 };
     let (g, outs, _) = workload("merge", zn)?;
     let t0 = Instant::now();
     zclient.compute(&g, &outs).map_err(|e| e.to_string())?;
@@ -278,7 +267,7 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
         g.len() as f64 / secs
     );
     if a.intake_tasks > 0 {
-        let n = if a.quick { a.intake_tasks.min(100_000) } else { a.intake_tasks };
+        let n = if a.common.quick { a.intake_tasks.min(100_000) } else { a.intake_tasks };
         let (g, outs, _) = workload("independent", n)?;
         let spid = zero.scheduler.id().to_string();
         let _ = std::fs::write(format!("/proc/{spid}/clear_refs"), "5");
