@@ -112,8 +112,12 @@ fn with_timeout(
     if let Err(e) = spawned {
         return Err((FailureKind::Error, format!("cannot start a thread for a timed task: {e}")));
     }
+    let timed_out = || Err((FailureKind::Timeout, format!("timed out after {}", fmt_secs(limit))));
     match rx.recv_timeout(limit) {
         Ok(Ok(Ok(v))) => Ok(v),
+        // A cooperative op that stops at the deadline reports an error of its own at the same
+        // moment the wait expires; it is the timeout either way, whichever arrives first.
+        Ok(_) if Instant::now() >= deadline => timed_out(),
         Ok(Ok(Err(OpError(m)))) => Err((FailureKind::Error, m)),
         Ok(Err(m)) => Err((FailureKind::Panic, m)),
         Err(_) => {
@@ -122,7 +126,7 @@ fn with_timeout(
             // kills its process group — so nothing outlives the run. A function that ignores
             // cancellation is abandoned after the grace period; its late result is dropped.
             let _ = rx.recv_timeout(CANCEL_GRACE);
-            Err((FailureKind::Timeout, format!("timed out after {}", fmt_secs(limit))))
+            timed_out()
         }
     }
 }
@@ -140,4 +144,55 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(non-string panic payload)".to_owned());
     format!("panicked: {text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Registry;
+
+    #[test]
+    fn a_cooperative_op_stopping_at_its_deadline_is_always_a_timeout() {
+        // `sleep` notices the deadline itself and returns an error at the very moment the
+        // caller's wait expires; whichever wins, the outcome must be the same timeout.
+        let r = Registry::with_builtins();
+        let f = r.get("sleep").expect("builtin");
+        let key = Key::new("k");
+        for _ in 0..40 {
+            let got = attempt_once(f, &key, &[Value::Int(10_000)], 1, Some(Duration::from_millis(5)));
+            assert_eq!(got, Err((FailureKind::Timeout, "timed out after 0.005 s".to_owned())));
+        }
+    }
+
+    #[test]
+    fn an_error_reported_right_at_the_deadline_is_a_timeout() {
+        // The op gives up exactly at its deadline (as `shell` and `sleep` do); its error then
+        // races the caller's own timer, which expires a moment later.
+        let f: OpFn = std::sync::Arc::new(|ctx: &TaskCtx<'_>, _: &[Value]| {
+            let deadline = ctx.deadline().unwrap_or_else(Instant::now);
+            while Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+            Err(OpError::new("gave up"))
+        });
+        let key = Key::new("k");
+        for _ in 0..20 {
+            let got = attempt_once(&f, &key, &[], 1, Some(Duration::from_millis(2)));
+            assert_eq!(got, Err((FailureKind::Timeout, "timed out after 0.002 s".to_owned())));
+        }
+    }
+
+    #[test]
+    fn retries_stop_at_the_first_success() {
+        let r = Registry::with_builtins();
+        let key = Key::new("k");
+        let policy = CallPolicy { op: "add", key: &key, retries: 3, timeout: None, location: "here" };
+        let mut buf = Vec::new();
+        let v = run_call(r.get("add"), &policy, &mut buf, |b| b.extend([Value::Int(2), Value::Int(3)]));
+        assert_eq!(v, Ok(Value::Int(5)));
+        let unknown = run_call(None, &CallPolicy { op: "nope", ..policy }, &mut buf, |_| {});
+        let err = unknown.expect_err("unknown op");
+        assert_eq!((err.kind, err.attempts), (FailureKind::UnknownOp, 1));
+        assert!(err.message.contains("registered here"), "{}", err.message);
+    }
 }
