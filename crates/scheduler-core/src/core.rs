@@ -528,26 +528,28 @@ impl<P: Clone> Core<P> {
         if matches!(self.task(t).state, State::Memory { .. } | State::Erred(_)) {
             self.task_mut(t).wanted_by.retain(|c| *c != FIRE_AND_FORGET);
         }
+        let clients = self.task(t).wanted_by.clone();
+        for c in clients {
+            if let Some(cmd) = self.status_for(t, c) {
+                self.out.push(cmd);
+            }
+        }
+    }
+
+    /// The message telling `client` that `t` is finished (in memory or failed); `None` while
+    /// it is not.
+    fn status_for(&self, t: Tid, client: ClientId) -> Option<Command<P>> {
         let task = self.task(t);
-        let cmds: Vec<Command<P>> = match &task.state {
-            State::Memory { who_has } => task
-                .wanted_by
-                .iter()
-                .map(|c| Command::KeyInMemory {
-                    client: *c,
-                    key: task.key.clone(),
-                    workers: who_has.clone(),
-                    nbytes: task.nbytes,
-                })
-                .collect(),
-            State::Erred(e) => task
-                .wanted_by
-                .iter()
-                .map(|c| Command::KeyErred { client: *c, key: task.key.clone(), error: Arc::clone(e) })
-                .collect(),
-            _ => Vec::new(),
-        };
-        self.out.extend(cmds);
+        match &task.state {
+            State::Memory { who_has } => Some(Command::KeyInMemory {
+                client,
+                key: task.key.clone(),
+                workers: who_has.clone(),
+                nbytes: task.nbytes,
+            }),
+            State::Erred(e) => Some(Command::KeyErred { client, key: task.key.clone(), error: Arc::clone(e) }),
+            _ => None,
+        }
     }
 
     // ----- submission ------------------------------------------------------------------------
@@ -633,20 +635,7 @@ impl<P: Clone> Core<P> {
                 self.task_mut(t).wanted_by.push(client);
             }
             match self.task(t).state {
-                State::Memory { .. } | State::Erred(_) => {
-                    let (task, state) = (self.task(t), &self.task(t).state);
-                    let cmd = match state {
-                        State::Memory { who_has } => Command::KeyInMemory {
-                            client,
-                            key: task.key.clone(),
-                            workers: who_has.clone(),
-                            nbytes: task.nbytes,
-                        },
-                        State::Erred(e) => Command::KeyErred { client, key: task.key.clone(), error: Arc::clone(e) },
-                        _ => unreachable!("matched above"),
-                    };
-                    self.out.push(cmd);
-                }
+                State::Memory { .. } | State::Erred(_) => self.out.extend(self.status_for(t, client)),
                 State::Released => self.compute(t),
                 _ => {}
             }
@@ -999,17 +988,7 @@ impl<P: Clone> Core<P> {
                 _ => {}
             }
             match self.task(t).state {
-                State::Memory { .. } | State::Erred(_) => {
-                    let task = self.task(t);
-                    let cmd = match &task.state {
-                        State::Memory { who_has } => {
-                            Command::KeyInMemory { client, key, workers: who_has.clone(), nbytes: task.nbytes }
-                        }
-                        State::Erred(e) => Command::KeyErred { client, key, error: Arc::clone(e) },
-                        _ => unreachable!("matched above"),
-                    };
-                    self.out.push(cmd);
-                }
+                State::Memory { .. } | State::Erred(_) => self.out.extend(self.status_for(t, client)),
                 _ => {
                     // Every holder left before the scatter was registered.
                     self.compute(t);
