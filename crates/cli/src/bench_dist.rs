@@ -177,13 +177,7 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
     );
     let values = client.gather(&futures);
     let secs = t0.elapsed().as_secs_f64();
-    let sum: i64 = values
-        .iter()
-        .map(|v| match v {
-            Ok(Value::Int(i)) => *i,
-            _ => 0,
-        })
-        .sum();
+    let sum = sum_ints(values.iter().map(|r| r.as_ref().ok()));
     let n = map_n as i64;
     if sum != n * (n + 1) / 2 {
         failures.push("map+gather: wrong result".into());
@@ -219,13 +213,7 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
     let sizes = client.compute(&g, &outs).map_err(|e| e.to_string())?;
     let secs = t0.elapsed().as_secs_f64();
     drop(made);
-    let moved: i64 = sizes
-        .iter()
-        .map(|r| match r {
-            Ok(Value::Int(i)) => *i,
-            _ => 0,
-        })
-        .sum();
+    let moved = sum_ints(sizes.iter().map(|r| r.as_ref().ok()));
     let bytes = transfer_mib << 20;
     if moved as u64 != bytes {
         failures.push(format!("transfer: moved {moved} bytes, expected {bytes}"));
@@ -293,6 +281,16 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
         let _ = std::fs::remove_file(s);
     }
     if failures.is_empty() { Ok(()) } else { Err(failures.join("\n")) }
+}
+
+/// Sum of the integer results (anything else counts 0, so a wrong result shows as a wrong sum).
+fn sum_ints<'a>(values: impl Iterator<Item = Option<&'a Value>>) -> i64 {
+    values
+        .map(|v| match v {
+            Some(Value::Int(i)) => *i,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Loopback bandwidth measured by `iperf3` (GB/s), when it is installed.
