@@ -12,6 +12,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: the scheduler and workers allocate small objects
+/// (keys, messages, task records) at a high rate, and glibc's malloc spent about a fifth of the
+/// scheduler's CPU time in consolidation and free-list upkeep under the distributed benchmark.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// rask: parallel task graphs, Dask's model with a fraction of its overhead.
 #[derive(Parser)]
 #[command(name = "rask", version, about, propagate_version = true)]
