@@ -20,6 +20,9 @@ pub(crate) struct DistArgs {
     /// Tasks in the zero-work intake measurement.
     #[arg(long, default_value_t = 1_000_000)]
     intake_tasks: u64,
+    /// Run only these parts (for profiling one of them); all by default.
+    #[arg(long, value_delimiter = ',', value_parser = ["merge", "tree", "chain", "map", "transfer", "zero", "intake"])]
+    only: Vec<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -152,24 +155,49 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
         "{:<18} {:>8} | {:>8} {:>11} {:>9} | {:>8} {:>10} | {:>8}",
         "workload", "tasks", "rask s", "tasks/s", "µs/task", "dask s", "tasks/s", "ratio"
     );
-    let cluster = BenchCluster::start(&exe, 2, false)?;
-    let client = cluster.client()?;
+    let want = |part: &str| a.only.is_empty() || a.only.iter().any(|o| o == part);
     let mut failures = Vec::new();
+    if ["merge", "tree", "chain", "map", "transfer"].iter().any(|p| want(p)) {
+        let cluster = BenchCluster::start(&exe, 2, false)?;
+        let client = cluster.client()?;
 
-    for (name, n) in [("merge", merge_n), ("tree", tree_d), ("chain", chain_n)] {
-        let (g, outs, expected) = workload(name, n)?;
-        let t0 = Instant::now();
-        let got = client.compute(&g, &outs).map_err(|e| e.to_string())?;
-        let secs = t0.elapsed().as_secs_f64();
-        let got: Vec<Value> = got.into_iter().collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-        if got != expected {
-            failures.push(format!("{name}: wrong result"));
+        for (name, n) in [("merge", merge_n), ("tree", tree_d), ("chain", chain_n)] {
+            if !want(name) {
+                continue;
+            }
+            let (g, outs, expected) = workload(name, n)?;
+            let t0 = Instant::now();
+            let got = client.compute(&g, &outs).map_err(|e| e.to_string())?;
+            let secs = t0.elapsed().as_secs_f64();
+            let got: Vec<Value> = got.into_iter().collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+            if got != expected {
+                failures.push(format!("{name}: wrong result"));
+            }
+            let label = if name == "tree" { format!("tree-{n}") } else { format!("{name}-{}", human(n)) };
+            Row { label, tasks: g.len() as u64, secs, dask: dask(name, n) }.print();
         }
-        let label = if name == "tree" { format!("tree-{n}") } else { format!("{name}-{}", human(n)) };
-        Row { label, tasks: g.len() as u64, secs, dask: dask(name, n) }.print();
-    }
 
-    // map + gather
+        if want("map") {
+            map_gather(&client, map_n, &dask, &mut failures);
+        }
+        if want("transfer") {
+            transfer(&client, transfer_mib, &dask, &mut failures)?;
+        }
+        drop(client);
+        drop(cluster);
+    }
+    if want("zero") || want("intake") {
+        zero_work(&exe, a, &want)?;
+    }
+    if let Some(s) = script {
+        let _ = std::fs::remove_file(s);
+    }
+    if failures.is_empty() { Ok(()) } else { Err(failures.join("\n")) }
+}
+
+type DaskRun<'a> = dyn Fn(&str, u64) -> Option<Result<DaskSample, String>> + 'a;
+
+fn map_gather(client: &BlockingClient, map_n: u64, dask: &DaskRun<'_>, failures: &mut Vec<String>) {
     let t0 = Instant::now();
     let futures = client.map_calls(
         "add",
@@ -184,7 +212,14 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
     }
     drop(futures);
     Row { label: format!("map+gather-{}", human(map_n)), tasks: map_n, secs, dask: dask("mapgather", map_n) }.print();
+}
 
+fn transfer(
+    client: &BlockingClient,
+    transfer_mib: u64,
+    dask: &DaskRun<'_>,
+    failures: &mut Vec<String>,
+) -> Result<(), String> {
     // Transfer: pieces made on bench-0, consumed on bench-1.
     let pieces = transfer_mib / 64;
     let piece = |i: u64| Key::from(format!("piece-{i}"));
@@ -237,24 +272,27 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
         "transfer: {} MiB in 64 MiB pieces between two workers: rask {rask_gbs:.2} GB/s; {dask_txt}; {iperf_txt}",
         transfer_mib
     );
-    drop(client);
-    drop(cluster);
+    Ok(())
+}
 
+fn zero_work(exe: &std::path::Path, a: &DistArgs, want: &dyn Fn(&str) -> bool) -> Result<(), String> {
     // The scheduler alone: workers finish every task instantly.
-    let zero = BenchCluster::start(&exe, 2, true)?;
+    let zero = BenchCluster::start(exe, 2, true)?;
     let zclient = zero.client()?;
     let zn = if a.common.quick { 10_000 } else { 100_000 };
-    let (g, outs, _) = workload("merge", zn)?;
-    let t0 = Instant::now();
-    zclient.compute(&g, &outs).map_err(|e| e.to_string())?;
-    let secs = t0.elapsed().as_secs_f64();
-    println!(
-        "zero-work workers (scheduler alone): merge-{}: {} tasks in {secs:.3} s = {:.0} tasks/s",
-        human(zn),
-        g.len(),
-        g.len() as f64 / secs
-    );
-    if a.intake_tasks > 0 {
+    if want("zero") {
+        let (g, outs, _) = workload("merge", zn)?;
+        let t0 = Instant::now();
+        zclient.compute(&g, &outs).map_err(|e| e.to_string())?;
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "zero-work workers (scheduler alone): merge-{}: {} tasks in {secs:.3} s = {:.0} tasks/s",
+            human(zn),
+            g.len(),
+            g.len() as f64 / secs
+        );
+    }
+    if a.intake_tasks > 0 && want("intake") {
         let n = if a.common.quick { a.intake_tasks.min(100_000) } else { a.intake_tasks };
         let (g, outs, _) = workload("independent", n)?;
         let spid = zero.scheduler.id().to_string();
@@ -277,10 +315,7 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
     }
     drop(zclient);
     drop(zero);
-    if let Some(s) = script {
-        let _ = std::fs::remove_file(s);
-    }
-    if failures.is_empty() { Ok(()) } else { Err(failures.join("\n")) }
+    Ok(())
 }
 
 /// Sum of the integer results (anything else counts 0, so a wrong result shows as a wrong sum).

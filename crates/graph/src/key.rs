@@ -62,6 +62,31 @@ impl fmt::Debug for Key {
     }
 }
 
+/// On the wire a key is its string: encoding borrows it, and decoding allocates the shared
+/// string once (not a `String` that is then copied into an `Arc`), since every task message
+/// carries keys.
+impl serde::Serialize for Key {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a task key (string)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key, E> {
+                Ok(Key::new(v))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// Dense index of a task within one graph. Only meaningful together with that graph.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct TaskId(pub u32);

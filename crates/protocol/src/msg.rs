@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use rask_graph::Key;
+
 use crate::wire::{WireBody, WireError, WireTask, WireValue};
 
 /// Sent to the scheduler by clients and workers.
@@ -14,35 +16,35 @@ pub enum ToScheduler {
         /// The tasks.
         tasks: Vec<WireTask>,
         /// Keys the client holds futures for.
-        wanted: Vec<String>,
+        wanted: Vec<Key>,
     },
     /// Client: the futures of these keys were dropped.
     Release {
         /// The keys.
-        keys: Vec<String>,
+        keys: Vec<Key>,
     },
     /// Client: stop these keys (and what depends on them) if nobody else wants them.
     Cancel {
         /// The keys.
-        keys: Vec<String>,
+        keys: Vec<Key>,
     },
     /// Client: compute these keys even if no client holds a future to them any more.
     FireAndForget {
         /// The keys.
-        keys: Vec<String>,
+        keys: Vec<Key>,
     },
     /// Client: these values were put on these workers (data addresses) with `PutData`; the
     /// client holds futures for them.
     Scattered {
         /// (key, size in bytes, data addresses holding it).
-        items: Vec<(String, u64, Vec<String>)>,
+        items: Vec<(Key, u64, Vec<String>)>,
     },
     /// Client: which workers are connected?
     WhoIsThere,
     /// Worker: a task finished and its value is held here.
     TaskFinished {
         /// The task.
-        key: String,
+        key: Key,
         /// Size of the value.
         nbytes: u64,
         /// Run time in microseconds (for scheduling estimates).
@@ -51,21 +53,21 @@ pub enum ToScheduler {
     /// Worker: a task failed (after its retries).
     TaskFailed {
         /// The task.
-        key: String,
+        key: Key,
         /// Why.
         error: WireError,
     },
     /// Worker: a task could not start because inputs could not be fetched.
     MissingInputs {
         /// The task that could not start.
-        key: String,
+        key: Key,
         /// (input, data address of the worker that was asked for it and did not deliver).
-        missing: Vec<(String, String)>,
+        missing: Vec<(Key, String)>,
     },
     /// Worker: told to free a task it had not started, it dropped it.
     TaskDropped {
         /// The task.
-        key: String,
+        key: Key,
     },
     /// Anyone: still alive.
     Heartbeat,
@@ -87,7 +89,7 @@ pub enum FromScheduler {
     /// To a client: a wanted key is in memory on these workers (data addresses).
     KeyInMemory {
         /// The key.
-        key: String,
+        key: Key,
         /// Where it can be fetched.
         workers: Vec<String>,
         /// Its size.
@@ -96,7 +98,7 @@ pub enum FromScheduler {
     /// To a client: a wanted key failed.
     KeyErred {
         /// The key.
-        key: String,
+        key: Key,
         /// The root failure.
         error: WireError,
     },
@@ -104,21 +106,21 @@ pub enum FromScheduler {
     /// `KeyInMemory` or `KeyErred` follows).
     KeyLost {
         /// The key.
-        key: String,
+        key: Key,
     },
     /// To a client: a wanted key was cancelled.
     KeyCancelled {
         /// The key.
-        key: String,
+        key: Key,
     },
     /// To a worker: run this task; inputs not held locally are at the given peers.
     Compute {
         /// The task.
-        key: String,
+        key: Key,
         /// What to run (shared, not copied, between the scheduler's copy and the message).
         body: Arc<WireBody>,
         /// (input key, data addresses holding it), in dependency order.
-        inputs: Vec<(String, Vec<String>)>,
+        inputs: Vec<(Key, Vec<Arc<str>>)>,
         /// Re-runs after a failed attempt.
         retries: u32,
         /// Per-attempt time limit in microseconds.
@@ -130,12 +132,12 @@ pub enum FromScheduler {
     /// with `TaskDropped` for each task given back.
     Steal {
         /// The tasks.
-        keys: Vec<String>,
+        keys: Vec<Key>,
     },
     /// To a worker: drop these values.
     Free {
         /// The keys.
-        keys: Vec<String>,
+        keys: Vec<Key>,
     },
     /// To a worker or client: the scheduler is going away.
     Shutdown {
@@ -150,21 +152,21 @@ pub enum PeerMsg {
     /// Ask for values.
     GetData {
         /// The keys.
-        keys: Vec<String>,
+        keys: Vec<Key>,
     },
     /// The values asked for (`None`: not held here).
     Data {
         /// (key, value) in the order asked.
-        values: Vec<(String, Option<WireValue>)>,
+        values: Vec<(Key, Option<WireValue>)>,
     },
     /// Store these values (scatter).
     PutData {
         /// (key, value).
-        values: Vec<(String, WireValue)>,
+        values: Vec<(Key, WireValue)>,
     },
     /// The values of a `PutData` are stored.
     Stored {
         /// The keys stored.
-        keys: Vec<String>,
+        keys: Vec<Key>,
     },
 }

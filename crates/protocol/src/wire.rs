@@ -118,7 +118,7 @@ pub enum WireArg {
     /// A literal (binary data inline).
     Lit(WireValue),
     /// The value of the task with this key.
-    Ref(String),
+    Ref(Key),
     /// Inside a fused chain: the value of an earlier link.
     Link(u32),
     /// A list with references inside.
@@ -142,7 +142,7 @@ pub enum WireBody {
     /// One call.
     Call(WireCall),
     /// A fused chain of (link key, call).
-    Chain(Vec<(String, WireCall)>),
+    Chain(Vec<(Key, WireCall)>),
 }
 
 /// Scheduling annotations on the wire.
@@ -166,9 +166,9 @@ pub struct WireAnnotations {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WireTask {
     /// Unique key.
-    pub key: String,
+    pub key: Key,
     /// Keys of the tasks it needs (data and ordering), in argument order, each once.
-    pub deps: Vec<String>,
+    pub deps: Vec<Key>,
     /// What to run.
     pub body: WireBody,
     /// Non-default annotations.
@@ -181,7 +181,7 @@ pub struct WireTask {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WireError {
     /// Root key.
-    pub key: String,
+    pub key: Key,
     /// Message.
     pub message: String,
     /// Cause.
@@ -214,7 +214,7 @@ impl From<&TaskError> for WireError {
             FailureKind::UnknownOp => WireFailure::UnknownOp,
             FailureKind::Unrunnable => WireFailure::Unrunnable,
         };
-        WireError { key: e.key.as_str().to_owned(), message: e.message.clone(), kind, attempts: e.attempts }
+        WireError { key: e.key.clone(), message: e.message.clone(), kind, attempts: e.attempts }
     }
 }
 
@@ -234,7 +234,7 @@ impl From<WireError> for TaskError {
 fn arg_to_wire(g: &Graph, a: &Arg) -> WireArg {
     match a {
         Arg::Lit(v) => WireArg::Lit(inline(v)),
-        Arg::Ref(t) => WireArg::Ref(g.key(*t).as_str().to_owned()),
+        Arg::Ref(t) => WireArg::Ref(g.key(*t).clone()),
         Arg::Link(i) => WireArg::Link(*i),
         Arg::List(items) => WireArg::List(items.iter().map(|a| arg_to_wire(g, a)).collect()),
         Arg::Map(e) => WireArg::Map(e.iter().map(|(k, a)| (k.clone(), arg_to_wire(g, a))).collect()),
@@ -263,14 +263,12 @@ pub fn graph_to_wire(g: &Graph, rank: &[u32]) -> Vec<WireTask> {
             };
             let body = match &task.body {
                 Body::Call(c) => WireBody::Call(call(c)),
-                Body::Chain(links) => {
-                    WireBody::Chain(links.iter().map(|l| (l.key.as_str().to_owned(), call(&l.call))).collect())
-                }
+                Body::Chain(links) => WireBody::Chain(links.iter().map(|l| (l.key.clone(), call(&l.call))).collect()),
             };
             let annotations = task.annotations.as_deref().map(annotations_to_wire);
             WireTask {
-                key: g.key(t).as_str().to_owned(),
-                deps: g.deps(t).iter().map(|d| g.key(*d).as_str().to_owned()).collect(),
+                key: g.key(t).clone(),
+                deps: g.deps(t).iter().map(|d| g.key(*d).clone()).collect(),
                 body,
                 annotations,
                 order: rank.get(t.idx()).copied().unwrap_or(0),
@@ -312,7 +310,7 @@ pub fn resolve_arg(
     Ok(match a {
         WireArg::Lit(v) => value_from_wire(v.clone(), &[])?,
         WireArg::Ref(k) => {
-            lookup(k).ok_or_else(|| ProtocolError::Malformed(format!("input {k:?} is not available")))?
+            lookup(k.as_str()).ok_or_else(|| ProtocolError::Malformed(format!("input {k:?} is not available")))?
         }
         WireArg::Link(i) => links.get(*i as usize).cloned().unwrap_or_default(),
         WireArg::List(items) => {

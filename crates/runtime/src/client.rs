@@ -133,7 +133,7 @@ impl Drop for RemoteFuture {
         };
         if last {
             st.keys.remove(self.key.as_str());
-            self.inner.outbox.send(ToScheduler::Release { keys: vec![self.key.as_str().to_owned()] }, Vec::new());
+            self.inner.outbox.send(ToScheduler::Release { keys: vec![self.key.clone()] }, Vec::new());
         }
     }
 }
@@ -281,7 +281,7 @@ impl Client {
         };
         let rank = rask_graph::execution_ranks(&g, &outs);
         let futures: Vec<RemoteFuture> = outs.iter().map(|o| self.track(g.key(*o))).collect();
-        let wanted = outs.iter().map(|o| g.key(*o).as_str().to_owned()).collect();
+        let wanted = outs.iter().map(|o| g.key(*o).clone()).collect();
         self.inner.state().submitted += 1;
         self.inner.outbox.send(ToScheduler::SubmitGraph { tasks: graph_to_wire(&g, &rank), wanted }, Vec::new());
         futures
@@ -309,14 +309,14 @@ impl Client {
     pub fn map_calls(&self, op: &str, calls: Vec<Vec<CallArg<'_>>>) -> Vec<RemoteFuture> {
         let mut b = rask_graph::GraphBuilder::new();
         let mut keys = Vec::with_capacity(calls.len());
-        let mut external: Vec<String> = Vec::new();
+        let mut external: Vec<Key> = Vec::new();
         for args in calls {
             let specs: Vec<ArgSpec> = args
                 .into_iter()
                 .map(|a| match a {
                     CallArg::Value(v) => ArgSpec::Lit(v),
                     CallArg::Future(f) => {
-                        external.push(f.key.as_str().to_owned());
+                        external.push(f.key.clone());
                         ArgSpec::Ref(f.key.clone())
                     }
                 })
@@ -330,8 +330,8 @@ impl Client {
         // Futures passed as arguments are known to the scheduler: declare them as no-op
         // placeholders so the graph validates; the scheduler reuses the existing keys.
         for k in external {
-            if !b.contains(&k) {
-                b.add(TaskSpec::new(k.as_str(), "identity", vec![ArgSpec::Lit(Value::Null)]));
+            if !b.contains(k.as_str()) {
+                b.add(TaskSpec::new(k, "identity", vec![ArgSpec::Lit(Value::Null)]));
             }
         }
         let graph = match b.build() {
@@ -359,7 +359,7 @@ impl Client {
             graph.ids().map(|t| graph.key(t).as_str()).filter(|k| !called.contains(k)).collect();
         let tasks =
             graph_to_wire(&graph, &rank).into_iter().filter(|t| !placeholders.contains(t.key.as_str())).collect();
-        let wanted = keys.iter().map(|k| k.as_str().to_owned()).collect();
+        let wanted = keys.iter().cloned().collect();
         self.inner.state().submitted += 1;
         self.inner.outbox.send(ToScheduler::SubmitGraph { tasks, wanted }, Vec::new());
         futures
@@ -373,7 +373,7 @@ impl Client {
 
     /// Cancels futures: the scheduler stops their tasks unless another client wants them.
     pub fn cancel(&self, futures: &[RemoteFuture]) {
-        let keys = futures.iter().map(|f| f.key.as_str().to_owned()).collect();
+        let keys = futures.iter().map(|f| f.key.clone()).collect();
         self.inner.outbox.send(ToScheduler::Cancel { keys }, Vec::new());
     }
 
@@ -401,7 +401,7 @@ impl Client {
         if workers.is_empty() {
             return Err(ClientError::Fetch(Key::new("scatter"), "no worker is connected".into()));
         }
-        let mut per_worker: HashMap<String, Vec<(String, Value)>> = HashMap::new();
+        let mut per_worker: HashMap<String, Vec<(Key, Value)>> = HashMap::new();
         let mut items = Vec::with_capacity(values.len());
         let mut keys = Vec::with_capacity(values.len());
         for (i, v) in values.into_iter().enumerate() {
@@ -416,9 +416,9 @@ impl Client {
                 vec![workers[i % workers.len()].1.clone()]
             };
             for t in &targets {
-                per_worker.entry(t.clone()).or_default().push((key.as_str().to_owned(), v.clone()));
+                per_worker.entry(t.clone()).or_default().push((key.clone(), v.clone()));
             }
-            items.push((key.as_str().to_owned(), v.nbytes() as u64, targets));
+            items.push((key.clone(), v.nbytes() as u64, targets));
             keys.push(key);
         }
         for (addr, batch) in per_worker {
@@ -436,7 +436,7 @@ impl Client {
     /// Lets these futures' tasks run to completion even after every future is dropped (like
     /// Dask's `fire_and_forget`): for side effects whose results nobody gathers.
     pub fn fire_and_forget(&self, futures: &[RemoteFuture]) {
-        let keys = futures.iter().map(|f| f.key.as_str().to_owned()).collect();
+        let keys = futures.iter().map(|f| f.key.clone()).collect();
         self.inner.outbox.send(ToScheduler::FireAndForget { keys }, Vec::new());
     }
 
@@ -515,7 +515,7 @@ impl Client {
                 }
                 break;
             }
-            let mut by_worker: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+            let mut by_worker: HashMap<String, Vec<(usize, Key)>> = HashMap::new();
             {
                 let st = self.inner.state();
                 for i in todo {
@@ -523,7 +523,7 @@ impl Client {
                     match st.keys.get(f.key.as_str()).map(|e| &e.status) {
                         Some(Status::Memory { workers }) => {
                             let w = workers.first().cloned().unwrap_or_default();
-                            by_worker.entry(w).or_default().push((i, f.key.as_str().to_owned()));
+                            by_worker.entry(w).or_default().push((i, f.key.clone()));
                         }
                         Some(Status::Erred(e)) => out[i] = Some(Err(ClientError::Task(Arc::clone(e)))),
                         Some(Status::Cancelled) => out[i] = Some(Err(ClientError::Cancelled(f.key.clone()))),
@@ -538,7 +538,7 @@ impl Client {
             for (addr, items) in by_worker {
                 let peers = self.inner.peers.clone();
                 fetches.push(tokio::spawn(async move {
-                    let keys: Vec<String> = items.iter().map(|(_, k)| k.clone()).collect();
+                    let keys: Vec<Key> = items.iter().map(|(_, k)| k.clone()).collect();
                     let got = match tokio::time::timeout(FETCH_TIMEOUT, peers.get_data(&addr, keys)).await {
                         Ok(r) => r.map_err(|e| format!("{addr}: {e}")),
                         Err(_) => Err(format!("{addr}: no answer within {FETCH_TIMEOUT:?}")),
@@ -548,7 +548,7 @@ impl Client {
             }
             for f in fetches {
                 let Ok((items, got)) = f.await else { continue };
-                let mut map: HashMap<String, Option<Value>> = match &got {
+                let mut map: HashMap<Key, Option<Value>> = match &got {
                     Ok(values) => values.iter().cloned().collect(),
                     Err(_) => HashMap::new(),
                 };
@@ -603,10 +603,12 @@ fn apply(st: &mut State, m: FromScheduler) {
         }
     };
     match m {
-        FromScheduler::KeyInMemory { key, workers, .. } => set(st, &key, Status::Memory { workers }),
-        FromScheduler::KeyErred { key, error } => set(st, &key, Status::Erred(Arc::new(TaskError::from(error)))),
-        FromScheduler::KeyCancelled { key } => set(st, &key, Status::Cancelled),
-        FromScheduler::KeyLost { key } => set(st, &key, Status::Pending),
+        FromScheduler::KeyInMemory { key, workers, .. } => set(st, key.as_str(), Status::Memory { workers }),
+        FromScheduler::KeyErred { key, error } => {
+            set(st, key.as_str(), Status::Erred(Arc::new(TaskError::from(error))));
+        }
+        FromScheduler::KeyCancelled { key } => set(st, key.as_str(), Status::Cancelled),
+        FromScheduler::KeyLost { key } => set(st, key.as_str(), Status::Pending),
         FromScheduler::GraphAccepted { .. } => st.accepted += 1,
         FromScheduler::Workers { workers } => {
             st.workers = workers;

@@ -170,7 +170,7 @@ impl PeerPool {
     pub(crate) async fn put_data(
         &self,
         address: &str,
-        values: Vec<(String, rask_graph::Value)>,
+        values: Vec<(rask_graph::Key, rask_graph::Value)>,
     ) -> Result<(), ProtocolError> {
         use rask_protocol::msg::PeerMsg;
         let mut blobs = Vec::new();
@@ -188,8 +188,8 @@ impl PeerPool {
     pub(crate) async fn get_data(
         &self,
         address: &str,
-        keys: Vec<String>,
-    ) -> Result<Vec<(String, Option<rask_graph::Value>)>, ProtocolError> {
+        keys: Vec<rask_graph::Key>,
+    ) -> Result<Vec<(rask_graph::Key, Option<rask_graph::Value>)>, ProtocolError> {
         use rask_protocol::msg::PeerMsg;
         let frame = self.exchange(address, PeerMsg::GetData { keys }, &[]).await?;
         let mut out = Vec::new();

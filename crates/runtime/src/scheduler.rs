@@ -164,7 +164,7 @@ async fn core_loop(
     let mut peers: HashMap<u32, Peer> = HashMap::new();
     // Reused across events: the loop runs once per task event.
     let mut commands: Vec<Command<Arc<Payload>>> = Vec::new();
-    let mut frees: HashMap<WorkerId, Vec<String>> = HashMap::new();
+    let mut frees: HashMap<WorkerId, Vec<Key>> = HashMap::new();
     loop {
         let inbound = tokio::select! {
             m = rx.recv() => match m { Some(m) => m, None => break },
@@ -203,7 +203,7 @@ async fn core_loop(
                 match cmd {
                     // One Free per worker per event, not one per key.
                     Command::Free { worker, keys } => {
-                        frees.entry(worker).or_default().extend(keys.iter().map(|k| k.as_str().to_owned()));
+                        frees.entry(worker).or_default().extend(keys);
                     }
                     cmd => dispatch(cmd, &peers),
                 }
@@ -294,7 +294,7 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>) -> Vec<Event<Arc<
                             .map(|(k, nbytes, addrs)| {
                                 let holders =
                                     addrs.iter().filter_map(|a| by_address.get(a.as_str()).copied()).collect();
-                                (Key::from(k), nbytes, holders)
+                                (k, nbytes, holders)
                             })
                             .collect();
                         events.push(Event::DataScattered { client: ClientId(id), items });
@@ -318,34 +318,23 @@ fn worker_at(peers: &HashMap<u32, Peer>, addr: &str) -> Option<WorkerId> {
 fn message_event(id: u32, peers: &HashMap<u32, Peer>, is_worker: bool, m: ToScheduler) -> Option<Event<Arc<Payload>>> {
     let (client, worker) = (ClientId(id), WorkerId(id));
     Some(match (is_worker, m) {
-        (false, ToScheduler::SubmitGraph { tasks, wanted }) => Event::GraphSubmitted {
-            client,
-            tasks: tasks.into_iter().map(new_task).collect(),
-            wanted: wanted.into_iter().map(Key::from).collect(),
-        },
-        (false, ToScheduler::Release { keys }) => {
-            Event::KeysReleased { client, keys: keys.into_iter().map(Key::from).collect() }
+        (false, ToScheduler::SubmitGraph { tasks, wanted }) => {
+            Event::GraphSubmitted { client, tasks: tasks.into_iter().map(new_task).collect(), wanted }
         }
-        (false, ToScheduler::Cancel { keys }) => {
-            Event::KeysCancelled { client, keys: keys.into_iter().map(Key::from).collect() }
-        }
-        (false, ToScheduler::FireAndForget { keys }) => {
-            Event::KeysFireAndForget { keys: keys.into_iter().map(Key::from).collect() }
-        }
+        (false, ToScheduler::Release { keys }) => Event::KeysReleased { client, keys },
+        (false, ToScheduler::Cancel { keys }) => Event::KeysCancelled { client, keys },
+        (false, ToScheduler::FireAndForget { keys }) => Event::KeysFireAndForget { keys },
         (true, ToScheduler::TaskFinished { key, nbytes, duration_us }) => {
-            Event::TaskFinished { worker, key: Key::from(key), nbytes, duration_us }
+            Event::TaskFinished { worker, key, nbytes, duration_us }
         }
         (true, ToScheduler::TaskFailed { key, error }) => {
-            Event::TaskFailed { worker, key: Key::from(key), error: Arc::new(TaskError::from(error)) }
+            Event::TaskFailed { worker, key, error: Arc::new(TaskError::from(error)) }
         }
         (true, ToScheduler::MissingInputs { key, missing }) => {
-            let missing = missing
-                .into_iter()
-                .filter_map(|(k, addr)| worker_at(peers, &addr).map(|w| (Key::from(k), w)))
-                .collect();
-            Event::InputsMissing { worker, key: Key::from(key), missing }
+            let missing = missing.into_iter().filter_map(|(k, addr)| worker_at(peers, &addr).map(|w| (k, w))).collect();
+            Event::InputsMissing { worker, key, missing }
         }
-        (true, ToScheduler::TaskDropped { key }) => Event::TaskDropped { worker, key: Key::from(key) },
+        (true, ToScheduler::TaskDropped { key }) => Event::TaskDropped { worker, key },
         (_, ToScheduler::Heartbeat) => return None,
         (_, other) => {
             eprintln!("rask scheduler: ignoring a message not meant for this kind of peer: {other:?}");
@@ -364,8 +353,8 @@ fn new_task(t: WireTask) -> NewTask<Arc<Payload>> {
         })
     });
     NewTask {
-        key: Key::from(t.key),
-        deps: t.deps.into_iter().map(Key::from).collect(),
+        key: t.key,
+        deps: t.deps,
         payload: Arc::new(Payload { body: Arc::new(t.body), retries: ann.retries, timeout_us: ann.timeout_us }),
         priority: ann.priority,
         order: t.order,
@@ -373,9 +362,9 @@ fn new_task(t: WireTask) -> NewTask<Arc<Payload>> {
     }
 }
 
-fn address_of(peers: &HashMap<u32, Peer>, w: WorkerId) -> Option<String> {
+fn address_of(peers: &HashMap<u32, Peer>, w: WorkerId) -> Option<Arc<str>> {
     match peers.get(&w.0) {
-        Some(Peer::Worker { address, .. }) => Some(address.to_string()),
+        Some(Peer::Worker { address, .. }) => Some(Arc::clone(address)),
         _ => None,
     }
 }
@@ -390,12 +379,10 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
         Command::Compute { worker, key, payload, inputs, prio } => {
             let inputs = inputs
                 .into_iter()
-                .map(|(k, holders)| {
-                    (k.as_str().to_owned(), holders.iter().filter_map(|h| address_of(peers, *h)).collect())
-                })
+                .map(|(k, holders)| (k, holders.iter().filter_map(|h| address_of(peers, *h)).collect()))
                 .collect();
             let msg = FromScheduler::Compute {
-                key: key.as_str().to_owned(),
+                key,
                 body: Arc::clone(&payload.body),
                 inputs,
                 retries: payload.retries,
@@ -405,19 +392,17 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
             send(worker.0, msg);
         }
         Command::Free { worker, keys } => {
-            send(worker.0, FromScheduler::Free { keys: keys.iter().map(|k| k.as_str().to_owned()).collect() });
+            send(worker.0, FromScheduler::Free { keys });
         }
-        Command::Steal { worker, key } => send(worker.0, FromScheduler::Steal { keys: vec![key.as_str().to_owned()] }),
+        Command::Steal { worker, key } => send(worker.0, FromScheduler::Steal { keys: vec![key] }),
         Command::KeyInMemory { client, key, workers, nbytes } => {
-            let workers = workers.iter().filter_map(|w| address_of(peers, *w)).collect();
-            send(client.0, FromScheduler::KeyInMemory { key: key.as_str().to_owned(), workers, nbytes });
+            let workers = workers.iter().filter_map(|w| address_of(peers, *w).map(|a| a.to_string())).collect();
+            send(client.0, FromScheduler::KeyInMemory { key, workers, nbytes });
         }
         Command::KeyErred { client, key, error } => {
-            send(client.0, FromScheduler::KeyErred { key: key.as_str().to_owned(), error: WireError::from(&*error) });
+            send(client.0, FromScheduler::KeyErred { key, error: WireError::from(&*error) });
         }
-        Command::KeyCancelled { client, key } => {
-            send(client.0, FromScheduler::KeyCancelled { key: key.as_str().to_owned() })
-        }
-        Command::KeyLost { client, key } => send(client.0, FromScheduler::KeyLost { key: key.as_str().to_owned() }),
+        Command::KeyCancelled { client, key } => send(client.0, FromScheduler::KeyCancelled { key }),
+        Command::KeyLost { client, key } => send(client.0, FromScheduler::KeyLost { key }),
     }
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rask_graph::{FailureKind, Key, TaskError, Value};
+use rask_graph::{FailureKind, FxHashMap, Key, TaskError, Value};
 use rask_ops::{CallPolicy, Registry};
 use rask_protocol::frame::{read_frame, write_frame};
 use rask_protocol::handshake::{self, Role, WorkerInfo};
@@ -71,7 +71,7 @@ pub enum WorkerExit {
     Stopped,
 }
 
-type Store = Arc<Mutex<HashMap<String, Value>>>;
+type Store = Arc<Mutex<FxHashMap<Key, Value>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -79,13 +79,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A task ready to run, with its inputs.
 struct Job {
-    key: String,
+    key: Key,
     body: Arc<WireBody>,
-    inputs: HashMap<String, Value>,
+    inputs: FxHashMap<Key, Value>,
     retries: u32,
     timeout: Option<Duration>,
     /// Fetched copies this job uses (released when it is done).
-    replicas: Vec<String>,
+    replicas: Vec<Key>,
 }
 
 /// Scheduler priority of a task (smaller first), as sent in `Compute`.
@@ -99,8 +99,8 @@ struct Queue {
 
 /// Results from the executor threads.
 struct Outcome {
-    key: String,
-    replicas: Vec<String>,
+    key: Key,
+    replicas: Vec<Key>,
     result: Result<Value, TaskError>,
     duration: Duration,
 }
@@ -109,7 +109,7 @@ enum Inbox {
     Scheduler(Vec<FromScheduler>),
     SchedulerClosed(String),
     Done(Outcome),
-    Fetched { from: String, keys: Vec<String>, result: Result<Vec<(String, Option<Value>)>, String> },
+    Fetched { from: Arc<str>, keys: Vec<Key>, result: Result<Vec<(Key, Option<Value>)>, String> },
 }
 
 /// A task waiting for inputs to arrive.
@@ -177,14 +177,14 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
 
     let peers = PeerPool::default();
     let fetch_limit = Arc::new(Semaphore::new(FETCH_CONCURRENCY));
-    let mut waiting: HashMap<String, Waiting> = HashMap::new();
+    let mut waiting: FxHashMap<Key, Waiting> = FxHashMap::default();
     // input key -> tasks waiting for it
-    let mut fetching: HashMap<String, Vec<String>> = HashMap::new();
+    let mut fetching: FxHashMap<Key, Vec<Key>> = FxHashMap::default();
     // fetched copies -> number of local tasks still needing them
-    let mut replicas: HashMap<String, (Value, usize)> = HashMap::new();
+    let mut replicas: FxHashMap<Key, (Value, usize)> = FxHashMap::default();
     let mut seq = 0u64;
     // tasks handed to the executor queue and not yet reported: key -> queue sequence number
-    let mut queued: HashMap<String, u64> = HashMap::new();
+    let mut queued: FxHashMap<Key, u64> = FxHashMap::default();
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
 
     let exit = loop {
@@ -210,12 +210,12 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             let mut job = Job {
                                 key: key.clone(),
                                 body,
-                                inputs: HashMap::with_capacity(inputs.len()),
+                                inputs: FxHashMap::with_capacity_and_hasher(inputs.len(), Default::default()),
                                 retries,
                                 timeout: timeout_us.map(Duration::from_micros),
                                 replicas: Vec::new(),
                             };
-                            let mut to_fetch: HashMap<String, Vec<String>> = HashMap::new();
+                            let mut to_fetch: FxHashMap<Arc<str>, Vec<Key>> = FxHashMap::default();
                             let mut missing = 0;
                             {
                                 let held = lock(&store);
@@ -236,7 +236,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                     if !already {
                                         match holders.first() {
                                             Some(h) => to_fetch.entry(h.clone()).or_default().push(k),
-                                            None => to_fetch.entry(String::new()).or_default().push(k),
+                                            None => to_fetch.entry(Arc::from("")).or_default().push(k),
                                         }
                                     }
                                 }
@@ -276,14 +276,16 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 lock(&store).remove(&k);
                                 // A task not started yet is dropped, and the scheduler told so
                                 // (it keeps the slot reserved until it hears back).
-                                if unstart(&k, &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue) {
+                                if unstart(k.as_str(), &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue)
+                                {
                                     to_scheduler.send(ToScheduler::TaskDropped { key: k }, Vec::new());
                                 }
                             }
                         }
                         FromScheduler::Steal { keys } => {
                             for k in keys {
-                                if unstart(&k, &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue) {
+                                if unstart(k.as_str(), &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue)
+                                {
                                     to_scheduler.send(ToScheduler::TaskDropped { key: k }, Vec::new());
                                 }
                             }
@@ -297,11 +299,11 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 }
             }
             Inbox::Fetched { from, keys, result } => {
-                let got: HashMap<String, Option<Value>> = match result {
+                let got: FxHashMap<Key, Option<Value>> = match result {
                     Ok(values) => values.into_iter().collect(),
                     Err(e) => {
                         eprintln!("rask worker {}: fetching {} inputs failed: {e}", cfg.name, keys.len());
-                        HashMap::new()
+                        FxHashMap::default()
                     }
                 };
                 for k in keys {
@@ -334,7 +336,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             for t in tasks {
                                 if let Some(w) = waiting.remove(&t) {
                                     release_replicas(&mut replicas, w.job.replicas);
-                                    let missing = vec![(k.clone(), from.clone())];
+                                    let missing = vec![(k.clone(), from.to_string())];
                                     to_scheduler.send(ToScheduler::MissingInputs { key: t, missing }, Vec::new());
                                 }
                             }
@@ -380,16 +382,16 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
 /// Returns whether it did; a running task is left alone.
 fn unstart(
     k: &str,
-    waiting: &mut HashMap<String, Waiting>,
-    fetching: &mut HashMap<String, Vec<String>>,
-    queued: &mut HashMap<String, u64>,
-    replicas: &mut HashMap<String, (Value, usize)>,
+    waiting: &mut FxHashMap<Key, Waiting>,
+    fetching: &mut FxHashMap<Key, Vec<Key>>,
+    queued: &mut FxHashMap<Key, u64>,
+    replicas: &mut FxHashMap<Key, (Value, usize)>,
     queue: &(Mutex<Queue>, Condvar),
 ) -> bool {
     if let Some(w) = waiting.remove(k) {
         release_replicas(replicas, w.job.replicas);
         for list in fetching.values_mut() {
-            list.retain(|t| t != k);
+            list.retain(|t| t.as_str() != k);
         }
         return true;
     }
@@ -405,7 +407,7 @@ fn unstart(
 }
 
 /// A local task no longer needs these fetched copies; drop the ones nobody needs.
-fn release_replicas(replicas: &mut HashMap<String, (Value, usize)>, used: Vec<String>) {
+fn release_replicas(replicas: &mut FxHashMap<Key, (Value, usize)>, used: Vec<Key>) {
     for k in used {
         if let Some((_, users)) = replicas.get_mut(&k) {
             *users -= 1;
@@ -478,7 +480,7 @@ fn executor_thread(
 
 fn run_job(job: &Job, registry: &Registry, location: &str, buf: &mut Vec<Value>) -> Result<Value, TaskError> {
     let lookup = |k: &str| job.inputs.get(k).cloned();
-    let key = Key::new(&job.key);
+    let key = job.key.clone();
     let run =
         |link_key: &Key, op: &str, args: &[WireArg], links: &[Value], retries, timeout, buf: &mut Vec<Value>| {
             let resolved: Vec<Value> =
@@ -493,7 +495,7 @@ fn run_job(job: &Job, registry: &Registry, location: &str, buf: &mut Vec<Value>)
         WireBody::Chain(links) => {
             let mut values = Vec::with_capacity(links.len());
             for (k, c) in links {
-                let v = run(&Key::new(k), &c.op, &c.args, &values, 0, None, buf)?;
+                let v = run(k, &c.op, &c.args, &values, 0, None, buf)?;
                 values.push(v);
             }
             Ok(values.pop().unwrap_or_default())
