@@ -227,7 +227,7 @@ impl From<WireError> for TaskError {
             WireFailure::UnknownOp => FailureKind::UnknownOp,
             WireFailure::Unrunnable => FailureKind::Unrunnable,
         };
-        TaskError { key: Key::from(e.key), message: e.message, kind, attempts: e.attempts }
+        TaskError { key: e.key, message: e.message, kind, attempts: e.attempts }
     }
 }
 
