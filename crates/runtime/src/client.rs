@@ -359,7 +359,7 @@ impl Client {
             graph.ids().map(|t| graph.key(t).as_str()).filter(|k| !called.contains(k)).collect();
         let tasks =
             graph_to_wire(&graph, &rank).into_iter().filter(|t| !placeholders.contains(t.key.as_str())).collect();
-        let wanted = keys.iter().cloned().collect();
+        let wanted = keys.to_vec();
         self.inner.state().submitted += 1;
         self.inner.outbox.send(ToScheduler::SubmitGraph { tasks, wanted }, Vec::new());
         futures
@@ -558,7 +558,7 @@ impl Client {
                         None if last => {
                             let why =
                                 got.as_ref().err().cloned().unwrap_or_else(|| "the worker no longer holds it".into());
-                            out[i] = Some(Err(ClientError::Fetch(Key::from(k), why)));
+                            out[i] = Some(Err(ClientError::Fetch(k, why)));
                         }
                         None => failed_fetch = true,
                     }
