@@ -69,6 +69,21 @@ impl BenchCluster {
         Ok(c)
     }
 
+    /// CPU time the scheduler process, and all worker processes together, have used so far
+    /// (from `/proc`, Linux only): the cost per task that wall-clock figures on a shared, noisy
+    /// machine hide, and which side is the bottleneck.
+    fn scheduler_cpu(&self) -> Option<(Duration, Duration)> {
+        let workers = self.workers.iter().map(|w| cpu_of(w.id())).sum::<Option<Duration>>()?;
+        Some((cpu_of(self.scheduler.id())?, workers))
+    }
+
+    /// Scheduler and workers' CPU time used since `before` (a [`Self::scheduler_cpu`] reading).
+    fn cpu_since(&self, before: Option<(Duration, Duration)>) -> Option<(Duration, Duration)> {
+        let (s0, w0) = before?;
+        let (s1, w1) = self.scheduler_cpu()?;
+        Some((s1.saturating_sub(s0), w1.saturating_sub(w0)))
+    }
+
     fn client(&self) -> Result<BlockingClient, String> {
         let mut client = BlockingClient::connect(&self.address).map_err(|e| e.to_string())?;
         client.set_fuse(false); // measure the graph as given, as Dask runs it
@@ -89,6 +104,18 @@ impl BenchCluster {
     }
 }
 
+/// CPU time a process has used, all its threads together (on-CPU nanoseconds from
+/// `/proc/PID/task/*/schedstat`; threads that already exited are not counted).
+fn cpu_of(pid: u32) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
+        let ns: u64 = s.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        total += Duration::from_nanos(ns);
+    }
+    Some(total)
+}
+
 impl Drop for BenchCluster {
     fn drop(&mut self) {
         for c in self.workers.iter_mut().chain(std::iter::once(&mut self.scheduler)) {
@@ -102,6 +129,8 @@ struct Row {
     label: String,
     tasks: u64,
     secs: f64,
+    /// Scheduler and workers' CPU time used during the run.
+    sched_cpu: Option<(Duration, Duration)>,
     dask: Option<Result<DaskSample, String>>,
 }
 
@@ -116,8 +145,13 @@ impl Row {
             Some(Err(e)) => format!("{:>19} | {:>8}  ({e})", "(failed)", "-"),
             None => format!("{:>19} | {:>8}", "(skipped)", "-"),
         };
+        let per_task = |d: Duration| d.as_secs_f64() * 1e6 / self.tasks as f64;
+        let cpu = match self.sched_cpu {
+            Some((s, w)) => format!("{:>9.2} {:>9.2}", per_task(s), per_task(w)),
+            None => format!("{:>9} {:>9}", "-", "-"),
+        };
         println!(
-            "{:<18} {:>8} | {:>8.4} {:>11.0} {:>9.2} | {dask}",
+            "{:<18} {:>8} | {:>8.4} {:>11.0} {:>9.2} {cpu} | {dask}",
             self.label,
             self.tasks,
             self.secs,
@@ -152,8 +186,8 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
         "rask bench distributed: scheduler + 2 worker processes × 1 thread on loopback; Dask LocalCluster(2 workers × 1 thread)"
     );
     println!(
-        "{:<18} {:>8} | {:>8} {:>11} {:>9} | {:>8} {:>10} | {:>8}",
-        "workload", "tasks", "rask s", "tasks/s", "µs/task", "dask s", "tasks/s", "ratio"
+        "{:<18} {:>8} | {:>8} {:>11} {:>9} {:>9} {:>9} | {:>8} {:>10} | {:>8}",
+        "workload", "tasks", "rask s", "tasks/s", "µs/task", "sched µs", "wrk µs", "dask s", "tasks/s", "ratio"
     );
     let want = |part: &str| a.only.is_empty() || a.only.iter().any(|o| o == part);
     let mut failures = Vec::new();
@@ -166,19 +200,21 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
                 continue;
             }
             let (g, outs, expected) = workload(name, n)?;
+            let cpu0 = cluster.scheduler_cpu();
             let t0 = Instant::now();
             let got = client.compute(&g, &outs).map_err(|e| e.to_string())?;
             let secs = t0.elapsed().as_secs_f64();
+            let sched_cpu = cluster.cpu_since(cpu0);
             let got: Vec<Value> = got.into_iter().collect::<Result<_, _>>().map_err(|e| e.to_string())?;
             if got != expected {
                 failures.push(format!("{name}: wrong result"));
             }
             let label = if name == "tree" { format!("tree-{n}") } else { format!("{name}-{}", human(n)) };
-            Row { label, tasks: g.len() as u64, secs, dask: dask(name, n) }.print();
+            Row { label, tasks: g.len() as u64, secs, sched_cpu, dask: dask(name, n) }.print();
         }
 
         if want("map") {
-            map_gather(&client, map_n, &dask, &mut failures);
+            map_gather(&cluster, &client, map_n, &dask, &mut failures);
         }
         if want("transfer") {
             transfer(&client, transfer_mib, &dask, &mut failures)?;
@@ -197,7 +233,14 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
 
 type DaskRun<'a> = dyn Fn(&str, u64) -> Option<Result<DaskSample, String>> + 'a;
 
-fn map_gather(client: &BlockingClient, map_n: u64, dask: &DaskRun<'_>, failures: &mut Vec<String>) {
+fn map_gather(
+    cluster: &BenchCluster,
+    client: &BlockingClient,
+    map_n: u64,
+    dask: &DaskRun<'_>,
+    failures: &mut Vec<String>,
+) {
+    let cpu0 = cluster.scheduler_cpu();
     let t0 = Instant::now();
     let futures = client.map_calls(
         "add",
@@ -205,13 +248,15 @@ fn map_gather(client: &BlockingClient, map_n: u64, dask: &DaskRun<'_>, failures:
     );
     let values = client.gather(&futures);
     let secs = t0.elapsed().as_secs_f64();
+    let sched_cpu = cluster.cpu_since(cpu0);
     let sum = sum_ints(values.iter().map(|r| r.as_ref().ok()));
     let n = map_n as i64;
     if sum != n * (n + 1) / 2 {
         failures.push("map+gather: wrong result".into());
     }
     drop(futures);
-    Row { label: format!("map+gather-{}", human(map_n)), tasks: map_n, secs, dask: dask("mapgather", map_n) }.print();
+    let label = format!("map+gather-{}", human(map_n));
+    Row { label, tasks: map_n, secs, sched_cpu, dask: dask("mapgather", map_n) }.print();
 }
 
 fn transfer(
@@ -282,11 +327,15 @@ fn zero_work(exe: &std::path::Path, a: &DistArgs, want: &dyn Fn(&str) -> bool) -
     let zn = if a.common.quick { 10_000 } else { 100_000 };
     if want("zero") {
         let (g, outs, _) = workload("merge", zn)?;
+        let cpu0 = zero.scheduler_cpu();
         let t0 = Instant::now();
         zclient.compute(&g, &outs).map_err(|e| e.to_string())?;
         let secs = t0.elapsed().as_secs_f64();
+        let cpu = zero.cpu_since(cpu0).map_or(String::new(), |(c, _)| {
+            format!(" (scheduler CPU {:.2} µs/task)", c.as_secs_f64() * 1e6 / g.len() as f64)
+        });
         println!(
-            "zero-work workers (scheduler alone): merge-{}: {} tasks in {secs:.3} s = {:.0} tasks/s",
+            "zero-work workers (scheduler alone): merge-{}: {} tasks in {secs:.3} s = {:.0} tasks/s{cpu}",
             human(zn),
             g.len(),
             g.len() as f64 / secs
@@ -298,16 +347,23 @@ fn zero_work(exe: &std::path::Path, a: &DistArgs, want: &dyn Fn(&str) -> bool) -
         let spid = zero.scheduler.id().to_string();
         let _ = std::fs::write(format!("/proc/{spid}/clear_refs"), "5");
         let base = proc_status_kib(&spid, "VmRSS:");
+        let cpu0 = zero.scheduler_cpu();
+        let client0 = cpu_of(std::process::id());
         let t0 = Instant::now();
         let futures = zclient.submit_graph(&g, &outs);
+        let client_cpu = cpu_of(std::process::id()).zip(client0).map(|(a, b)| a.saturating_sub(b));
         zclient.accepted().map_err(|e| e.to_string())?;
         let intake = t0.elapsed().as_secs_f64();
+        let sched_cpu = zero.cpu_since(cpu0).map(|(s, _)| s);
         zclient.wait(&futures, Some(Duration::from_secs(300))).map_err(|e| e.to_string())?;
         let secs = t0.elapsed().as_secs_f64();
         let peak = proc_status_kib(&spid, "VmHWM:");
+        let us = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.2}", d.as_secs_f64() * 1e6 / n as f64));
         println!(
-            "zero-work intake: {n} independent tasks taken in by the scheduler in {intake:.3} s = {:.0} tasks/s (client encoding and transfer included); all done in {secs:.3} s = {:.0} tasks/s; scheduler peak RSS growth {:.0} B/task",
+            "zero-work intake: {n} independent tasks taken in by the scheduler in {intake:.3} s = {:.0} tasks/s (client encoding and transfer included; CPU µs/task: client submit {}, scheduler {}); all done in {secs:.3} s = {:.0} tasks/s; scheduler peak RSS growth {:.0} B/task",
             n as f64 / intake,
+            us(client_cpu),
+            us(sched_cpu),
             n as f64 / secs,
             peak.saturating_sub(base) as f64 / n as f64
         );

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use rask_graph::{ArgSpec, Executor, Graph, Key, TaskError, TaskId, TaskResult, TaskSpec, Value};
+use rask_graph::{ArgSpec, Executor, FxHashMap, Graph, Key, TaskError, TaskId, TaskResult, TaskSpec, Value};
 use rask_protocol::handshake::Role;
 use rask_protocol::msg::{FromScheduler, ToScheduler};
 use rask_protocol::wire::graph_to_wire;
@@ -68,7 +68,7 @@ struct Entry {
 }
 
 struct State {
-    keys: HashMap<String, Entry>,
+    keys: FxHashMap<Key, Entry>,
     closed: Option<String>,
     /// Submissions the scheduler has acknowledged.
     accepted: u64,
@@ -206,7 +206,7 @@ impl Client {
         let inner = Arc::new(Inner {
             outbox: Outbox::spawn(w),
             state: Mutex::new(State {
-                keys: HashMap::new(),
+                keys: FxHashMap::default(),
                 closed: None,
                 accepted: 0,
                 submitted: 0,
@@ -251,9 +251,14 @@ impl Client {
     }
 
     fn track(&self, key: &Key) -> RemoteFuture {
-        let mut st = self.inner.state();
-        st.keys.entry(key.as_str().to_owned()).or_insert(Entry { refs: 0, status: Status::Pending }).refs += 1;
+        Self::track_in(&mut self.inner.state(), key);
         RemoteFuture { key: key.clone(), inner: Arc::clone(&self.inner) }
+    }
+
+    /// Counts one more future for `key` (under the state lock the caller holds, so a large
+    /// submission takes the lock once, not once per key).
+    fn track_in(st: &mut State, key: &Key) {
+        st.keys.entry(key.clone()).or_insert(Entry { refs: 0, status: Status::Pending }).refs += 1;
     }
 
     /// Submits the part of `graph` needed for `outputs` (fusing linear chains) and returns a
@@ -280,7 +285,15 @@ impl Client {
             None => (culled, outs),
         };
         let rank = rask_graph::execution_ranks(&g, &outs);
-        let futures: Vec<RemoteFuture> = outs.iter().map(|o| self.track(g.key(*o))).collect();
+        let futures: Vec<RemoteFuture> = {
+            let mut st = self.inner.state();
+            outs.iter()
+                .map(|o| {
+                    Self::track_in(&mut st, g.key(*o));
+                    RemoteFuture { key: g.key(*o).clone(), inner: Arc::clone(&self.inner) }
+                })
+                .collect()
+        };
         let wanted = outs.iter().map(|o| g.key(*o).clone()).collect();
         self.inner.state().submitted += 1;
         self.inner.outbox.send(ToScheduler::SubmitGraph { tasks: graph_to_wire(&g, &rank), wanted }, Vec::new());
@@ -346,7 +359,7 @@ impl Client {
                 });
                 let mut st = self.inner.state();
                 for k in &keys {
-                    st.keys.insert(k.as_str().to_owned(), Entry { refs: 0, status: Status::Erred(Arc::clone(&err)) });
+                    st.keys.insert(k.clone(), Entry { refs: 0, status: Status::Erred(Arc::clone(&err)) });
                 }
                 drop(st);
                 return keys.iter().map(|k| self.track(k)).collect();

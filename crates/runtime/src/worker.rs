@@ -11,7 +11,7 @@
 //!   the function and this worker.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -93,8 +93,11 @@ type Prio = (i64, u64, u32);
 
 struct Queue {
     heap: BinaryHeap<Reverse<(Prio, u64)>>,
-    jobs: HashMap<u64, Job>,
+    jobs: FxHashMap<u64, Job>,
     closed: bool,
+    /// Executor threads blocked on the condition variable: only then does a new job need a
+    /// wake-up (a futex system call), not while they are busy or briefly spinning.
+    sleeping: usize,
 }
 
 /// Results from the executor threads.
@@ -159,8 +162,10 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     });
 
     // Executor threads.
-    let queue =
-        Arc::new((Mutex::new(Queue { heap: BinaryHeap::new(), jobs: HashMap::new(), closed: false }), Condvar::new()));
+    let queue = Arc::new((
+        Mutex::new(Queue { heap: BinaryHeap::new(), jobs: FxHashMap::default(), closed: false, sleeping: 0 }),
+        Condvar::new(),
+    ));
     let location: Arc<str> = Arc::from(format!("on worker {} ({data_address})", cfg.name));
     let mut threads = Vec::new();
     for i in 0..cfg.nthreads.max(1) {
@@ -423,7 +428,9 @@ fn enqueue(queue: &Arc<(Mutex<Queue>, Condvar)>, job: Job, prio: (i64, u64, u32)
     let mut q = lock(m);
     q.heap.push(Reverse((prio, seq)));
     q.jobs.insert(seq, job);
-    cv.notify_one();
+    if q.sleeping > 0 {
+        cv.notify_one();
+    }
 }
 
 fn executor_thread(
@@ -465,7 +472,9 @@ fn executor_thread(
                     q = lock(m);
                     continue;
                 }
+                q.sleeping += 1;
                 q = cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+                q.sleeping -= 1;
             }
         };
         let start = Instant::now();

@@ -39,6 +39,15 @@ pub struct Config {
     pub max_in_flight_per_thread: usize,
     /// Assumed transfer bandwidth between workers, bytes per microsecond (for placement).
     pub bandwidth_bytes_per_us: f64,
+    /// Assumed fixed cost of fetching one input from another worker, in microseconds (a
+    /// round-trip between processes). Placement charges it per missing input, so a tiny task
+    /// stays with its data unless another worker is idle by more than that; it also bounds
+    /// how far consecutive root tasks are kept together on one worker (see `schedule`).
+    pub transfer_latency_us: f64,
+    /// Assumed run time of a task on a worker that has not finished any yet, in microseconds
+    /// (Dask assumes 0.5 s too): until a worker's speed is known, a task already queued there
+    /// counts as long, so an idle worker is preferred to it.
+    pub unknown_duration_us: f64,
     /// How often a task may be sent back because its inputs could not be fetched.
     pub max_input_failures: u32,
     /// Work stealing: only tasks on workers whose tasks take at least this long on average
@@ -55,6 +64,8 @@ impl Default for Config {
             target_busy_us: 2000.0,
             max_in_flight_per_thread: 4096,
             bandwidth_bytes_per_us: 1000.0,
+            transfer_latency_us: 100.0,
+            unknown_duration_us: 500_000.0,
             max_input_failures: 3,
             steal_min_duration_us: 1000.0,
             steal_max_input_bytes: 16 << 20,
@@ -340,6 +351,8 @@ pub struct Core<P> {
     /// Tasks to forget once the current event is fully handled (never in the middle of a
     /// handler, which may still refer to them).
     to_forget: Vec<Tid>,
+    /// The worker the last root task (one without inputs) went to.
+    last_root: Option<WorkerId>,
 }
 
 impl<P: Clone> Core<P> {
@@ -359,6 +372,7 @@ impl<P: Clone> Core<P> {
             out: Vec::new(),
             scratch: Vec::new(),
             to_forget: Vec::new(),
+            last_root: None,
         }
     }
 
@@ -784,22 +798,37 @@ impl<P: Clone> Core<P> {
 
     /// Bytes of `t`'s inputs that worker `wid` would have to fetch.
     fn missing_bytes(&self, t: Tid, wid: WorkerId) -> u64 {
-        let mut missing = 0u64;
+        self.missing(t, wid).1
+    }
+
+    /// Inputs of `t` that worker `wid` would have to fetch: (how many, total bytes).
+    fn missing(&self, t: Tid, wid: WorkerId) -> (u32, u64) {
+        let (mut count, mut bytes) = (0u32, 0u64);
         for d in &self.task(t).deps {
             let dep = self.task(*d);
             if let State::Memory { who_has } = &dep.state {
                 if !who_has.contains(&wid) {
-                    missing += dep.nbytes;
+                    count += 1;
+                    bytes += dep.nbytes;
                 }
             }
         }
-        missing
+        (count, bytes)
     }
 
-    /// Estimated cost (µs) of running `t` on `w`: fetching missing inputs plus queueing.
+    /// Estimated wait (µs) before a task sent to `w` now would start.
+    fn wait_us(&self, w: &Worker) -> f64 {
+        let avg = if w.avg_duration_us > 0.0 { w.avg_duration_us } else { self.cfg.unknown_duration_us };
+        w.processing.len() as f64 / f64::from(w.spec.nthreads.max(1)) * avg
+    }
+
+    /// Estimated cost (µs) of running `t` on `w`: fetching missing inputs (a round-trip each,
+    /// plus their bytes) and queueing.
     fn cost(&self, t: Tid, wid: WorkerId, w: &Worker) -> f64 {
-        let wait = w.processing.len() as f64 / f64::from(w.spec.nthreads.max(1)) * w.avg_duration_us.max(1.0);
-        self.missing_bytes(t, wid) as f64 / self.cfg.bandwidth_bytes_per_us + wait
+        let (count, bytes) = self.missing(t, wid);
+        f64::from(count) * self.cfg.transfer_latency_us
+            + bytes as f64 / self.cfg.bandwidth_bytes_per_us
+            + self.wait_us(w)
     }
 
     /// Assigns ready tasks to workers with free slots, best priority first.
@@ -814,7 +843,9 @@ impl<P: Clone> Core<P> {
                 continue; // stale heap entry
             }
             let task = self.task(t);
+            let is_root = task.deps.is_empty();
             let mut best: Option<(f64, WorkerId)> = None;
+            let mut sticky: Option<(f64, WorkerId)> = None;
             for (wid, w) in &self.workers {
                 if !self.has_slot(w) || !self.eligible(t, w) || !Self::resources_free(task, w) {
                     continue;
@@ -823,9 +854,26 @@ impl<P: Clone> Core<P> {
                 if best.is_none_or(|(bc, _)| c < bc) {
                     best = Some((c, *wid));
                 }
+                if is_root && self.last_root == Some(*wid) {
+                    sticky = Some((c, *wid));
+                }
+            }
+            // Root tasks next to each other in priority order usually feed the same
+            // dependents (the leaves of a reduction): keep giving them to the same worker
+            // while it is not behind the best one by more than a transfer would cost, so
+            // their dependents find their inputs in place instead of fetching one of two.
+            if let (Some((sc, sw)), Some((bc, _))) = (sticky, best) {
+                if sc <= bc + self.cfg.transfer_latency_us {
+                    best = Some((sc, sw));
+                }
             }
             match best {
-                Some((_, wid)) => self.assign(t, wid),
+                Some((_, wid)) => {
+                    if is_root {
+                        self.last_root = Some(wid);
+                    }
+                    self.assign(t, wid);
+                }
                 None if !self.can_ever_run(t) => {
                     self.task_mut(t).state = State::NoWorker;
                     self.no_worker.push(t);

@@ -135,6 +135,50 @@ fn task_runs_where_its_large_input_lives() {
 }
 
 #[test]
+fn adjacent_root_tasks_share_a_worker_and_their_reduction_runs_there() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.worker(W2, "w2", 1, &[]);
+    // Both workers have run a short task, so their speed is known (10 µs a task).
+    env.submit(C1, vec![task("warm1", &[]), task("warm2", &[])], &["warm1", "warm2"]);
+    for (w, k) in computes(&std::mem::take(&mut env.log)) {
+        env.ev(Event::TaskFinished { worker: w, key: Key::new(k), nbytes: 1, duration_us: 10 });
+    }
+    env.log.clear();
+    env.submit(C1, vec![task("r0", &[]), task("r1", &[]), task("sum", &["r0", "r1"])], &["sum"]);
+    let placed = computes(&env.log).into_iter().map(|(w, k)| (k.to_owned(), w)).collect::<BTreeMap<_, _>>();
+    assert_eq!(placed["r0"], placed["r1"], "both leaves of one reduction on one worker: {placed:?}");
+    let w = placed["r0"];
+    env.finish(w, "r0", 8);
+    let out = env.finish(w, "r1", 8);
+    assert_eq!(computes(&out), [(w, "sum")], "no input has to move");
+}
+
+#[test]
+fn small_inputs_move_only_when_the_holder_is_busier_than_a_fetch_costs() {
+    // A high in-flight limit, so the holder always has a free slot and only cost decides.
+    let mut env = Env::with(Config { target_busy_us: 10_000.0, ..Config::default() });
+    env.worker(W1, "w1", 1, &[]);
+    env.worker(W2, "w2", 1, &[]);
+    let on = |name: &str, mut t: NewTask<P>| {
+        t.restrictions = Some(Box::new(Restrictions { workers: vec![Arc::from(name)], ..Default::default() }));
+        t
+    };
+    // w1 holds `a` and then gets two slow pinned tasks (1 ms each, from the finish below).
+    let tasks = vec![on("w1", task("a", &[])), on("w1", task("slow1", &[])), on("w1", task("slow2", &[]))];
+    env.submit(C1, tasks, &["a", "slow1", "slow2"]);
+    env.finish(W1, "a", 8);
+    // w1 now has about 1-2 ms of queued work; fetching 8 bytes costs a round-trip (100 µs).
+    let out = env.submit(C2, vec![task("use_a", &["a"])], &["use_a"]);
+    assert_eq!(computes(&out), [(W2, "use_a")], "the idle worker fetches rather than wait 1 ms");
+    env.finish(W1, "slow1", 8);
+    env.finish(W1, "slow2", 8);
+    // w1 is idle again and w2 has a task in flight: the next user of `a` stays with it.
+    let out = env.submit(C2, vec![task("use_a_again", &["a"])], &["use_a_again"]);
+    assert_eq!(computes(&out), [(W1, "use_a_again")]);
+}
+
+#[test]
 fn resources_limit_placement_and_concurrency() {
     let mut env = Env::new();
     env.worker(W1, "cpu", 4, &[]);
