@@ -14,6 +14,7 @@ pub enum ToScheduler {
     /// Client: add these tasks (keys already known are reused) and hold futures for `wanted`.
     SubmitGraph {
         /// The tasks.
+        #[serde(deserialize_with = "crate::wire::presized")]
         tasks: Vec<WireTask>,
         /// Keys the client holds futures for.
         wanted: Vec<Key>,

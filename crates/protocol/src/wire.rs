@@ -66,6 +66,36 @@ where
     result
 }
 
+/// Most elements a sequence is pre-sized for from its announced length. Reserving is virtual
+/// memory only (pages are touched as elements arrive), so a peer announcing a huge length costs
+/// address space, not memory, and this bound keeps even that modest.
+const MAX_PRESIZE: usize = 1 << 22;
+
+/// Deserializes a long sequence (a graph's tasks) into a vector sized from the announced
+/// length, instead of serde's default of at most 1 MiB up front and doubling from there, which
+/// copies a million-task submission several times and touches twice its memory.
+pub(crate) fn presized<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a sequence")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_PRESIZE));
+            while let Some(x) = seq.next_element()? {
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(V(std::marker::PhantomData))
+}
+
 /// Converts a value, moving large binary parts into `blobs` (zero-copy: `Bytes` clones).
 #[must_use]
 pub fn value_to_wire(v: &Value, blobs: &mut Vec<Bytes>) -> WireValue {
@@ -171,8 +201,9 @@ pub struct WireTask {
     pub deps: Vec<Key>,
     /// What to run.
     pub body: WireBody,
-    /// Non-default annotations.
-    pub annotations: Option<WireAnnotations>,
+    /// Non-default annotations (boxed: most tasks have none, and a million-task submission
+    /// should not carry 80 empty bytes per task in memory).
+    pub annotations: Option<Box<WireAnnotations>>,
     /// Position in the graph's memory-friendly order (lower first), from `rask_graph::order`.
     pub order: u32,
 }
@@ -265,7 +296,7 @@ pub fn graph_to_wire(g: &Graph, rank: &[u32]) -> Vec<WireTask> {
                 Body::Call(c) => WireBody::Call(call(c)),
                 Body::Chain(links) => WireBody::Chain(links.iter().map(|l| (l.key.clone(), call(&l.call))).collect()),
             };
-            let annotations = task.annotations.as_deref().map(annotations_to_wire);
+            let annotations = task.annotations.as_deref().map(|a| Box::new(annotations_to_wire(a)));
             WireTask {
                 key: g.key(t).clone(),
                 deps: g.deps(t).iter().map(|d| g.key(*d).clone()).collect(),

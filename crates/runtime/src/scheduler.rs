@@ -344,7 +344,7 @@ fn message_event(id: u32, peers: &HashMap<u32, Peer>, is_worker: bool, m: ToSche
 }
 
 fn new_task(t: WireTask) -> NewTask<Arc<Payload>> {
-    let ann = t.annotations.unwrap_or_default();
+    let ann = t.annotations.map(|a| *a).unwrap_or_default();
     let restrictions = (!ann.resources.is_empty() || !ann.workers.is_empty()).then(|| {
         Box::new(Restrictions {
             resources: ann.resources.iter().map(|(n, a)| (Arc::from(n.as_str()), *a)).collect(),

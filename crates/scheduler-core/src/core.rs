@@ -571,7 +571,12 @@ impl<P: Clone> Core<P> {
     fn submit(&mut self, client: ClientId, tasks: Vec<NewTask<P>>, wanted: Vec<Key>) {
         self.submissions += 1;
         let generation = self.submissions;
-        let mut fresh: Vec<(Tid, Vec<Key>)> = Vec::new();
+        // Grow once, not by repeated doubling: a million-task graph would otherwise copy and
+        // touch its task table several times over.
+        let free = self.free_slots.len();
+        self.tasks.reserve(tasks.len().saturating_sub(free));
+        self.by_key.reserve(tasks.len());
+        let mut fresh: Vec<(Tid, Vec<Key>)> = Vec::with_capacity(tasks.len());
         for nt in tasks {
             if self.by_key.contains_key(&nt.key) {
                 continue; // same key, same content: reuse the existing task
