@@ -523,18 +523,23 @@ impl<P: Clone> Core<P> {
 
     fn alloc(&mut self, task: Task<P>) -> Tid {
         let key = task.key.clone();
-        let t = match self.free_slots.pop() {
+        let t = Self::place(&mut self.tasks, &mut self.free_slots, task);
+        self.by_key.insert(key, t);
+        t
+    }
+
+    /// Stores a task in a free slot of the table (not yet in `by_key`).
+    fn place(tasks: &mut Vec<Option<Task<P>>>, free_slots: &mut Vec<u32>, task: Task<P>) -> Tid {
+        match free_slots.pop() {
             Some(i) => {
-                self.tasks[i as usize] = Some(task);
+                tasks[i as usize] = Some(task);
                 Tid(i)
             }
             None => {
-                self.tasks.push(Some(task));
-                Tid(self.tasks.len() as u32 - 1)
+                tasks.push(Some(task));
+                Tid(tasks.len() as u32 - 1)
             }
-        };
-        self.by_key.insert(key, t);
-        t
+        }
     }
 
     fn notify_wanters(&mut self, t: Tid) {
@@ -578,10 +583,11 @@ impl<P: Clone> Core<P> {
         self.by_key.reserve(tasks.len());
         let mut fresh: Vec<(Tid, Vec<Key>)> = Vec::with_capacity(tasks.len());
         for nt in tasks {
-            if self.by_key.contains_key(&nt.key) {
-                continue; // same key, same content: reuse the existing task
-            }
-            let t = self.alloc(Task {
+            // One hash probe per task: a known key (same key, same content) reuses the task.
+            let std::collections::hash_map::Entry::Vacant(entry) = self.by_key.entry(nt.key.clone()) else {
+                continue;
+            };
+            let task = Task {
                 key: nt.key,
                 payload: Some(nt.payload),
                 deps: Vec::new(),
@@ -595,7 +601,9 @@ impl<P: Clone> Core<P> {
                 nbytes: 0,
                 input_failures: 0,
                 steal_requested: false,
-            });
+            };
+            let t = Self::place(&mut self.tasks, &mut self.free_slots, task);
+            entry.insert(t);
             fresh.push((t, nt.deps));
         }
         // Link dependencies; an unknown input fails the task (and what depends on it).
