@@ -143,6 +143,31 @@ fn one_task_graph(key: &str, op: &str, args: Vec<ArgSpec>) -> (rask_graph::Graph
 }
 
 #[test]
+fn graph_sent_in_many_parts_gives_the_same_result() {
+    // 2 000 leaves and a tree of sums over them, in parts of 150 tasks: later parts depend on
+    // earlier ones, and the wanted outputs sit in different parts.
+    let cluster = Cluster::with_workers(2, &[]);
+    let mut c = BlockingClient::connect(&cluster.address).expect("client");
+    c.set_part_size(150);
+    let mut b = GraphBuilder::new();
+    for i in 0..2000i64 {
+        b.add(TaskSpec::new(format!("leaf-{i}"), "identity", vec![ArgSpec::Lit(Value::Int(i))]));
+    }
+    for j in 0..20 {
+        let inputs = (0..100).map(|i| ArgSpec::Ref(format!("leaf-{}", j * 100 + i).into())).collect();
+        b.add(TaskSpec::new(format!("part-{j}"), "sum", vec![ArgSpec::list(inputs)]));
+    }
+    let parts = (0..20).map(|j| ArgSpec::Ref(format!("part-{j}").into())).collect();
+    b.add(TaskSpec::new("total", "sum", vec![ArgSpec::list(parts)]));
+    let g = b.build().expect("graph");
+    let outs: Vec<_> = ["total", "leaf-0", "part-19"].iter().map(|k| g.id(k).expect("key")).collect();
+    let got: Vec<Value> =
+        c.compute(&g, &outs).expect("computes").into_iter().collect::<Result<_, _>>().expect("no task fails");
+    let part19: i64 = (1900..2000).sum();
+    assert_eq!(got, [Value::Int((0..2000).sum()), Value::Int(0), Value::Int(part19)]);
+}
+
+#[test]
 fn key_shared_by_two_clients_survives_one_closing() {
     let cluster = Cluster::with_workers(1, &[]);
     let (g, outs) =

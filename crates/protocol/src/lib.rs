@@ -17,7 +17,7 @@ pub mod msg;
 pub mod wire;
 
 /// Version of the message formats below; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Identifies the build: processes of different builds may register different functions under
 /// the same names, so they refuse each other.

@@ -11,7 +11,16 @@ use crate::wire::{WireBody, WireError, WireTask, WireValue};
 /// Sent to the scheduler by clients and workers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToScheduler {
-    /// Client: add these tasks (keys already known are reused) and hold futures for `wanted`.
+    /// Client: the first parts of a large graph, each in its own frame so the scheduler takes
+    /// one in while the client encodes the next. A part's tasks depend only on keys already
+    /// known or in the part; the graph is complete with the `SubmitGraph` that follows.
+    SubmitPart {
+        /// The tasks.
+        #[serde(deserialize_with = "crate::wire::presized")]
+        tasks: Vec<WireTask>,
+    },
+    /// Client: add these tasks (keys already known are reused) and hold futures for `wanted`;
+    /// the last part of a graph sent in parts.
     SubmitGraph {
         /// The tasks.
         #[serde(deserialize_with = "crate::wire::presized")]

@@ -206,6 +206,9 @@ pub struct WireTask {
     pub annotations: Option<Box<WireAnnotations>>,
     /// Position in the graph's memory-friendly order (lower first), from `rask_graph::order`.
     pub order: u32,
+    /// The client holds a future for this task (instead of repeating its key in the
+    /// submission's wanted list).
+    pub wanted: bool,
 }
 
 /// A task failure on the wire.
@@ -285,27 +288,34 @@ fn inline(v: &Value) -> WireValue {
 /// Converts a graph's tasks to their wire form; `rank` is each task's order position.
 #[must_use]
 pub fn graph_to_wire(g: &Graph, rank: &[u32]) -> Vec<WireTask> {
-    g.ids()
-        .map(|t: TaskId| {
-            let task = g.task(t);
-            let call = |c: &rask_graph::Call| WireCall {
-                op: g.op_name(c.op).to_owned(),
-                args: c.args.iter().map(|a| arg_to_wire(g, a)).collect(),
-            };
-            let body = match &task.body {
-                Body::Call(c) => WireBody::Call(call(c)),
-                Body::Chain(links) => WireBody::Chain(links.iter().map(|l| (l.key.clone(), call(&l.call))).collect()),
-            };
-            let annotations = task.annotations.as_deref().map(|a| Box::new(annotations_to_wire(a)));
-            WireTask {
-                key: g.key(t).clone(),
-                deps: g.deps(t).iter().map(|d| g.key(*d).clone()).collect(),
-                body,
-                annotations,
-                order: rank.get(t.idx()).copied().unwrap_or(0),
-            }
-        })
-        .collect()
+    tasks_to_wire(g, rank, g.ids(), &[])
+}
+
+/// Converts some of a graph's tasks to their wire form (one part of a submission sent in
+/// parts); `rank` is each task's order position in the whole graph, `wanted` (by task id;
+/// may be shorter) flags the tasks the client holds futures for.
+pub fn tasks_to_wire(g: &Graph, rank: &[u32], ids: impl Iterator<Item = TaskId>, wanted: &[bool]) -> Vec<WireTask> {
+    ids.map(|t: TaskId| {
+        let task = g.task(t);
+        let call = |c: &rask_graph::Call| WireCall {
+            op: g.op_name(c.op).to_owned(),
+            args: c.args.iter().map(|a| arg_to_wire(g, a)).collect(),
+        };
+        let body = match &task.body {
+            Body::Call(c) => WireBody::Call(call(c)),
+            Body::Chain(links) => WireBody::Chain(links.iter().map(|l| (l.key.clone(), call(&l.call))).collect()),
+        };
+        let annotations = task.annotations.as_deref().map(|a| Box::new(annotations_to_wire(a)));
+        WireTask {
+            key: g.key(t).clone(),
+            deps: g.deps(t).iter().map(|d| g.key(*d).clone()).collect(),
+            body,
+            annotations,
+            order: rank.get(t.idx()).copied().unwrap_or(0),
+            wanted: wanted.get(t.idx()).copied().unwrap_or(false),
+        }
+    })
+    .collect()
 }
 
 /// Annotations to their wire form.

@@ -14,10 +14,14 @@ use std::time::Duration;
 use rask_graph::{ArgSpec, Executor, FxHashMap, Graph, Key, TaskError, TaskId, TaskResult, TaskSpec, Value};
 use rask_protocol::handshake::Role;
 use rask_protocol::msg::{FromScheduler, ToScheduler};
-use rask_protocol::wire::graph_to_wire;
+use rask_protocol::wire::{WireTask, graph_to_wire, tasks_to_wire};
 use tokio::sync::watch;
 
 use crate::conn::{Outbox, PeerPool, dial, read_loop};
+
+/// Default tasks per part when a large graph is submitted in parts (see
+/// `ToScheduler::SubmitPart` and [`Client::set_part_size`]).
+const SUBMIT_PART: usize = 1 << 16;
 
 /// How long `gather` waits for one worker to deliver results before trying again.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -97,6 +101,7 @@ impl Inner {
 pub struct Client {
     inner: Arc<Inner>,
     fuse: bool,
+    part_size: usize,
 }
 
 /// A handle to a key being computed (or computed) on the cluster. Dropping the last handle to
@@ -165,7 +170,7 @@ impl RemoteFuture {
     /// # Errors
     /// The task's failure, a cancellation, or a lost connection.
     pub async fn result(&self) -> Result<Value, ClientError> {
-        let client = Client { inner: Arc::clone(&self.inner), fuse: true };
+        let client = Client { inner: Arc::clone(&self.inner), fuse: true, part_size: SUBMIT_PART };
         client.gather(std::slice::from_ref(self)).await.pop().unwrap_or(Err(ClientError::Timeout))
     }
 }
@@ -241,13 +246,20 @@ impl Client {
                 inner.changed.send_modify(|v| *v += 1);
             }
         });
-        Ok(Client { inner, fuse: true })
+        Ok(Client { inner, fuse: true, part_size: SUBMIT_PART })
     }
 
     /// Whether [`Client::submit_graph`] fuses linear chains first (on by default; benchmarks
     /// turn it off to measure scheduling of the graph as given).
     pub fn set_fuse(&mut self, fuse: bool) {
         self.fuse = fuse;
+    }
+
+    /// Tasks per part when [`Client::submit_graph`] sends a large graph in parts (65 536 by
+    /// default). Parts let the scheduler take a graph in while the client still encodes it;
+    /// smaller parts start work sooner, larger ones cost fewer messages.
+    pub fn set_part_size(&mut self, tasks: usize) {
+        self.part_size = tasks.max(1);
     }
 
     fn track(&self, key: &Key) -> RemoteFuture {
@@ -294,9 +306,31 @@ impl Client {
                 })
                 .collect()
         };
-        let wanted = outs.iter().map(|o| g.key(*o).clone()).collect();
+        // Wanted tasks are flagged in place (no second list of keys to send and look up).
+        let mut flags = vec![false; g.len()];
+        for o in &outs {
+            flags[o.idx()] = true;
+        }
+        let wanted = Vec::new();
         self.inner.state().submitted += 1;
-        self.inner.outbox.send(ToScheduler::SubmitGraph { tasks: graph_to_wire(&g, &rank), wanted }, Vec::new());
+        if g.len() <= self.part_size {
+            let tasks = tasks_to_wire(&g, &rank, g.ids(), &flags);
+            self.inner.outbox.send(ToScheduler::SubmitGraph { tasks, wanted }, Vec::new());
+            return futures;
+        }
+        // A large graph goes in parts, inputs before their users: the scheduler takes each
+        // part in while this thread converts the next and the writer task encodes it.
+        let order = g.topo_order();
+        let mut parts = order.chunks(self.part_size).peekable();
+        while let Some(part) = parts.next() {
+            let tasks = tasks_to_wire(&g, &rank, part.iter().copied(), &flags);
+            if parts.peek().is_some() {
+                self.inner.outbox.send_alone(ToScheduler::SubmitPart { tasks });
+            } else {
+                self.inner.outbox.send_alone(ToScheduler::SubmitGraph { tasks, wanted });
+                break;
+            }
+        }
         futures
     }
 
@@ -370,9 +404,13 @@ impl Client {
         let called: std::collections::HashSet<&str> = keys.iter().map(Key::as_str).collect();
         let placeholders: std::collections::HashSet<&str> =
             graph.ids().map(|t| graph.key(t).as_str()).filter(|k| !called.contains(k)).collect();
-        let tasks =
-            graph_to_wire(&graph, &rank).into_iter().filter(|t| !placeholders.contains(t.key.as_str())).collect();
-        let wanted = keys.to_vec();
+        // Every task left is one of the calls, and wanted (flagged, not listed again).
+        let tasks = graph_to_wire(&graph, &rank)
+            .into_iter()
+            .filter(|t| !placeholders.contains(t.key.as_str()))
+            .map(|t| WireTask { wanted: true, ..t })
+            .collect();
+        let wanted = Vec::new();
         self.inner.state().submitted += 1;
         self.inner.outbox.send(ToScheduler::SubmitGraph { tasks, wanted }, Vec::new());
         futures
@@ -690,6 +728,11 @@ impl BlockingClient {
     /// See [`Client::set_fuse`].
     pub fn set_fuse(&mut self, fuse: bool) {
         self.client.set_fuse(fuse);
+    }
+
+    /// See [`Client::set_part_size`].
+    pub fn set_part_size(&mut self, tasks: usize) {
+        self.client.set_part_size(tasks);
     }
 
     /// Runs a future on this client's runtime (e.g. [`AsCompleted::next`]).

@@ -18,6 +18,9 @@ use tokio::sync::mpsc;
 /// everything queued before it has been written.
 enum Item<M> {
     Msg(M, Vec<Bytes>),
+    /// A large message that gets a frame of its own, so the peer can decode and handle it
+    /// while the next one is still being encoded here.
+    Alone(M),
     Flushed(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -44,6 +47,12 @@ impl<M: Serialize + Send + Sync + 'static> Outbox<M> {
     /// is gone.
     pub(crate) fn send(&self, msg: M, blobs: Vec<Bytes>) -> bool {
         self.tx.send(Item::Msg(msg, blobs)).is_ok()
+    }
+
+    /// Queues a large message to travel in its own frame (see [`Item::Alone`]). Returns false
+    /// if the connection is gone.
+    pub(crate) fn send_alone(&self, msg: M) -> bool {
+        self.tx.send(Item::Alone(msg)).is_ok()
     }
 
     /// Resolves once everything queued so far has been written to the socket (or the
@@ -75,6 +84,11 @@ async fn write_loop<M: Serialize>(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc
                 }
                 Item::Msg(m, blobs) => {
                     flush_batch(&mut w, &mut batch).await && write_frame(&mut w, &[m], &blobs).await.is_ok()
+                }
+                Item::Alone(m) => {
+                    flush_batch(&mut w, &mut batch).await
+                        && write_frame(&mut w, &[m], &[]).await.is_ok()
+                        && w.flush().await.is_ok()
                 }
                 Item::Flushed(done) => {
                     waiting.push(done);

@@ -318,6 +318,9 @@ fn worker_at(peers: &HashMap<u32, Peer>, addr: &str) -> Option<WorkerId> {
 fn message_event(id: u32, peers: &HashMap<u32, Peer>, is_worker: bool, m: ToScheduler) -> Option<Event<Arc<Payload>>> {
     let (client, worker) = (ClientId(id), WorkerId(id));
     Some(match (is_worker, m) {
+        (false, ToScheduler::SubmitPart { tasks }) => {
+            Event::GraphPart { client, tasks: tasks.into_iter().map(new_task).collect() }
+        }
         (false, ToScheduler::SubmitGraph { tasks, wanted }) => {
             Event::GraphSubmitted { client, tasks: tasks.into_iter().map(new_task).collect(), wanted }
         }
@@ -359,6 +362,7 @@ fn new_task(t: WireTask) -> NewTask<Arc<Payload>> {
         priority: ann.priority,
         order: t.order,
         restrictions,
+        wanted: t.wanted,
     }
 }
 

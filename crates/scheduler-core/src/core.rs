@@ -112,6 +112,9 @@ pub struct NewTask<P> {
     pub order: u32,
     /// Placement constraints, if any.
     pub restrictions: Option<Box<Restrictions>>,
+    /// The submitting client holds a future for it (saves sending and looking up its key
+    /// a second time in the wanted list).
+    pub wanted: bool,
 }
 
 /// Facts the scheduler learns.
@@ -127,7 +130,18 @@ pub enum Event<P> {
         /// Its id.
         client: ClientId,
     },
-    /// A client submitted tasks and wants futures for `wanted`.
+    /// A client sent the first parts of a large graph: their tasks are registered and linked
+    /// (they may depend only on keys already known), and kept until the client's
+    /// `GraphSubmitted` completes the graph — or forgotten if the client leaves before that,
+    /// so an interrupted submission leaves nothing behind.
+    GraphPart {
+        /// Who.
+        client: ClientId,
+        /// New tasks (keys already known are reused).
+        tasks: Vec<NewTask<P>>,
+    },
+    /// A client submitted tasks (the last part, if it sent parts) and wants futures for
+    /// `wanted`.
     GraphSubmitted {
         /// Who.
         client: ClientId,
@@ -322,6 +336,9 @@ struct Task<P> {
     input_failures: u32,
     /// A steal request for this task is out; do not ask again.
     steal_requested: bool,
+    /// Open graph submissions (sent in parts, not finished yet) that include this task: it
+    /// must not be forgotten before they finish.
+    held: u32,
 }
 
 struct Worker {
@@ -353,6 +370,9 @@ pub struct Core<P> {
     to_forget: Vec<Tid>,
     /// The worker the last root task (one without inputs) went to.
     last_root: Option<WorkerId>,
+    /// Clients in the middle of sending a graph in parts: the submission's priority
+    /// generation and the tasks registered so far (kept alive until the last part).
+    open_parts: BTreeMap<ClientId, (u64, Vec<Tid>)>,
 }
 
 impl<P: Clone> Core<P> {
@@ -373,6 +393,7 @@ impl<P: Clone> Core<P> {
             scratch: Vec::new(),
             to_forget: Vec::new(),
             last_root: None,
+            open_parts: BTreeMap::new(),
         }
     }
 
@@ -434,9 +455,27 @@ impl<P: Clone> Core<P> {
             }
             Event::ClientDisconnected { client } => {
                 self.clients.remove(&client);
+                // Parts of a graph the client never finished sending.
+                if let Some((_, pending)) = self.open_parts.remove(&client) {
+                    self.unhold(pending);
+                }
                 let keys: Vec<Tid> = self.live_ids().filter(|t| self.task(*t).wanted_by.contains(&client)).collect();
                 for t in keys {
                     self.unwant(t, client);
+                }
+            }
+            Event::GraphPart { client, tasks } => {
+                let generation = self.generation_for(client);
+                let (part, wanted) = self.register(tasks, generation);
+                for &t in &part {
+                    self.task_mut(t).held += 1;
+                }
+                if let Some((_, pending)) = self.open_parts.get_mut(&client) {
+                    pending.extend(part);
+                }
+                // Wanted tasks of a part start now, while the rest of the graph arrives.
+                for t in wanted {
+                    self.want_id(client, t);
                 }
             }
             Event::GraphSubmitted { client, tasks, wanted } => self.submit(client, tasks, wanted),
@@ -573,19 +612,65 @@ impl<P: Clone> Core<P> {
 
     // ----- submission ------------------------------------------------------------------------
 
-    fn submit(&mut self, client: ClientId, tasks: Vec<NewTask<P>>, wanted: Vec<Key>) {
+    /// The priority generation of `client`'s submission in progress (parts share their final
+    /// submission's place in the FIFO order), opening one if none is.
+    fn generation_for(&mut self, client: ClientId) -> u64 {
+        if let Some((g, _)) = self.open_parts.get(&client) {
+            return *g;
+        }
         self.submissions += 1;
-        let generation = self.submissions;
+        self.open_parts.insert(client, (self.submissions, Vec::new()));
+        self.submissions
+    }
+
+    fn submit(&mut self, client: ClientId, tasks: Vec<NewTask<P>>, wanted: Vec<Key>) {
+        let generation = self.generation_for(client);
+        let (submitted, flagged) = self.register(tasks, generation);
+        let pending = self.open_parts.remove(&client).map(|(_, p)| p).unwrap_or_default();
+        for t in flagged {
+            self.want_id(client, t);
+        }
+        self.want(client, wanted);
+        self.unhold(pending);
+        // Tasks submitted but neither wanted nor needed are dropped right away.
+        for t in submitted {
+            self.maybe_forget(t);
+        }
+    }
+
+    /// An open submission holding `tasks` finished or was abandoned: let them go unless
+    /// wanted or needed.
+    fn unhold(&mut self, tasks: Vec<Tid>) {
+        for t in tasks {
+            let task = self.task_mut(t);
+            task.held -= 1;
+            self.maybe_forget(t);
+        }
+    }
+
+    /// Adds new tasks (reusing known keys) and links them; returns the ids of all of `tasks`
+    /// (reused ones first) and of those flagged wanted. Inputs must be known already or among `tasks`; an unknown input
+    /// fails the task.
+    fn register(&mut self, tasks: Vec<NewTask<P>>, generation: u64) -> (Vec<Tid>, Vec<Tid>) {
         // Grow once, not by repeated doubling: a million-task graph would otherwise copy and
         // touch its task table several times over.
         let free = self.free_slots.len();
         self.tasks.reserve(tasks.len().saturating_sub(free));
         self.by_key.reserve(tasks.len());
         let mut fresh: Vec<(Tid, Vec<Key>)> = Vec::with_capacity(tasks.len());
+        let mut reused: Vec<Tid> = Vec::new();
+        let mut wanted: Vec<Tid> = Vec::new();
         for nt in tasks {
             // One hash probe per task: a known key (same key, same content) reuses the task.
-            let std::collections::hash_map::Entry::Vacant(entry) = self.by_key.entry(nt.key.clone()) else {
-                continue;
+            let entry = match self.by_key.entry(nt.key.clone()) {
+                std::collections::hash_map::Entry::Vacant(entry) => entry,
+                std::collections::hash_map::Entry::Occupied(known) => {
+                    reused.push(*known.get());
+                    if nt.wanted {
+                        wanted.push(*known.get());
+                    }
+                    continue;
+                }
             };
             let task = Task {
                 key: nt.key,
@@ -601,9 +686,13 @@ impl<P: Clone> Core<P> {
                 nbytes: 0,
                 input_failures: 0,
                 steal_requested: false,
+                held: 0,
             };
             let t = Self::place(&mut self.tasks, &mut self.free_slots, task);
             entry.insert(t);
+            if nt.wanted {
+                wanted.push(t);
+            }
             fresh.push((t, nt.deps));
         }
         // Link dependencies; an unknown input fails the task (and what depends on it).
@@ -647,6 +736,12 @@ impl<P: Clone> Core<P> {
                 self.task_mut(*t).state = State::Erred(err);
             }
         }
+        reused.extend(fresh.into_iter().map(|(t, _)| t));
+        (reused, wanted)
+    }
+
+    /// `client` holds futures for `wanted`: compute them, or report them if already done.
+    fn want(&mut self, client: ClientId, wanted: Vec<Key>) {
         for k in wanted {
             let Some(t) = self.by_key.get(&k).copied() else {
                 let error = Arc::new(TaskError {
@@ -658,18 +753,18 @@ impl<P: Clone> Core<P> {
                 self.out.push(Command::KeyErred { client, key: k, error });
                 continue;
             };
-            if !self.task(t).wanted_by.contains(&client) {
-                self.task_mut(t).wanted_by.push(client);
-            }
-            match self.task(t).state {
-                State::Memory { .. } | State::Erred(_) => self.out.extend(self.status_for(t, client)),
-                State::Released => self.compute(t),
-                _ => {}
-            }
+            self.want_id(client, t);
         }
-        // Tasks submitted but neither wanted nor needed are dropped right away.
-        for (t, _) in fresh {
-            self.maybe_forget(t);
+    }
+
+    fn want_id(&mut self, client: ClientId, t: Tid) {
+        if !self.task(t).wanted_by.contains(&client) {
+            self.task_mut(t).wanted_by.push(client);
+        }
+        match self.task(t).state {
+            State::Memory { .. } | State::Erred(_) => self.out.extend(self.status_for(t, client)),
+            State::Released => self.compute(t),
+            _ => {}
         }
     }
 
@@ -699,7 +794,8 @@ impl<P: Clone> Core<P> {
 
     /// Makes a released task (and the released inputs it needs) compute.
     fn compute(&mut self, t: Tid) {
-        let mut stack = vec![t];
+        let mut stack = self.scratch.pop().unwrap_or_default();
+        stack.push(t);
         while let Some(t) = stack.pop() {
             if self.task(t).state != State::Released {
                 continue;
@@ -737,6 +833,7 @@ impl<P: Clone> Core<P> {
                 self.inputs_done(t);
             }
         }
+        self.recycle(stack);
     }
 
     /// All inputs finished: fail with the first failed input, or become ready.
@@ -1020,6 +1117,7 @@ impl<P: Clone> Core<P> {
                     nbytes,
                     input_failures: 0,
                     steal_requested: false,
+                    held: 0,
                 }),
             };
             if !self.task(t).wanted_by.contains(&client) {
@@ -1288,7 +1386,7 @@ impl<P: Clone> Core<P> {
             return;
         }
         let task = self.task(t);
-        if !task.wanted_by.is_empty() || !task.dependents.is_empty() {
+        if !task.wanted_by.is_empty() || !task.dependents.is_empty() || task.held > 0 {
             return;
         }
         // Not wanted and nothing depends on it: stop it if pending, free its data.
@@ -1457,8 +1555,23 @@ impl<P: Clone> Core<P> {
                 }
                 State::Released | State::Erred(_) => {}
             }
-            if task.wanted_by.is_empty() && task.dependents.is_empty() {
+            if task.wanted_by.is_empty() && task.dependents.is_empty() && task.held == 0 {
                 return fail(format!("{k}: neither wanted nor depended upon, yet not forgotten"));
+            }
+        }
+        let mut holds: FxHashMap<Tid, u32> = FxHashMap::default();
+        for (client, (_, pending)) in &self.open_parts {
+            for t in pending {
+                if !self.exists(*t) {
+                    return fail(format!("client {client:?}: an open submission holds a forgotten task"));
+                }
+                *holds.entry(*t).or_default() += 1;
+            }
+        }
+        for t in self.live_ids() {
+            let held = self.task(t).held;
+            if holds.get(&t).copied().unwrap_or(0) != held {
+                return fail(format!("{}: held {held} times, open submissions say otherwise", self.task(t).key));
             }
         }
         for (wid, w) in &self.workers {

@@ -68,6 +68,7 @@ fn task(key: &'static str, deps: &[&str]) -> NewTask<P> {
         priority: 0,
         order: 0,
         restrictions: None,
+        wanted: false,
     }
 }
 
@@ -176,6 +177,59 @@ fn small_inputs_move_only_when_the_holder_is_busier_than_a_fetch_costs() {
     // w1 is idle again and w2 has a task in flight: the next user of `a` stays with it.
     let out = env.submit(C2, vec![task("use_a_again", &["a"])], &["use_a_again"]);
     assert_eq!(computes(&out), [(W1, "use_a_again")]);
+}
+
+#[test]
+fn graph_sent_in_parts_runs_like_one_submission() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.ev(Event::ClientConnected { client: C1 });
+    // Part 1: a and b; nothing runs or is forgotten before the graph is complete.
+    let out = env.ev(Event::GraphPart { client: C1, tasks: vec![task("a", &[]), task("b", &["a"])] });
+    assert!(computes(&out).is_empty());
+    assert_eq!(env.core.state_of("a"), Some("released"));
+    // Part 2 depends on part 1; the last part says what is wanted.
+    let out = env.submit(C1, vec![task("c", &["b"])], &["c"]);
+    assert_eq!(computes(&out), [(W1, "a")]);
+    env.finish(W1, "a", 1);
+    env.finish(W1, "b", 1);
+    let out = env.finish(W1, "c", 1);
+    assert!(out.contains(&Command::KeyInMemory { client: C1, key: Key::new("c"), workers: vec![W1], nbytes: 1 }));
+    assert_eq!(frees(&env.log), [(W1, "a".to_owned()), (W1, "b".to_owned())], "intermediates freed as usual");
+    env.ev(Event::KeysReleased { client: C1, keys: vec![Key::new("c")] });
+    assert_eq!(env.core.task_count(), 0);
+}
+
+#[test]
+fn client_leaving_mid_submission_leaves_no_tasks_behind() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.ev(Event::ClientConnected { client: C1 });
+    env.ev(Event::GraphPart { client: C1, tasks: vec![task("a", &[]), task("b", &["a"])] });
+    // Another client shares `a`, then releases it: the open submission still holds it.
+    env.submit(C2, vec![task("a", &[])], &["a"]);
+    env.finish(W1, "a", 1);
+    let out = env.ev(Event::KeysReleased { client: C2, keys: vec![Key::new("a")] });
+    assert_eq!(frees(&out), [(W1, "a".to_owned())], "its value is not needed now");
+    assert_eq!(env.core.state_of("a"), Some("released"), "but the unfinished submission still holds the task");
+    env.ev(Event::ClientDisconnected { client: C1 });
+    assert_eq!(env.core.task_count(), 0, "nothing half-registered is left");
+}
+
+#[test]
+fn part_referring_to_a_later_part_fails_with_a_clear_error() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.ev(Event::ClientConnected { client: C1 });
+    env.ev(Event::GraphPart { client: C1, tasks: vec![task("b", &["a"])] });
+    let out = env.submit(C1, vec![task("a", &[])], &["b"]);
+    let err = out.iter().find_map(|c| match c {
+        Command::KeyErred { key, error, .. } if key.as_str() == "b" => Some(error.message.clone()),
+        _ => None,
+    });
+    assert!(err.as_deref().is_some_and(|m| m.contains("not known")), "{out:?}");
+    assert_eq!(env.core.state_of("a"), None, "the orphan `a` is dropped");
+    assert_eq!(env.core.state_of("b"), Some("erred"));
 }
 
 #[test]
@@ -521,6 +575,8 @@ proptest! {
         shape in prop::collection::vec((prop::collection::vec(any::<prop::sample::Index>(), 0..3), prop::bool::weighted(0.1)), 1..40),
         wanted in prop::collection::vec(any::<prop::sample::Index>(), 1..4),
         steps in prop::collection::vec(step(), 0..400),
+        parts in 1usize..4,
+        flag_wanted in any::<bool>(),
     ) {
         let n = shape.len();
         let keys: Vec<&'static str> = (0..n).map(|i| &*Box::leak(format!("k{i}").into_boxed_str())).collect();
@@ -561,13 +617,23 @@ proptest! {
         };
         let out = join(&mut env, &mut live);
         absorb(out, &mut outstanding, &mut held, &mut results);
-        let tasks: Vec<NewTask<P>> = (0..n).map(|i| {
+        let mut tasks: Vec<NewTask<P>> = (0..n).map(|i| {
             let d: Vec<&str> = deps[i].iter().map(|d| keys[*d]).collect();
             let mut t = task(keys[i], &d);
             t.order = i as u32;
+            t.wanted = flag_wanted && wanted.contains(&i);
             t
         }).collect();
-        let wanted_keys: Vec<&str> = wanted.iter().map(|w| keys[*w]).collect();
+        let wanted_keys: Vec<&str> = if flag_wanted { Vec::new() } else { wanted.iter().map(|w| keys[*w]).collect() };
+        // The graph in `parts` parts (inputs come before their users, as clients send them).
+        let per_part = n.div_ceil(parts);
+        env.ev(Event::ClientConnected { client: C1 });
+        while tasks.len() > per_part {
+            let rest = tasks.split_off(per_part);
+            let part = std::mem::replace(&mut tasks, rest);
+            let out = env.ev(Event::GraphPart { client: C1, tasks: part });
+            absorb(out, &mut outstanding, &mut held, &mut results);
+        }
         let out = env.submit(C1, tasks, &wanted_keys);
         absorb(out, &mut outstanding, &mut held, &mut results);
 
