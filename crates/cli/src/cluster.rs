@@ -23,6 +23,10 @@ pub(crate) struct SchedulerArgs {
     /// Also write the address to this file (workers and clients can read it).
     #[arg(long, value_name = "FILE")]
     scheduler_file: Option<PathBuf>,
+    /// Remove a worker not heard from for this many seconds (workers send heartbeats several
+    /// times a second); its tasks move to other workers. 0: never.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    worker_ttl: f64,
 }
 
 /// Arguments of `rask worker`.
@@ -88,7 +92,8 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async {
-        let cfg = SchedulerConfig { host: args.host.clone(), port: args.port, ..SchedulerConfig::default() };
+        let mut cfg = SchedulerConfig { host: args.host.clone(), port: args.port, ..SchedulerConfig::default() };
+        cfg.core.worker_ttl_us = (args.worker_ttl > 0.0).then(|| (args.worker_ttl * 1e6) as u64);
         let handle = match start_scheduler(cfg).await {
             Ok(h) => h,
             Err(e) => {

@@ -21,8 +21,13 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    fn start_with(scheduler_args: &[&str]) -> Cluster {
         let mut scheduler = Command::new(RASK)
             .args(["scheduler", "--port", "0"])
+            .args(scheduler_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -165,6 +170,63 @@ fn graph_sent_in_many_parts_gives_the_same_result() {
         c.compute(&g, &outs).expect("computes").into_iter().collect::<Result<_, _>>().expect("no task fails");
     let part19: i64 = (1900..2000).sum();
     assert_eq!(got, [Value::Int((0..2000).sum()), Value::Int(0), Value::Int(part19)]);
+}
+
+/// Sends `sig` to one of our own child processes.
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain kill(2) on a child process this test started.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+#[test]
+fn frozen_worker_is_dropped_after_the_ttl_and_rejoins_when_it_wakes() {
+    let mut cluster = Cluster::start_with(&["--worker-ttl", "2"]);
+    let frozen = cluster.worker(&["--name", "frozen", "--nthreads", "1"], &[]);
+    cluster.worker(&["--name", "alive", "--nthreads", "1"], &[]);
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.workers().expect("workers").len() < 2 {
+        assert!(Instant::now() < deadline, "workers did not join");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(frozen, libc::SIGSTOP);
+    // Work submitted now may first go to the frozen worker; it must all finish on the other.
+    let futures = c.map_calls(
+        "shell",
+        (0..6)
+            .map(|i| {
+                let script = format!("sleep 0.2; echo {i}");
+                let argv = vec![Value::str("sh"), Value::str("-c"), Value::str(&script)];
+                vec![CallArg::Value(Value::list(argv))]
+            })
+            .collect(),
+    );
+    let got = c.gather(&futures);
+    let outs: Vec<String> = got
+        .into_iter()
+        .map(|r| match r.expect("computed elsewhere") {
+            Value::Str(s) => s.trim().to_owned(),
+            other => panic!("shell gives a string, not {other:?}"),
+        })
+        .collect();
+    assert_eq!(outs, ["0", "1", "2", "3", "4", "5"]);
+    let gone = c.departed_workers().expect("departures");
+    let why = gone.iter().find(|d| d.name == "frozen").map(|d| d.cause.clone()).unwrap_or_default();
+    assert!(why.contains("heartbeat timeout"), "{gone:?}");
+    // Woken up, it finds its connection closed and joins again as a new worker.
+    signal(frozen, libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let names: Vec<String> = c.workers().expect("workers").into_iter().map(|w| w.0).collect();
+        if names.iter().filter(|n| *n == "frozen").count() == 1 && names.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the woken worker did not rejoin: {names:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -175,6 +175,10 @@ pub enum FailureKind {
     UnknownOp,
     /// The executor could not run the task at all (e.g. no worker can satisfy its constraints).
     Unrunnable,
+    /// Workers kept dying while running it (more often than the allowed failures): the task
+    /// itself is the likely cause (Dask's `KilledWorker`). The message names the workers and
+    /// why each was lost.
+    KilledWorker,
 }
 
 /// A task's failure, shared (behind an `Arc`) by every dependent that inherits it.

@@ -79,8 +79,14 @@ pub enum ToScheduler {
         /// The task.
         key: Key,
     },
-    /// Anyone: still alive.
+    /// Anyone: still alive (workers send it several times a second; the scheduler drops a
+    /// worker not heard from within its TTL).
     Heartbeat,
+    /// Worker: leaving on purpose, and why (recorded as the cause of its departure).
+    Goodbye {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Sent by the scheduler to clients and workers.
@@ -95,6 +101,8 @@ pub enum FromScheduler {
     Workers {
         /// (name, data address, threads).
         workers: Vec<(String, String, u32)>,
+        /// Workers that left, oldest first: (name, data address, why).
+        departed: Vec<(String, String, String)>,
     },
     /// To a client: a wanted key is in memory on these workers (data addresses).
     KeyInMemory {

@@ -237,6 +237,8 @@ pub enum WireFailure {
     UnknownOp,
     /// Could not be scheduled.
     Unrunnable,
+    /// Workers kept dying while running it.
+    KilledWorker,
 }
 
 impl From<&TaskError> for WireError {
@@ -247,6 +249,7 @@ impl From<&TaskError> for WireError {
             FailureKind::Timeout => WireFailure::Timeout,
             FailureKind::UnknownOp => WireFailure::UnknownOp,
             FailureKind::Unrunnable => WireFailure::Unrunnable,
+            FailureKind::KilledWorker => WireFailure::KilledWorker,
         };
         WireError { key: e.key.clone(), message: e.message.clone(), kind, attempts: e.attempts }
     }
@@ -260,6 +263,7 @@ impl From<WireError> for TaskError {
             WireFailure::Timeout => FailureKind::Timeout,
             WireFailure::UnknownOp => FailureKind::UnknownOp,
             WireFailure::Unrunnable => FailureKind::Unrunnable,
+            WireFailure::KilledWorker => FailureKind::KilledWorker,
         };
         TaskError { key: e.key, message: e.message, kind, attempts: e.attempts }
     }

@@ -80,6 +80,8 @@ struct State {
     submitted: u64,
     /// The last answer to `WhoIsThere`, and how many answers came.
     workers: Vec<(String, String, u32)>,
+    /// From the same answer: workers that left, with why.
+    departed: Vec<(String, String, String)>,
     worker_answers: u64,
 }
 
@@ -175,6 +177,17 @@ impl RemoteFuture {
     }
 }
 
+/// A worker that left the cluster, as the scheduler recorded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Departed {
+    /// Its name.
+    pub name: String,
+    /// Its data address.
+    pub address: String,
+    /// Why it left, in words.
+    pub cause: String,
+}
+
 /// An argument of [`Client::submit`]: a value or another future.
 #[derive(Debug)]
 pub enum CallArg<'a> {
@@ -216,6 +229,7 @@ impl Client {
                 accepted: 0,
                 submitted: 0,
                 workers: Vec::new(),
+                departed: Vec::new(),
                 worker_answers: 0,
             }),
             changed,
@@ -433,10 +447,35 @@ impl Client {
     /// # Errors
     /// [`ClientError::Lost`] when the connection drops.
     pub async fn workers(&self) -> Result<Vec<(String, String, u32)>, ClientError> {
+        self.ask_workers().await?;
+        Ok(self.inner.state().workers.clone())
+    }
+
+    /// Workers that have left the cluster, oldest first, with why each left ("connection
+    /// closed...", "heartbeat timeout...", or the reason the worker gave): the scheduler keeps
+    /// the last 256.
+    ///
+    /// # Errors
+    /// [`ClientError::Lost`] when the connection drops.
+    pub async fn departed_workers(&self) -> Result<Vec<Departed>, ClientError> {
+        self.ask_workers().await?;
+        let st = self.inner.state();
+        Ok(st
+            .departed
+            .iter()
+            .map(|(name, address, cause)| Departed {
+                name: name.clone(),
+                address: address.clone(),
+                cause: cause.clone(),
+            })
+            .collect())
+    }
+
+    /// One `WhoIsThere` round-trip (which also means every earlier message was handled).
+    async fn ask_workers(&self) -> Result<(), ClientError> {
         let before = self.inner.state().worker_answers;
         self.inner.outbox.send(ToScheduler::WhoIsThere, Vec::new());
-        self.wait_until(|st| st.worker_answers > before).await?;
-        Ok(self.inner.state().workers.clone())
+        self.wait_until(|st| st.worker_answers > before).await
     }
 
     /// Puts values directly into workers' memory (like Dask's `scatter`) and returns futures
@@ -661,8 +700,9 @@ fn apply(st: &mut State, m: FromScheduler) {
         FromScheduler::KeyCancelled { key } => set(st, key.as_str(), Status::Cancelled),
         FromScheduler::KeyLost { key } => set(st, key.as_str(), Status::Pending),
         FromScheduler::GraphAccepted { .. } => st.accepted += 1,
-        FromScheduler::Workers { workers } => {
+        FromScheduler::Workers { workers, departed } => {
             st.workers = workers;
+            st.departed = departed;
             st.worker_answers += 1;
         }
         FromScheduler::Shutdown { reason } => {
@@ -788,6 +828,14 @@ impl BlockingClient {
     /// See [`Client::workers`].
     pub fn workers(&self) -> Result<Vec<(String, String, u32)>, ClientError> {
         self.rt.block_on(self.client.workers())
+    }
+
+    /// Blocking [`Client::departed_workers`].
+    ///
+    /// # Errors
+    /// See [`Client::departed_workers`].
+    pub fn departed_workers(&self) -> Result<Vec<Departed>, ClientError> {
+        self.rt.block_on(self.client.departed_workers())
     }
 
     /// Blocking [`Client::scatter`].

@@ -13,7 +13,7 @@ mod local_cluster;
 mod scheduler;
 mod worker;
 
-pub use client::{AsCompleted, BlockingClient, CallArg, Client, ClientError, RemoteFuture};
+pub use client::{AsCompleted, BlockingClient, CallArg, Client, ClientError, Departed, RemoteFuture};
 pub use local_cluster::{
     ENV_NAME, ENV_NTHREADS, ENV_RESOURCES, ENV_SCHEDULER, LocalCluster, LocalClusterConfig, LocalClusterError,
     run_worker_if_requested,

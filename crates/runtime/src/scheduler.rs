@@ -13,7 +13,9 @@ use rask_graph::{Key, TaskError};
 use rask_protocol::handshake::{self, Role, Welcome};
 use rask_protocol::msg::{FromScheduler, ToScheduler};
 use rask_protocol::wire::{WireBody, WireError, WireTask};
-use rask_scheduler_core::{ClientId, Command, Config, Core, Event, NewTask, Restrictions, WorkerId, WorkerSpec};
+use rask_scheduler_core::{
+    ClientId, Command, Config, Core, Event, LossCause, NewTask, Restrictions, WorkerId, WorkerSpec,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -73,9 +75,21 @@ impl SchedulerHandle {
 }
 
 enum Inbound {
-    Joined { id: u32, role: Role, outbox: Outbox<FromScheduler> },
-    Frame { id: u32, messages: Vec<ToScheduler> },
-    Left { id: u32 },
+    Joined {
+        id: u32,
+        role: Role,
+        outbox: Outbox<FromScheduler>,
+    },
+    Frame {
+        id: u32,
+        messages: Vec<ToScheduler>,
+    },
+    Left {
+        id: u32,
+    },
+    /// The core loop's timer fired (turned into `TickAt` with the time).
+    Tick,
+    TickAt(u64),
 }
 
 enum Peer {
@@ -165,9 +179,15 @@ async fn core_loop(
     // Reused across events: the loop runs once per task event.
     let mut commands: Vec<Command<Arc<Payload>>> = Vec::new();
     let mut frees: HashMap<WorkerId, Vec<Key>> = HashMap::new();
+    // The core's clock: microseconds since the scheduler started.
+    let started = std::time::Instant::now();
+    let now_us = move || started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(250));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let inbound = tokio::select! {
             m = rx.recv() => match m { Some(m) => m, None => break },
+            _ = ticker.tick() => Inbound::Tick,
             reason = &mut stop => {
                 let reason = reason.unwrap_or_else(|_| "scheduler stopped".into());
                 for p in peers.values() {
@@ -178,6 +198,14 @@ async fn core_loop(
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 break;
             }
+        };
+        let heard = match &inbound {
+            Inbound::Frame { id, .. } if matches!(peers.get(id), Some(Peer::Worker { .. })) => Some(*id),
+            _ => None,
+        };
+        let inbound = match inbound {
+            Inbound::Tick => Inbound::TickAt(now_us()),
+            other => other,
         };
         // Acknowledge submissions once the core has taken them in (clients can measure intake).
         let accepted: Vec<(u32, u64)> = match &inbound {
@@ -190,7 +218,13 @@ async fn core_loop(
                 .collect(),
             _ => Vec::new(),
         };
-        let events = translate(inbound, &mut peers);
+        let mut events = translate(inbound, &mut peers, &core);
+        if let Some(id) = heard {
+            events.push(Event::WorkerHeard { worker: WorkerId(id), at_us: now_us() });
+        }
+        if events.is_empty() {
+            continue;
+        }
         if debug_events() {
             for e in &events {
                 eprintln!("event: {}", format!("{e:?}").chars().take(200).collect::<String>());
@@ -204,6 +238,14 @@ async fn core_loop(
                     // One Free per worker per event, not one per key.
                     Command::Free { worker, keys } => {
                         frees.entry(worker).or_default().extend(keys);
+                    }
+                    // Dropping its outbox closes our side of the connection: a worker that was
+                    // only frozen sees it when it wakes, and joins again as a new worker (its
+                    // data was counted as lost).
+                    Command::DropWorker { worker, cause } => {
+                        if let Some(Peer::Worker { name, .. }) = peers.remove(&worker.0) {
+                            eprintln!("rask scheduler: removed worker {name}: {cause}");
+                        }
                     }
                     cmd => dispatch(cmd, &peers),
                 }
@@ -228,8 +270,10 @@ fn debug_events() -> bool {
     *ON.get_or_init(|| std::env::var_os("RASK_DEBUG_EVENTS").is_some())
 }
 
-fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>) -> Vec<Event<Arc<Payload>>> {
+fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<Payload>>) -> Vec<Event<Arc<Payload>>> {
     match inbound {
+        Inbound::Tick => Vec::new(),
+        Inbound::TickAt(now_us) => vec![Event::Tick { now_us }],
         Inbound::Joined { id, role, outbox } => match role {
             Role::Client { .. } => {
                 peers.insert(id, Peer::Client { outbox });
@@ -258,7 +302,10 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>) -> Vec<Event<Arc<
         },
         Inbound::Left { id } => match peers.remove(&id) {
             Some(Peer::Client { .. }) => vec![Event::ClientDisconnected { client: ClientId(id) }],
-            Some(Peer::Worker { .. }) => vec![Event::WorkerDisconnected { worker: WorkerId(id) }],
+            Some(Peer::Worker { name, .. }) => {
+                eprintln!("rask scheduler: worker {name} left: {}", LossCause::ConnectionClosed);
+                vec![Event::WorkerDisconnected { worker: WorkerId(id), cause: LossCause::ConnectionClosed }]
+            }
             None => Vec::new(),
         },
         Inbound::Frame { id, messages } => {
@@ -277,9 +324,21 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>) -> Vec<Event<Arc<
                                 Peer::Client { .. } => None,
                             })
                             .collect();
+                        let departed = core
+                            .departures()
+                            .map(|d| (d.name.to_string(), d.address.to_string(), d.cause.to_string()))
+                            .collect();
                         if let Some(Peer::Client { outbox }) = peers.get(&id) {
-                            outbox.send(FromScheduler::Workers { workers }, Vec::new());
+                            outbox.send(FromScheduler::Workers { workers, departed }, Vec::new());
                         }
+                    }
+                    // A worker leaving on purpose: its departure carries its reason.
+                    ToScheduler::Goodbye { reason } if is_worker => {
+                        if let Some(Peer::Worker { name, .. }) = peers.remove(&id) {
+                            eprintln!("rask scheduler: worker {name} left: {reason}");
+                        }
+                        events.push(Event::WorkerDisconnected { worker: WorkerId(id), cause: LossCause::Said(reason) });
+                        break;
                     }
                     ToScheduler::Scattered { items } if !is_worker => {
                         let by_address: HashMap<&str, WorkerId> = peers
@@ -380,6 +439,8 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
         }
     };
     match cmd {
+        // Handled by the core loop, which owns the peer table.
+        Command::DropWorker { .. } => {}
         Command::Compute { worker, key, payload, inputs, prio } => {
             let inputs = inputs
                 .into_iter()

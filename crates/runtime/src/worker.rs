@@ -197,6 +197,9 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
             m = rx.recv() => m,
             _ = ticker.tick() => {
                 if stop.load(Ordering::Relaxed) { break WorkerExit::Stopped; }
+                // Alive, whatever the executor threads are doing (the scheduler drops a worker
+                // it has not heard from within its TTL).
+                to_scheduler.send(ToScheduler::Heartbeat, Vec::new());
                 continue;
             }
         };
@@ -372,6 +375,13 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
         cv.notify_all();
     }
     server.abort();
+    if matches!(exit, WorkerExit::Stopped) {
+        // Leaving on purpose: say so, so the scheduler records why rather than a lost
+        // connection. Bounded: a scheduler that stopped reading must not keep us here.
+        let reason = format!("worker {} stopped (SIGTERM/SIGINT or its program)", cfg.name);
+        to_scheduler.send(ToScheduler::Goodbye { reason }, Vec::new());
+        let _ = tokio::time::timeout(Duration::from_secs(2), to_scheduler.flushed()).await;
+    }
     drop(to_scheduler);
     for t in threads {
         // Threads finish their current task; a task that never returns is left behind.

@@ -48,6 +48,12 @@ pub struct Config {
     /// (Dask assumes 0.5 s too): until a worker's speed is known, a task already queued there
     /// counts as long, so an idle worker is preferred to it.
     pub unknown_duration_us: f64,
+    /// A worker not heard from for this long (µs) is removed as lost; `None` never times out.
+    /// Workers send a heartbeat several times a second, whatever their tasks are doing.
+    pub worker_ttl_us: Option<u64>,
+    /// A task may be running on this many workers that die before it fails as
+    /// [`FailureKind::KilledWorker`] (one more death fails it; Dask's `allowed-failures`).
+    pub allowed_failures: u32,
     /// How often a task may be sent back because its inputs could not be fetched.
     pub max_input_failures: u32,
     /// Work stealing: only tasks on workers whose tasks take at least this long on average
@@ -66,6 +72,8 @@ impl Default for Config {
             bandwidth_bytes_per_us: 1000.0,
             transfer_latency_us: 100.0,
             unknown_duration_us: 500_000.0,
+            worker_ttl_us: Some(30_000_000),
+            allowed_failures: 3,
             max_input_failures: 3,
             steal_min_duration_us: 1000.0,
             steal_max_input_bytes: 16 << 20,
@@ -115,6 +123,46 @@ pub struct NewTask<P> {
     /// The submitting client holds a future for it (saves sending and looking up its key
     /// a second time in the wanted list).
     pub wanted: bool,
+}
+
+/// Why a worker was lost: carried by its removal, recorded in [`Core::departures`], and
+/// quoted in the error of a task that kept killing workers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LossCause {
+    /// Its connection closed without a goodbye: the process exited, crashed or was killed.
+    ConnectionClosed,
+    /// Nothing was heard from it for longer than [`Config::worker_ttl_us`].
+    HeartbeatTimeout {
+        /// How long it had been silent, in milliseconds.
+        silent_ms: u64,
+    },
+    /// It said why before leaving (stopped by a signal, memory limit, ...).
+    Said(String),
+}
+
+impl fmt::Display for LossCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LossCause::ConnectionClosed => {
+                f.write_str("connection closed without a goodbye (exited, crashed or killed)")
+            }
+            LossCause::HeartbeatTimeout { silent_ms } => {
+                write!(f, "heartbeat timeout: nothing heard for {:.1} s", *silent_ms as f64 / 1000.0)
+            }
+            LossCause::Said(why) => f.write_str(why),
+        }
+    }
+}
+
+/// A worker that left, for diagnostics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Departure {
+    /// Its name.
+    pub name: Arc<str>,
+    /// Its data address.
+    pub address: Arc<str>,
+    /// Why it left.
+    pub cause: LossCause,
 }
 
 /// Facts the scheduler learns.
@@ -188,6 +236,21 @@ pub enum Event<P> {
     WorkerDisconnected {
         /// Its id.
         worker: WorkerId,
+        /// Why.
+        cause: LossCause,
+    },
+    /// A message from a worker arrived at `at_us` (the shell's clock; one event per batch).
+    WorkerHeard {
+        /// Which.
+        worker: WorkerId,
+        /// When, in microseconds since the shell started.
+        at_us: u64,
+    },
+    /// Time passes (the shell ticks a few times a second): workers silent for longer than the
+    /// TTL are removed.
+    Tick {
+        /// Now, in microseconds since the shell started.
+        now_us: u64,
     },
     /// A worker finished a task and holds its value.
     TaskFinished {
@@ -230,6 +293,14 @@ pub enum Event<P> {
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command<P> {
+    /// The core removed a worker it considers lost: close its connection (if the worker was
+    /// only frozen, it finds out when it wakes and joins again as a new worker).
+    DropWorker {
+        /// Which.
+        worker: WorkerId,
+        /// Why.
+        cause: LossCause,
+    },
     /// Run a task on a worker; inputs it lacks are held by the listed workers.
     Compute {
         /// Where.
@@ -339,7 +410,12 @@ struct Task<P> {
     /// Open graph submissions (sent in parts, not finished yet) that include this task: it
     /// must not be forgotten before they finish.
     held: u32,
+    /// Workers that died while (probably) running it, with why: its `KilledWorker` record.
+    deaths: Option<Box<Deaths>>,
 }
+
+/// Workers (by name) that died while a task was probably running on them, with why.
+type Deaths = Vec<(Arc<str>, LossCause)>;
 
 struct Worker {
     spec: WorkerSpec,
@@ -348,6 +424,8 @@ struct Worker {
     available: Vec<(Arc<str>, f64)>,
     /// Moving average of task run time.
     avg_duration_us: f64,
+    /// When a message from it last arrived (shell clock, µs).
+    last_heard_us: u64,
 }
 
 /// The scheduler state. See the crate documentation.
@@ -373,7 +451,14 @@ pub struct Core<P> {
     /// Clients in the middle of sending a graph in parts: the submission's priority
     /// generation and the tasks registered so far (kept alive until the last part).
     open_parts: BTreeMap<ClientId, (u64, Vec<Tid>)>,
+    /// The latest time the shell reported (µs).
+    now_us: u64,
+    /// The most recent worker departures, oldest first (at most [`MAX_DEPARTURES`]).
+    departures: std::collections::VecDeque<Departure>,
 }
+
+/// Departures kept for diagnostics.
+const MAX_DEPARTURES: usize = 256;
 
 impl<P: Clone> Core<P> {
     /// An empty scheduler.
@@ -394,6 +479,8 @@ impl<P: Clone> Core<P> {
             to_forget: Vec::new(),
             last_root: None,
             open_parts: BTreeMap::new(),
+            now_us: 0,
+            departures: std::collections::VecDeque::new(),
         }
     }
 
@@ -422,6 +509,11 @@ impl<P: Clone> Core<P> {
             State::Memory { .. } => "memory",
             State::Erred(_) => "erred",
         })
+    }
+
+    /// Workers that left, oldest first, with why (the last [`MAX_DEPARTURES`]).
+    pub fn departures(&self) -> impl Iterator<Item = &Departure> {
+        self.departures.iter()
     }
 
     /// Which workers hold a key's value.
@@ -505,8 +597,16 @@ impl<P: Clone> Core<P> {
             Event::DataScattered { client, items } => self.scattered(client, items),
             Event::WorkerConnected { worker, spec } => {
                 let available = spec.resources.clone();
-                self.workers
-                    .insert(worker, Worker { spec, processing: FxHashMap::default(), available, avg_duration_us: 0.0 });
+                self.workers.insert(
+                    worker,
+                    Worker {
+                        spec,
+                        processing: FxHashMap::default(),
+                        available,
+                        avg_duration_us: 0.0,
+                        last_heard_us: self.now_us,
+                    },
+                );
                 // Tasks nobody could run may fit now.
                 for t in std::mem::take(&mut self.no_worker) {
                     if self.exists(t) && self.task(t).state == State::NoWorker {
@@ -514,7 +614,29 @@ impl<P: Clone> Core<P> {
                     }
                 }
             }
-            Event::WorkerDisconnected { worker } => self.remove_worker(worker),
+            Event::WorkerDisconnected { worker, cause } => self.remove_worker(worker, cause),
+            Event::WorkerHeard { worker, at_us } => {
+                self.now_us = self.now_us.max(at_us);
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.last_heard_us = w.last_heard_us.max(at_us);
+                }
+            }
+            Event::Tick { now_us } => {
+                self.now_us = self.now_us.max(now_us);
+                if let Some(ttl) = self.cfg.worker_ttl_us {
+                    let silent: Vec<(WorkerId, u64)> = self
+                        .workers
+                        .iter()
+                        .map(|(id, w)| (*id, self.now_us.saturating_sub(w.last_heard_us)))
+                        .filter(|(_, quiet)| *quiet > ttl)
+                        .collect();
+                    for (worker, quiet) in silent {
+                        let cause = LossCause::HeartbeatTimeout { silent_ms: quiet / 1000 };
+                        self.out.push(Command::DropWorker { worker, cause: cause.clone() });
+                        self.remove_worker(worker, cause);
+                    }
+                }
+            }
             Event::TaskFinished { worker, key, nbytes, duration_us } => {
                 self.finished(worker, &key, nbytes, duration_us);
             }
@@ -687,6 +809,7 @@ impl<P: Clone> Core<P> {
                 input_failures: 0,
                 steal_requested: false,
                 held: 0,
+                deaths: None,
             };
             let t = Self::place(&mut self.tasks, &mut self.free_slots, task);
             entry.insert(t);
@@ -1118,6 +1241,7 @@ impl<P: Clone> Core<P> {
                     input_failures: 0,
                     steal_requested: false,
                     held: 0,
+                    deaths: None,
                 }),
             };
             if !self.task(t).wanted_by.contains(&client) {
@@ -1434,8 +1558,14 @@ impl<P: Clone> Core<P> {
 
     // ----- workers leaving ------------------------------------------------------------------
 
-    fn remove_worker(&mut self, wid: WorkerId) {
+    fn remove_worker(&mut self, wid: WorkerId, cause: LossCause) {
         let Some(w) = self.workers.remove(&wid) else { return };
+        if self.departures.len() == MAX_DEPARTURES {
+            self.departures.pop_front();
+        }
+        let departure =
+            Departure { name: Arc::clone(&w.spec.name), address: Arc::clone(&w.spec.address), cause: cause.clone() };
+        self.departures.push_back(departure);
         // Values held only there are lost.
         let mut lost = Vec::new();
         for t in self.live_ids().collect::<Vec<_>>() {
@@ -1464,6 +1594,22 @@ impl<P: Clone> Core<P> {
             .filter_map(|k| self.by_key.get(k).copied())
             .filter(|t| self.task(*t).state == (State::Processing { on: wid }))
             .collect();
+        // The tasks it was most likely running when it died: as many as it has threads, in the
+        // order it runs them (priority). Each records the death; one death more than allowed
+        // fails the task, which is probably what killed the workers.
+        back.sort_unstable_by_key(|t| (self.task(*t).prio, *t));
+        let mut failed = Vec::new();
+        for &t in back.iter().take(w.spec.nthreads.max(1) as usize) {
+            let deaths = self.task_mut(t).deaths.get_or_insert_with(Box::default);
+            deaths.push((Arc::clone(&w.spec.name), cause.clone()));
+            if deaths.len() > self.cfg.allowed_failures as usize {
+                failed.push(t);
+            }
+        }
+        back.retain(|t| !failed.contains(t));
+        for t in failed {
+            self.killed_worker(t);
+        }
         back.extend(self.live_ids().filter(|t| {
             matches!(self.task(*t).state, State::Ready | State::NoWorker)
                 && self.task(*t).deps.iter().any(|d| self.task(*d).state == State::Released)
@@ -1487,6 +1633,29 @@ impl<P: Clone> Core<P> {
             self.task_mut(t).state = State::NoWorker;
             self.no_worker.push(t);
         }
+    }
+
+    /// `t` was running on more workers that died than allowed: it fails, naming them.
+    fn killed_worker(&mut self, t: Tid) {
+        let task = self.task(t);
+        let deaths = task.deaths.as_deref().map(Vec::as_slice).unwrap_or_default();
+        let list: Vec<String> = deaths.iter().map(|(name, why)| format!("{name} ({why})")).collect();
+        let err = Arc::new(TaskError {
+            key: task.key.clone(),
+            message: format!(
+                "{} workers died while running it: {}; the task itself is the likely cause (allowed failures: {})",
+                deaths.len(),
+                list.join(", "),
+                self.cfg.allowed_failures
+            ),
+            kind: FailureKind::KilledWorker,
+            attempts: deaths.len() as u32,
+        });
+        self.set_finished(t, State::Erred(err));
+        self.notify_wanters(t);
+        self.propagate_failure(t);
+        self.release_inputs(t);
+        self.maybe_forget(t);
     }
 
     // ----- invariants -----------------------------------------------------------------------

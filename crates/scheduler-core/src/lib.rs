@@ -44,4 +44,6 @@ mod core;
 #[cfg(test)]
 mod tests;
 
-pub use crate::core::{ClientId, Command, Config, Core, Event, NewTask, Prio, Restrictions, WorkerId, WorkerSpec};
+pub use crate::core::{
+    ClientId, Command, Config, Core, Departure, Event, LossCause, NewTask, Prio, Restrictions, WorkerId, WorkerSpec,
+};

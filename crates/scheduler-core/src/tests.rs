@@ -7,7 +7,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use rask_graph::{FailureKind, Key, TaskError};
 
-use crate::{ClientId, Command, Config, Core, Event, NewTask, Restrictions, WorkerId, WorkerSpec};
+use crate::{ClientId, Command, Config, Core, Event, LossCause, NewTask, Restrictions, WorkerId, WorkerSpec};
 
 const C1: ClientId = ClientId(1);
 const C2: ClientId = ClientId(2);
@@ -233,6 +233,60 @@ fn part_referring_to_a_later_part_fails_with_a_clear_error() {
 }
 
 #[test]
+fn silent_worker_is_dropped_after_the_ttl_and_its_work_moves() {
+    let mut env = Env::with(Config { worker_ttl_us: Some(2_000_000), ..Config::default() });
+    env.worker(W1, "w1", 1, &[]);
+    env.worker(W2, "w2", 1, &[]);
+    env.submit(C1, vec![task("a", &[])], &["a"]);
+    let on = computes(&env.log)[0].0;
+    let other = if on == W1 { W2 } else { W1 };
+    env.ev(Event::WorkerHeard { worker: other, at_us: 1_500_000 });
+    let out = env.ev(Event::Tick { now_us: 1_900_000 });
+    assert!(out.is_empty(), "nobody silent for 2 s yet: {out:?}");
+    env.ev(Event::WorkerHeard { worker: other, at_us: 2_400_000 });
+    let out = env.ev(Event::Tick { now_us: 2_500_000 });
+    let cause = LossCause::HeartbeatTimeout { silent_ms: 2_500 };
+    assert!(out.contains(&Command::DropWorker { worker: on, cause: cause.clone() }), "{out:?}");
+    assert_eq!(computes(&out), [(other, "a")], "its task runs on the worker still heard from");
+    let gone: Vec<_> = env.core.departures().map(|d| (d.name.to_string(), d.cause.clone())).collect();
+    let name = if on == W1 { "w1" } else { "w2" };
+    assert_eq!(gone, [(name.to_owned(), cause)]);
+    assert!(LossCause::HeartbeatTimeout { silent_ms: 2_500 }.to_string().contains("2.5 s"));
+}
+
+#[test]
+fn task_that_keeps_killing_workers_fails_as_killed_worker_naming_them() {
+    let mut env = Env::new(); // allowed failures: 3
+    env.submit(C1, vec![task("bomb", &[]), task("fine", &[])], &["bomb", "fine"]);
+    let mut names = Vec::new();
+    for i in 1..=4u32 {
+        let w = WorkerId(10 + i);
+        let name = format!("n{i}");
+        env.worker(w, &name, 1, &[]);
+        names.push(name);
+        // "bomb" has the better priority, so it is what the worker runs when it dies.
+        let running: Vec<_> = computes(&std::mem::take(&mut env.log)).into_iter().map(|(_, k)| k.to_owned()).collect();
+        assert!(running.contains(&"bomb".to_owned()), "{running:?}");
+        let cause =
+            if i == 2 { LossCause::Said("stopped for memory at 3 GB".into()) } else { LossCause::ConnectionClosed };
+        env.ev(Event::WorkerDisconnected { worker: w, cause });
+    }
+    let err = env.log.iter().find_map(|c| match c {
+        Command::KeyErred { key, error, .. } if key.as_str() == "bomb" => Some(Arc::clone(error)),
+        _ => None,
+    });
+    let err = err.expect("bomb fails after the 4th death");
+    assert_eq!(err.kind, FailureKind::KilledWorker);
+    for n in &names {
+        assert!(err.message.contains(n.as_str()), "{}", err.message);
+    }
+    assert!(err.message.contains("stopped for memory at 3 GB"), "{}", err.message);
+    // The innocent task still runs on the next worker.
+    let out = env.worker(WorkerId(20), "n5", 1, &[]);
+    assert_eq!(computes(&out), [(WorkerId(20), "fine")]);
+}
+
+#[test]
 fn resources_limit_placement_and_concurrency() {
     let mut env = Env::new();
     env.worker(W1, "cpu", 4, &[]);
@@ -343,7 +397,7 @@ fn lost_worker_work_is_rescheduled_and_lost_data_recomputed() {
     env.submit(C1, vec![task("a", &[]), task("b", &["a"])], &["b"]);
     env.finish(W1, "a", 1);
     env.worker(W2, "w2", 1, &[]);
-    let out = env.ev(Event::WorkerDisconnected { worker: W1 });
+    let out = env.ev(Event::WorkerDisconnected { worker: W1, cause: LossCause::ConnectionClosed });
     assert_eq!(computes(&out), [(W2, "a")], "a's value was lost with W1: recompute it");
     assert!(!out.iter().any(|c| matches!(c, Command::KeyLost { .. })), "a is not wanted by a client");
     let out = env.finish(W2, "a", 1);
@@ -359,7 +413,7 @@ fn clients_hear_when_a_wanted_value_is_lost_and_again_when_it_is_back() {
     env.worker(W2, "w2", 1, &[]);
     env.submit(C1, vec![task("k", &[])], &["k"]);
     env.finish(W1, "k", 1);
-    let out = env.ev(Event::WorkerDisconnected { worker: W1 });
+    let out = env.ev(Event::WorkerDisconnected { worker: W1, cause: LossCause::ConnectionClosed });
     assert!(out.contains(&Command::KeyLost { client: C1, key: Key::new("k") }));
     assert_eq!(computes(&out), [(W2, "k")]);
     let out = env.finish(W2, "k", 1);
@@ -405,7 +459,7 @@ fn scattered_data_is_used_in_place_and_fails_as_lost_when_its_worker_goes() {
     assert!(out.contains(&Command::KeyInMemory { client: C1, key: Key::new("s"), workers: vec![W2], nbytes: 100 }));
     let out = env.submit(C1, vec![task("use", &["s"])], &["use"]);
     assert_eq!(computes(&out), [(W2, "use")], "runs where the data was put");
-    let out = env.ev(Event::WorkerDisconnected { worker: W2 });
+    let out = env.ev(Event::WorkerDisconnected { worker: W2, cause: LossCause::ConnectionClosed });
     let lost: Vec<&str> = out
         .iter()
         .filter_map(|c| match c {
@@ -590,7 +644,8 @@ proptest! {
         let fails: Vec<bool> = shape.iter().map(|(_, f)| *f).collect();
         let wanted: Vec<usize> = wanted.iter().map(|w| w.index(n)).collect();
 
-        let mut env = Env::new();
+        // Blame for worker deaths is tested on its own; here every death is survivable.
+        let mut env = Env::with(Config { allowed_failures: u32::MAX, ..Config::default() });
         let mut live: Vec<WorkerId> = Vec::new();
         let mut next_worker = 1u32;
         let mut join = |env: &mut Env, live: &mut Vec<WorkerId>| {
@@ -610,7 +665,7 @@ proptest! {
                     Command::Free { worker, keys } => for k in keys { held.remove(&(worker, k.as_str().to_owned())); },
                     Command::KeyInMemory { key, workers, .. } => { results.insert(key.as_str().to_owned(), Ok((workers, ()))); }
                     Command::KeyErred { key, error, .. } => { results.insert(key.as_str().to_owned(), Err(error.key.as_str().to_owned())); }
-                    Command::KeyCancelled { .. } | Command::Steal { .. } => {}
+                    Command::KeyCancelled { .. } | Command::Steal { .. } | Command::DropWorker { .. } => {}
                     Command::KeyLost { key, .. } => { results.remove(key.as_str()); }
                 }
             }
@@ -667,7 +722,7 @@ proptest! {
                     let w = live.remove(i.index(live.len()));
                     outstanding.retain(|(ow, _, _)| *ow != w);
                     held.retain(|(hw, _), _| *hw != w);
-                    env.ev(Event::WorkerDisconnected { worker: w })
+                    env.ev(Event::WorkerDisconnected { worker: w, cause: LossCause::ConnectionClosed })
                 }
                 Step::Join => join(&mut env, &mut live),
                 _ => Vec::new(),
