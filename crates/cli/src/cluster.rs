@@ -93,7 +93,7 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> ExitCode {
     };
     rt.block_on(async {
         let mut cfg = SchedulerConfig { host: args.host.clone(), port: args.port, ..SchedulerConfig::default() };
-        cfg.core.worker_ttl_us = (args.worker_ttl > 0.0).then(|| (args.worker_ttl * 1e6) as u64);
+        cfg.core.worker_ttl_us = (args.worker_ttl > 0.0).then_some((args.worker_ttl * 1e6) as u64);
         let handle = match start_scheduler(cfg).await {
             Ok(h) => h,
             Err(e) => {
