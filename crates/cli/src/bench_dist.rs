@@ -59,7 +59,9 @@ impl BenchCluster {
         let mut c = BenchCluster { address, scheduler, workers: Vec::new() };
         for i in 0..workers {
             let mut cmd = Command::new(exe);
-            cmd.args(["worker", &c.address, "--nthreads", "1", "--name", &format!("bench-{i}")]);
+            // The worker process itself (no supervisor): its CPU time is measured by PID.
+            let name = format!("bench-{i}");
+            cmd.args(["worker", &c.address, "--no-nanny", "--nthreads", "1", "--name", &name]);
             if zero_work {
                 cmd.arg("--zero-work");
             }

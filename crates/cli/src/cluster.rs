@@ -62,6 +62,10 @@ pub(crate) struct WorkerArgs {
     /// Benchmark only: finish every task instantly without running it (measures the scheduler).
     #[arg(long, hide = true)]
     zero_work: bool,
+    /// Run the workers in this process instead of supervised child processes that are
+    /// restarted when they crash (the default, like Dask's nanny).
+    #[arg(long)]
+    no_nanny: bool,
 }
 
 /// The scheduler and worker shells run on one async thread: their state lives in one task
@@ -75,7 +79,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 /// Resolves on SIGINT or SIGTERM, naming the signal.
-async fn signalled() -> &'static str {
+pub(crate) async fn signalled() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
         (Ok(mut int), Ok(mut term)) => tokio::select! {
@@ -138,6 +142,33 @@ fn read_scheduler_file(path: &Path, deadline: Instant) -> Result<String, String>
     }
 }
 
+/// The `rask worker ... --no-nanny` arguments of each supervised worker process.
+fn child_commands(args: &WorkerArgs, address: &str) -> Vec<(String, Vec<String>)> {
+    let base = args.name.clone().unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    (0..args.nworkers)
+        .map(|i| {
+            let name = if args.nworkers == 1 { base.clone() } else { format!("{base}-{i}") };
+            let mut a = vec![address.to_owned(), "--no-nanny".into(), "--name".into(), name.clone()];
+            a.extend(["--host".into(), args.host.clone()]);
+            a.extend(["--reconnect-timeout".into(), args.reconnect_timeout.to_string()]);
+            if let Some(n) = args.nthreads {
+                a.extend(["--nthreads".into(), n.to_string()]);
+            }
+            if let Some(m) = args.memory_limit {
+                a.extend(["--memory-limit".into(), m.to_string()]);
+            }
+            if let Some(r) = &args.resources {
+                let list: Vec<String> = r.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                a.extend(["--resources".into(), list.join(",")]);
+            }
+            if args.zero_work {
+                a.push("--zero-work".into());
+            }
+            (name, a)
+        })
+        .collect()
+}
+
 pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
     let patience = Duration::from_secs_f64(args.reconnect_timeout.max(0.0));
     let address = match (&args.address, &args.scheduler_file) {
@@ -157,6 +188,9 @@ pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
     if let Err(e) = rask_protocol::parse_address(&address) {
         eprintln!("rask worker: {e}");
         return ExitCode::from(2);
+    }
+    if !args.no_nanny {
+        return crate::nanny::supervise(child_commands(args, &address));
     }
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -180,6 +214,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
                 host: args.host.clone(),
                 registry: rask_ops::global(),
                 zero_work: args.zero_work,
+                restarted_after: std::env::var(crate::nanny::RESTARTED_AFTER_ENV).ok(),
             };
             tasks.push(tokio::spawn(supervise(cfg, Arc::clone(&stop), patience)));
         }

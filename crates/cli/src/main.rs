@@ -6,6 +6,7 @@
 mod bench;
 mod bench_dist;
 mod cluster;
+mod nanny;
 mod run;
 
 use std::process::ExitCode;

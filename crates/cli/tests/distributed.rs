@@ -48,10 +48,21 @@ impl Cluster {
         c
     }
 
+    /// Starts a worker process (unsupervised: the returned PID is the worker itself).
     fn worker(&mut self, args: &[&str], extra: &[&str]) -> u32 {
+        self.spawn_worker(&["--no-nanny"], args, extra)
+    }
+
+    /// Starts `rask worker` with its supervisor; returns the supervisor's PID.
+    fn supervised_worker(&mut self, args: &[&str]) -> u32 {
+        self.spawn_worker(&[], args, &[])
+    }
+
+    fn spawn_worker(&mut self, mode: &[&str], args: &[&str], extra: &[&str]) -> u32 {
         let child = Command::new(RASK)
             .arg("worker")
             .arg(&self.address)
+            .args(mode)
             .args(args)
             .args(extra)
             .stdout(Stdio::null())
@@ -227,6 +238,64 @@ fn frozen_worker_is_dropped_after_the_ttl_and_rejoins_when_it_wakes() {
         assert!(Instant::now() < deadline, "the woken worker did not rejoin: {names:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The PID of the worker process that runs a task: the shell's parent.
+fn worker_pid(c: &BlockingClient, salt: &str) -> String {
+    let script = format!("echo $PPID # {salt}");
+    let argv = Value::list(vec![Value::str("sh"), Value::str("-c"), Value::str(&script)]);
+    let f = c.submit("shell", vec![CallArg::Value(argv)]);
+    match c.gather(std::slice::from_ref(&f)).pop() {
+        Some(Ok(Value::Str(s))) => s.trim().to_owned(),
+        other => panic!("shell gives the PID: {other:?}"),
+    }
+}
+
+#[test]
+fn supervisor_restarts_a_killed_worker_and_the_scheduler_learns_why() {
+    let mut cluster = Cluster::start();
+    let nanny = cluster.supervised_worker(&["--name", "phoenix", "--nthreads", "1"]);
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    let first = worker_pid(&c, "first");
+    assert_ne!(first, nanny.to_string(), "the worker runs in a child process of its supervisor");
+    signal(first.parse().expect("pid"), libc::SIGKILL);
+    // Restarted: a new process does the next task.
+    let second = worker_pid(&c, "second");
+    assert_ne!(second, first);
+    let gone = c.departed_workers().expect("departures");
+    let why = gone.iter().find(|d| d.name == "phoenix").map(|d| d.cause.clone()).unwrap_or_default();
+    assert!(why.contains("killed by signal 9") && why.contains("restarted by its supervisor"), "{gone:?}");
+    // SIGTERM to the supervisor stops its worker too.
+    signal(nanny, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.workers().expect("workers").iter().any(|w| w.0 == "phoenix") {
+        assert!(Instant::now() < deadline, "the worker outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn task_that_kills_its_worker_every_time_ends_as_killed_worker_and_the_rest_completes() {
+    let dir = scratch("killer");
+    let mut cluster = Cluster::start();
+    cluster.supervised_worker(&["--name", "victim", "--nthreads", "1"]);
+    let file = dir.join("w.json");
+    std::fs::write(
+        &file,
+        r#"{"version": 1, "tasks": {
+            "bomb": {"op": "shell", "args": [["sh", "-c", "kill -9 $PPID"]]},
+            "fine": {"op": "add", "args": [2, 3]}
+        }}"#,
+    )
+    .expect("write");
+    let o = rask(&["run", &file.to_string_lossy(), "--json", "--scheduler", &cluster.address]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(out["fine"], 5);
+    let message = out["bomb"]["$error"]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains("4 workers died while running it"), "{message}");
+    assert!(message.contains("victim"), "{message}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

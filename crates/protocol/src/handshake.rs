@@ -44,6 +44,9 @@ pub struct WorkerInfo {
     pub memory_limit: Option<u64>,
     /// Where peers and clients fetch its data (`tcp://HOST:PORT`).
     pub data_address: String,
+    /// How its previous process ended, when its supervisor restarted it (so the scheduler can
+    /// record why the earlier worker of that name was lost).
+    pub restarted_after: Option<String>,
 }
 
 /// The accepting side's answer.

@@ -52,6 +52,7 @@ pub fn run_worker_if_requested() {
         host: "127.0.0.1".into(),
         registry: rask_ops::global(),
         zero_work: false,
+        restarted_after: None,
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

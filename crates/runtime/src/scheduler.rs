@@ -295,7 +295,11 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                     address,
                     nthreads: info.nthreads,
                     resources: info.resources.iter().map(|(n, a)| (Arc::from(n.as_str()), *a)).collect(),
+                    restarted_after: info.restarted_after.clone(),
                 };
+                if let Some(why) = &info.restarted_after {
+                    eprintln!("rask scheduler: worker {} is back; its previous process {why}", info.name);
+                }
                 vec![Event::WorkerConnected { worker: WorkerId(id), spec }]
             }
             Role::Peer => Vec::new(),

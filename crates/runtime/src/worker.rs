@@ -58,6 +58,8 @@ pub struct WorkerConfig {
     /// Benchmark mode: report every task finished at once without running it (value `null`),
     /// to measure the scheduler alone (the "zero worker" of the RSDS paper).
     pub zero_work: bool,
+    /// How this worker's previous process ended, when a supervisor restarted it.
+    pub restarted_after: Option<String>,
 }
 
 /// How a worker's run ended.
@@ -140,6 +142,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
         resources: cfg.resources.clone(),
         memory_limit: cfg.memory_limit,
         data_address: data_address.clone(),
+        restarted_after: cfg.restarted_after.clone(),
     };
     let (stream, _) = match dial(&cfg.scheduler, &Role::Worker(info)).await {
         Ok(x) => x,

@@ -92,6 +92,9 @@ pub struct WorkerSpec {
     pub nthreads: u32,
     /// Advertised resources.
     pub resources: Vec<(Arc<str>, f64)>,
+    /// How the previous process of this worker ended, when its supervisor restarted it: it
+    /// refines the cause recorded for that earlier departure.
+    pub restarted_after: Option<String>,
 }
 
 /// Where a task may run.
@@ -596,6 +599,13 @@ impl<P: Clone> Core<P> {
             }
             Event::DataScattered { client, items } => self.scattered(client, items),
             Event::WorkerConnected { worker, spec } => {
+                if let Some(why) = &spec.restarted_after {
+                    // The latest departure of this name, if only known as a closed connection.
+                    let earlier = self.departures.iter_mut().rev().find(|d| d.name == spec.name);
+                    if let Some(d) = earlier.filter(|d| d.cause == LossCause::ConnectionClosed) {
+                        d.cause = LossCause::Said(format!("{why}; restarted by its supervisor"));
+                    }
+                }
                 let available = spec.resources.clone();
                 self.workers.insert(
                     worker,

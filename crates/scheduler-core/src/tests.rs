@@ -43,6 +43,7 @@ impl Env {
             address: Arc::from(format!("tcp://127.0.0.1:{}", 9000 + w.0)),
             nthreads,
             resources: resources.iter().map(|(n, a)| (Arc::from(*n), *a)).collect(),
+            restarted_after: None,
         };
         self.ev(Event::WorkerConnected { worker: w, spec })
     }
