@@ -6,8 +6,9 @@
 //! Policy, kept small and testable ([`verdict`]): a child that exits 0 stopped on purpose
 //! (the scheduler shut down, or it was told to stop); one that exits 1–3 could not do its job
 //! (scheduler unreachable, bad arguments) and restarting would not help; anything else — killed
-//! by a signal, or a panic's 101 — is a crash and is restarted, after a pause that doubles on
-//! crashes in quick succession (up to 10 s) so a worker that dies on start does not spin.
+//! by a signal, or a panic's 101 — is a crash and is restarted after 0.1 s, or after a pause
+//! that doubles (up to 5 s) while it keeps dying within a second of starting, so a worker that
+//! cannot start does not spin.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
@@ -123,11 +124,12 @@ impl Supervised {
         self.child = None;
         match verdict(status) {
             Verdict::Restart(how) => {
-                // Quick successive crashes back off; a worker that ran for a while restarts fast.
-                self.backoff = if self.last_start.elapsed() < Duration::from_secs(10) {
-                    (self.backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(10))
+                // A process that dies within a second of starting backs off (doubling, up to
+                // 5 s), so one that cannot start does not spin; one that ran restarts at once.
+                self.backoff = if self.last_start.elapsed() < Duration::from_secs(1) {
+                    (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
                 } else {
-                    Duration::from_millis(250)
+                    Duration::from_millis(100)
                 };
                 eprintln!(
                     "rask worker {}: its process {how}; restarting in {:.1} s",

@@ -298,6 +298,96 @@ fn task_that_kills_its_worker_every_time_ends_as_killed_worker_and_the_rest_comp
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A random graph with fan-in and fan-out (deterministic from `seed`): `n` additions over
+/// earlier results, every eighth waiting 10 ms first, so a run lasts long enough to be hit.
+fn chaos_graph(seed: u64, n: usize) -> (rask_graph::Graph, Vec<rask_graph::TaskId>) {
+    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+    let mut rand = move |m: usize| {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        ((x >> 33) as usize) % m.max(1)
+    };
+    let mut b = GraphBuilder::new();
+    for i in 0..n {
+        let mut args = vec![ArgSpec::Lit(Value::Int(i as i64))];
+        if i > 0 {
+            for _ in 0..rand(4) {
+                let d = rand(i);
+                let key = format!("v{seed}-{d}");
+                if !args.iter().any(|a| matches!(a, ArgSpec::Ref(k) if k.as_str() == key)) {
+                    args.push(ArgSpec::Ref(key.into()));
+                }
+            }
+        }
+        if i % 8 == 7 {
+            let z = format!("z{seed}-{i}");
+            b.add(TaskSpec::new(
+                z.clone(),
+                "sleep",
+                vec![ArgSpec::Lit(Value::Int(10)), ArgSpec::Lit(Value::Int(i as i64))],
+            ));
+            let zero = ArgSpec::list(vec![ArgSpec::Ref(z.into()), ArgSpec::Lit(Value::Int(0))]);
+            b.add(TaskSpec::new(format!("y{seed}-{i}"), "index", vec![zero, ArgSpec::Lit(Value::Int(1))]));
+            args.push(ArgSpec::Ref(format!("y{seed}-{i}").into()));
+        }
+        b.add(TaskSpec::new(format!("v{seed}-{i}"), "add", args));
+    }
+    let g = b.build().expect("valid graph");
+    let outs = g.sinks();
+    (g, outs)
+}
+
+/// The PIDs of a process's children.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn chaos_random_graphs_give_exact_results_while_workers_are_killed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let mut cluster = Cluster::start();
+    let nannies: Vec<u32> =
+        (0..3).map(|i| cluster.supervised_worker(&["--name", &format!("c{i}"), "--nthreads", "2"])).collect();
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.workers().expect("workers").len() < 3 {
+        assert!(Instant::now() < deadline, "workers did not join");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let kills = Arc::new(AtomicU32::new(0));
+    let killer = {
+        let (stop, kills) = (Arc::clone(&stop), Arc::clone(&kills));
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                std::thread::sleep(Duration::from_millis(300 + (i * 97 % 400) as u64));
+                // A random supervisor's current worker process (none while it restarts).
+                if let Some(pid) = children_of(nannies[i * 7 % nannies.len()]).first() {
+                    signal(*pid, libc::SIGKILL);
+                    kills.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let oracle = rask_local::SyncScheduler::new(rask_local::LocalConfig::default());
+    for run in 0..20u64 {
+        let (g, outs) = chaos_graph(run, 600);
+        let expected = rask_graph::Executor::run(&oracle, &g, &outs).expect("sync run");
+        let got = c.compute(&g, &outs).expect("the cluster answers");
+        assert_eq!(got, expected, "run {run}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    killer.join().expect("killer");
+    let kills = kills.load(Ordering::Relaxed);
+    assert!(kills >= 20, "only {kills} workers were killed: the test did not test much");
+}
+
 #[test]
 fn key_shared_by_two_clients_survives_one_closing() {
     let cluster = Cluster::with_workers(1, &[]);
