@@ -23,6 +23,10 @@ pub(crate) struct SchedulerArgs {
     /// Also write the address to this file (workers and clients can read it).
     #[arg(long, value_name = "FILE")]
     scheduler_file: Option<PathBuf>,
+    /// Shared token every client and worker must prove they know (else the `RASK_TOKEN`
+    /// environment variable; none: anyone who can reach the port may connect).
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
     /// Remove a worker not heard from for this many seconds (workers send heartbeats several
     /// times a second); its tasks move to other workers. 0: never.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
@@ -66,6 +70,10 @@ pub(crate) struct WorkerArgs {
     /// restarted when they crash (the default, like Dask's nanny).
     #[arg(long)]
     no_nanny: bool,
+    /// The cluster's shared token (else the `RASK_TOKEN` environment variable); also required
+    /// from peers fetching data from this worker.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
 }
 
 /// The scheduler and worker shells run on one async thread: their state lives in one task
@@ -91,6 +99,9 @@ pub(crate) async fn signalled() -> &'static str {
 }
 
 pub(crate) fn scheduler(args: &SchedulerArgs) -> ExitCode {
+    if let Some(t) = &args.token {
+        rask_protocol::handshake::set_process_token(rask_protocol::handshake::Token::new(t));
+    }
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -190,7 +201,12 @@ pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     if !args.no_nanny {
-        return crate::nanny::supervise(child_commands(args, &address));
+        // The token reaches the worker processes through their environment, not their
+        // command line (which other users can read).
+        return crate::nanny::supervise(child_commands(args, &address), args.token.as_deref());
+    }
+    if let Some(t) = &args.token {
+        rask_protocol::handshake::set_process_token(rask_protocol::handshake::Token::new(t));
     }
     let rt = match runtime() {
         Ok(rt) => rt,

@@ -59,6 +59,8 @@ fn signal_name(sig: i32) -> &'static str {
 struct Supervised {
     name: String,
     args: Vec<String>,
+    /// The cluster token, passed in the environment.
+    token: Option<String>,
     child: Option<Child>,
     /// When to start it (again), if it is not running.
     restart_at: Option<Instant>,
@@ -97,6 +99,9 @@ impl Supervised {
             Some(why) => cmd.env(RESTARTED_AFTER_ENV, why),
             None => cmd.env_remove(RESTARTED_AFTER_ENV),
         };
+        if let Some(t) = &self.token {
+            cmd.env(rask_protocol::handshake::TOKEN_ENV, t);
+        }
         match cmd.spawn() {
             Ok(c) => {
                 self.child = Some(c);
@@ -146,7 +151,7 @@ impl Supervised {
 
 /// Runs and supervises one process per worker (`children`: the name and the arguments of its
 /// `rask worker ... --no-nanny` command) until all have stopped; forwards SIGINT/SIGTERM.
-pub(crate) fn supervise(children: Vec<(String, Vec<String>)>) -> ExitCode {
+pub(crate) fn supervise(children: Vec<(String, Vec<String>)>, token: Option<&str>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -159,6 +164,7 @@ pub(crate) fn supervise(children: Vec<(String, Vec<String>)>) -> ExitCode {
         .map(|(name, args)| Supervised {
             name,
             args,
+            token: token.map(str::to_owned),
             child: None,
             restart_at: None,
             last_start: Instant::now(),

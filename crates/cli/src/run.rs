@@ -27,6 +27,10 @@ pub(crate) struct RunArgs {
     /// Run on this cluster (tcp://HOST:PORT) instead of an embedded one.
     #[arg(long, value_name = "ADDRESS")]
     scheduler: Option<String>,
+    /// The cluster's shared token (else the `RASK_TOKEN` environment variable), with
+    /// `--scheduler`.
+    #[arg(long, value_name = "TOKEN", requires = "scheduler")]
+    token: Option<String>,
     /// Workers of the embedded cluster (named local-0, local-1, ...).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     workers: u32,
@@ -130,6 +134,9 @@ pub(crate) fn run(args: &RunArgs) -> ExitCode {
         Ok(w) => w,
         Err(code) => return code,
     };
+    if let Some(t) = &args.token {
+        rask_protocol::handshake::set_process_token(rask_protocol::handshake::Token::new(t));
+    }
     if let Some(addr) = &args.scheduler {
         return run_on_cluster(addr, &w, args.json);
     }

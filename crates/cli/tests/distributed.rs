@@ -389,6 +389,36 @@ fn chaos_random_graphs_give_exact_results_while_workers_are_killed() {
 }
 
 #[test]
+fn token_protected_cluster_refuses_peers_without_the_token_and_keeps_serving() {
+    let mut cluster = Cluster::start_with(&["--token", "s3cret"]);
+    cluster.worker(&["--name", "w0"], &["--token", "s3cret"]);
+    let pipeline = example("pipeline.json");
+    let run = |extra: &[&str]| {
+        let mut a = vec!["run", pipeline.as_str(), "--json", "--scheduler", cluster.address.as_str()];
+        a.extend_from_slice(extra);
+        rask(&a)
+    };
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(3), "no token: cannot connect");
+    assert!(text(&o.stderr).contains("requires a token"), "{}", text(&o.stderr));
+    let o = run(&["--token", "guess"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(text(&o.stderr).contains("does not know this cluster's token"), "{}", text(&o.stderr));
+    let o = rask(&["worker", &cluster.address, "--no-nanny", "--reconnect-timeout", "1"]);
+    assert_eq!(o.status.code(), Some(1), "a worker without the token cannot join");
+    assert!(text(&o.stderr).contains("requires a token"), "{}", text(&o.stderr));
+    // Garbage on the port, then the real thing.
+    let host_port = cluster.address.trim_start_matches("tcp://").to_owned();
+    let mut g = std::net::TcpStream::connect(&host_port).expect("connect");
+    let _ = g.write_all(b"\x00\x00\x00\x05hello");
+    drop(g);
+    let o = run(&["--token", "s3cret"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let local = rask(&["run", &pipeline, "--json"]);
+    assert_eq!(text(&o.stdout), text(&local.stdout));
+}
+
+#[test]
 fn key_shared_by_two_clients_survives_one_closing() {
     let cluster = Cluster::with_workers(1, &[]);
     let (g, outs) =

@@ -2,8 +2,16 @@
 //!
 //! Layout (inside a normal length prefix): `"RASK" | protocol u32 BE | build_len u16 BE | build |
 //! kind u8 | payload`. Everything up to `kind` is fixed forever, so any two rask versions can
-//! tell each other precisely why they refuse. `kind` 0 is a hello (payload: postcard [`Role`]),
-//! 1 a welcome (payload: postcard [`Welcome`]), 2 a refusal (payload: UTF-8 reason).
+//! tell each other precisely why they refuse. `kind` 0 is a hello (payload: postcard [`Hello`]),
+//! 1 a welcome (payload: postcard [`Welcome`]), 2 a refusal (payload: UTF-8 reason), 3 a
+//! challenge and 4 a proof (authentication, below).
+//!
+//! **Authentication** with a shared token (`--token` or `RASK_TOKEN`): an accepting side that
+//! has a token answers a hello with a challenge — its own nonce and an HMAC-SHA256 over both
+//! nonces proving it knows the token — and the connecting side answers with its own HMAC. Each
+//! side checks the other, so neither the token nor anything replayable crosses the wire, and a
+//! side without the right token is refused with a message saying so, on both ends. A
+//! connecting side with a token also refuses an accepting side that asks for none.
 
 use std::time::Duration;
 
@@ -47,6 +55,80 @@ pub struct WorkerInfo {
     /// How its previous process ended, when its supervisor restarted it (so the scheduler can
     /// record why the earlier worker of that name was lost).
     pub restarted_after: Option<String>,
+}
+
+/// The first message of a connecting side.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Hello {
+    role: Role,
+    /// Fresh random bytes, for the accepting side's proof.
+    nonce: [u8; 32],
+}
+
+/// A shared secret that every process of a cluster must know (see the module documentation).
+#[derive(Clone)]
+pub struct Token(std::sync::Arc<[u8]>);
+
+impl Token {
+    /// A token from its text (any length; an empty one is no token).
+    #[must_use]
+    pub fn new(text: &str) -> Option<Token> {
+        (!text.is_empty()).then(|| Token(std::sync::Arc::from(text.as_bytes())))
+    }
+
+    fn mac(&self, side: &[u8], client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        m.update(b"rask-auth-v1 ");
+        m.update(side);
+        m.update(client_nonce);
+        m.update(server_nonce);
+        m.finalize().into_bytes().into()
+    }
+
+    fn verify(&self, side: &[u8], client_nonce: &[u8; 32], server_nonce: &[u8; 32], mac: &[u8]) -> bool {
+        use hmac::{Hmac, Mac};
+        let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        m.update(b"rask-auth-v1 ");
+        m.update(side);
+        m.update(client_nonce);
+        m.update(server_nonce);
+        m.verify_slice(mac).is_ok() // constant time
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// The token this process uses for every connection it makes or accepts.
+static PROCESS_TOKEN: std::sync::RwLock<Option<Option<Token>>> = std::sync::RwLock::new(None);
+
+/// Environment variable holding the cluster token when no `--token` is given.
+pub const TOKEN_ENV: &str = "RASK_TOKEN";
+
+/// Sets the token for every connection this process makes or accepts from now on (the
+/// `--token` flags call this; without it, [`TOKEN_ENV`] is read).
+pub fn set_process_token(token: Option<Token>) {
+    *PROCESS_TOKEN.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(token);
+}
+
+/// The token in effect: the one set with [`set_process_token`], else `RASK_TOKEN`, else none.
+#[must_use]
+pub fn process_token() -> Option<Token> {
+    if let Some(t) = &*PROCESS_TOKEN.read().unwrap_or_else(std::sync::PoisonError::into_inner) {
+        return t.clone();
+    }
+    std::env::var(TOKEN_ENV).ok().and_then(|t| Token::new(&t))
+}
+
+fn nonce() -> Result<[u8; 32], ProtocolError> {
+    use std::io::Read;
+    let mut n = [0u8; 32];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut n))?;
+    Ok(n)
 }
 
 /// The accepting side's answer.
@@ -110,13 +192,61 @@ fn mismatch(p: &Parsed, us: &str, them: &str) -> Option<String> {
     })
 }
 
-/// Connecting side: says who we are and waits for the answer.
+/// Connecting side: says who we are and waits for the answer, proving (and checking) the
+/// [`process_token`] when the peer asks.
 ///
 /// # Errors
-/// [`ProtocolError::Refused`] with the peer's reason, or when the peer is not compatible.
+/// [`ProtocolError::Refused`] with the peer's reason, or when the peer is not compatible or
+/// fails authentication.
 pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, role: &Role) -> Result<Welcome, ProtocolError> {
-    let payload = postcard::to_stdvec(role).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    connect_with(s, role, process_token().as_ref()).await
+}
+
+/// [`connect`] with an explicit token (`None`: this side has none).
+///
+/// # Errors
+/// See [`connect`].
+pub async fn connect_with<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    role: &Role,
+    token: Option<&Token>,
+) -> Result<Welcome, ProtocolError> {
+    let hello = Hello { role: role.clone(), nonce: nonce()? };
+    let payload = postcard::to_stdvec(&hello).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
     send(s, 0, &payload).await?;
+    let mut p = answer(s).await?;
+    if p.kind == 3 {
+        // A challenge: the peer's nonce and its proof.
+        if p.payload.len() != 64 {
+            return Err(ProtocolError::Refused("malformed authentication challenge".into()));
+        }
+        let mut server_nonce = [0u8; 32];
+        server_nonce.copy_from_slice(&p.payload[..32]);
+        let Some(token) = token else {
+            return Err(ProtocolError::Refused(
+                "the peer requires a token: give the cluster's token with --token or RASK_TOKEN".into(),
+            ));
+        };
+        if !token.verify(b"server", &hello.nonce, &server_nonce, &p.payload[32..]) {
+            return Err(ProtocolError::Refused(
+                "authentication failed: the peer does not know this cluster's token".into(),
+            ));
+        }
+        send(s, 4, &token.mac(b"client", &hello.nonce, &server_nonce)).await?;
+        p = answer(s).await?;
+    } else if token.is_some() && p.kind == 1 {
+        return Err(ProtocolError::Refused(
+            "the peer accepted us without asking for the token: refusing an unauthenticated cluster (start it with the same --token)".into(),
+        ));
+    }
+    if p.kind != 1 {
+        return Err(ProtocolError::Refused("unexpected handshake answer".into()));
+    }
+    postcard::from_bytes(&p.payload).map_err(|e| ProtocolError::Malformed(format!("bad welcome: {e}")))
+}
+
+/// The accepting side's next frame: a refusal becomes an error naming its reason.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<Parsed, ProtocolError> {
     let p = tokio::time::timeout(HANDSHAKE_TIMEOUT, recv(s))
         .await
         .map_err(|_| ProtocolError::Refused("no handshake answer within 10 s".into()))??;
@@ -126,18 +256,29 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, role: &Role) 
     if let Some(m) = mismatch(&p, "this process", "the peer") {
         return Err(ProtocolError::Refused(m));
     }
-    if p.kind != 1 {
-        return Err(ProtocolError::Refused("unexpected handshake answer".into()));
-    }
-    postcard::from_bytes(&p.payload).map_err(|e| ProtocolError::Malformed(format!("bad welcome: {e}")))
+    Ok(p)
 }
 
-/// Accepting side: reads the peer's hello. On a mismatch or garbage, answers with a refusal
-/// naming both versions (when it can) and returns the error; the caller closes the connection.
+/// Accepting side: reads the peer's hello and, when this process has a token, has the peer
+/// prove it. On a mismatch, garbage or failed proof, answers with a refusal naming the reason
+/// (both versions, or the token) and returns the error; the caller closes the connection.
 ///
 /// # Errors
-/// When the peer is incompatible, silent for [`HANDSHAKE_TIMEOUT`], or not speaking rask.
+/// When the peer is incompatible, silent for [`HANDSHAKE_TIMEOUT`], not speaking rask, or
+/// without the token.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, who: &str) -> Result<Role, ProtocolError> {
+    accept_with(s, who, process_token().as_ref()).await
+}
+
+/// [`accept`] with an explicit token (`None`: anyone compatible may connect).
+///
+/// # Errors
+/// See [`accept`].
+pub async fn accept_with<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    who: &str,
+    token: Option<&Token>,
+) -> Result<Role, ProtocolError> {
     let p = match tokio::time::timeout(HANDSHAKE_TIMEOUT, recv(s)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => return Err(e),
@@ -151,7 +292,28 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, who: &str) -> 
     if p.kind != 0 {
         return Err(ProtocolError::Refused("expected a hello".into()));
     }
-    postcard::from_bytes(&p.payload).map_err(|e| ProtocolError::Malformed(format!("bad hello: {e}")))
+    let hello: Hello =
+        postcard::from_bytes(&p.payload).map_err(|e| ProtocolError::Malformed(format!("bad hello: {e}")))?;
+    if let Some(token) = token {
+        let server_nonce = nonce()?;
+        let mut challenge = server_nonce.to_vec();
+        challenge.extend_from_slice(&token.mac(b"server", &hello.nonce, &server_nonce));
+        send(s, 3, &challenge).await?;
+        let proof = match tokio::time::timeout(HANDSHAKE_TIMEOUT, recv(s)).await {
+            Ok(Ok(p)) if p.kind == 4 => p,
+            // The peer hung up: it has no token (it says so on its side).
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                return Err(ProtocolError::Refused("the peer did not authenticate (it has no token?)".into()));
+            }
+            Err(_) => return Err(ProtocolError::Refused("the peer sent no proof within 10 s".into())),
+        };
+        if !token.verify(b"client", &hello.nonce, &server_nonce, &proof.payload) {
+            let reason = format!("refused by {who}: authentication failed: wrong token");
+            let _ = send(s, 2, reason.as_bytes()).await;
+            return Err(ProtocolError::Refused("authentication failed: the peer's token is wrong".into()));
+        }
+    }
+    Ok(hello.role)
 }
 
 /// Accepting side: completes a handshake accepted with [`accept`].
@@ -176,7 +338,8 @@ pub async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, reason: &str) -> Result<()
 #[doc(hidden)]
 #[must_use]
 pub fn foreign_hello(version: u32, build: &str) -> Vec<u8> {
-    let payload = postcard::to_stdvec(&Role::Client { name: "foreign".into() }).unwrap_or_default();
+    let hello = Hello { role: Role::Client { name: "foreign".into() }, nonce: [0; 32] };
+    let payload = postcard::to_stdvec(&hello).unwrap_or_default();
     let mut body = Vec::new();
     body.extend_from_slice(MAGIC);
     body.extend_from_slice(&version.to_be_bytes());
@@ -193,6 +356,51 @@ pub fn foreign_hello(version: u32, build: &str) -> Vec<u8> {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// Runs both sides with the given tokens: (connector's result, acceptor's result).
+    async fn shake(
+        client: Option<&str>,
+        server: Option<&str>,
+    ) -> (Result<Welcome, ProtocolError>, Result<Role, ProtocolError>) {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let (ct, st) = (client.and_then(Token::new), server.and_then(Token::new));
+        let role = Role::Client { name: "c".into() };
+        let server = async {
+            let r = accept_with(&mut b, "the scheduler", st.as_ref()).await;
+            if r.is_ok() {
+                welcome(&mut b, &Welcome { id: 7 }).await.expect("welcome");
+            }
+            drop(b);
+            r
+        };
+        let client = async {
+            let r = connect_with(&mut a, &role, ct.as_ref()).await;
+            drop(a);
+            r
+        };
+        tokio::join!(client, server)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn same_token_on_both_sides_authenticates() {
+        let (c, s) = shake(Some("s3cret"), Some("s3cret")).await;
+        assert_eq!(c.expect("client in").id, 7);
+        assert_eq!(s.expect("server accepts"), Role::Client { name: "c".into() });
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn wrong_missing_or_unasked_token_is_refused_with_a_reason_on_both_ends() {
+        let (c, s) = shake(Some("wrong"), Some("s3cret")).await;
+        let (c, s) = (c.expect_err("refused").to_string(), s.expect_err("refused").to_string());
+        assert!(c.contains("does not know this cluster's token"), "{c}");
+        assert!(s.contains("authenticate") || s.contains("token"), "{s}");
+        let (c, s) = shake(None, Some("s3cret")).await;
+        let c = c.expect_err("refused").to_string();
+        assert!(c.contains("requires a token") && c.contains("RASK_TOKEN"), "{c}");
+        assert!(s.expect_err("refused").to_string().contains("did not authenticate"));
+        let (c, _) = shake(Some("s3cret"), None).await;
+        assert!(c.expect_err("refused").to_string().contains("unauthenticated cluster"));
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn matching_peers_shake_hands() {
