@@ -249,6 +249,22 @@ pub enum Event<P> {
         /// When, in microseconds since the shell started.
         at_us: u64,
     },
+    /// A worker asks to leave gracefully (it was sent SIGTERM): it gets no new tasks, finishes
+    /// the ones it has, and its results that exist nowhere else are copied to other workers
+    /// before it is told to go ([`Command::Retired`]), so nothing is recomputed.
+    WorkerRetiring {
+        /// Which.
+        worker: WorkerId,
+    },
+    /// A worker fetched a copy of a value it was asked to take over ([`Command::Acquire`]).
+    DataAcquired {
+        /// Which worker now holds a copy.
+        worker: WorkerId,
+        /// Which value.
+        key: Key,
+        /// Its size.
+        nbytes: u64,
+    },
     /// Time passes (the shell ticks a few times a second): workers silent for longer than the
     /// TTL are removed.
     Tick {
@@ -296,6 +312,21 @@ pub enum Event<P> {
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command<P> {
+    /// Copy a value from a retiring worker to this one (it reports `DataAcquired`).
+    Acquire {
+        /// Who fetches.
+        worker: WorkerId,
+        /// Which value.
+        key: Key,
+        /// Who has it.
+        from: WorkerId,
+    },
+    /// A retiring worker has nothing left that exists only there: tell it to go. The core has
+    /// already removed it (nothing was lost).
+    Retired {
+        /// Which.
+        worker: WorkerId,
+    },
     /// The core removed a worker it considers lost: close its connection (if the worker was
     /// only frozen, it finds out when it wakes and joins again as a new worker).
     DropWorker {
@@ -429,6 +460,8 @@ struct Worker {
     avg_duration_us: f64,
     /// When a message from it last arrived (shell clock, µs).
     last_heard_us: u64,
+    /// Leaving gracefully: no new work; its unique results are being copied elsewhere.
+    retiring: bool,
 }
 
 /// The scheduler state. See the crate documentation.
@@ -458,6 +491,8 @@ pub struct Core<P> {
     now_us: u64,
     /// The most recent worker departures, oldest first (at most [`MAX_DEPARTURES`]).
     departures: std::collections::VecDeque<Departure>,
+    /// Values being copied off retiring workers.
+    acquiring: FxHashSet<Tid>,
 }
 
 /// Departures kept for diagnostics.
@@ -484,6 +519,7 @@ impl<P: Clone> Core<P> {
             open_parts: BTreeMap::new(),
             now_us: 0,
             departures: std::collections::VecDeque::new(),
+            acquiring: FxHashSet::default(),
         }
     }
 
@@ -615,6 +651,7 @@ impl<P: Clone> Core<P> {
                         available,
                         avg_duration_us: 0.0,
                         last_heard_us: self.now_us,
+                        retiring: false,
                     },
                 );
                 // Tasks nobody could run may fit now.
@@ -625,6 +662,12 @@ impl<P: Clone> Core<P> {
                 }
             }
             Event::WorkerDisconnected { worker, cause } => self.remove_worker(worker, cause),
+            Event::WorkerRetiring { worker } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.retiring = true;
+                }
+            }
+            Event::DataAcquired { worker, key, nbytes } => self.acquired(worker, &key, nbytes),
             Event::WorkerHeard { worker, at_us } => {
                 self.now_us = self.now_us.max(at_us);
                 if let Some(w) = self.workers.get_mut(&worker) {
@@ -658,6 +701,70 @@ impl<P: Clone> Core<P> {
             self.forget_now(t);
         }
         self.schedule();
+        if self.workers.values().any(|w| w.retiring) {
+            self.advance_retirements();
+            while let Some(t) = self.to_forget.pop() {
+                self.forget_now(t);
+            }
+        }
+    }
+
+    /// Copies the needed values only retiring workers hold to other workers; lets a retiring
+    /// worker go once it runs nothing and holds nothing unique.
+    fn advance_retirements(&mut self) {
+        let retiring: Vec<WorkerId> = self.workers.iter().filter(|(_, w)| w.retiring).map(|(id, _)| *id).collect();
+        for wid in retiring {
+            let unique: Vec<Tid> = self
+                .live_ids()
+                .filter(|t| matches!(&self.task(*t).state, State::Memory { who_has } if who_has == &[wid]))
+                .filter(|t| self.needed(*t))
+                .collect();
+            let target = self
+                .workers
+                .iter()
+                .filter(|(id, w)| **id != wid && !w.retiring)
+                .min_by_key(|(id, w)| (w.processing.len(), **id))
+                .map(|(id, _)| *id);
+            let busy = self.workers.get(&wid).is_some_and(|w| !w.processing.is_empty());
+            match target {
+                Some(to) if !unique.is_empty() => {
+                    for t in unique {
+                        if self.acquiring.insert(t) {
+                            let key = self.task(t).key.clone();
+                            self.out.push(Command::Acquire { worker: to, key, from: wid });
+                        }
+                    }
+                }
+                // Unique data and nowhere to put it: it stays until a worker joins (or it gives
+                // up on its own and leaves with the data).
+                None if !unique.is_empty() => {}
+                // Nothing unique left: it may go once idle.
+                _ if !busy => {
+                    self.out.push(Command::Retired { worker: wid });
+                    self.remove_worker(wid, LossCause::Said("retired gracefully (SIGTERM)".into()));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn acquired(&mut self, wid: WorkerId, key: &Key, nbytes: u64) {
+        let t = self.by_key.get(key).copied();
+        if let Some(t) = t {
+            self.acquiring.remove(&t);
+        }
+        match t {
+            Some(t) if self.workers.contains_key(&wid) && matches!(self.task(t).state, State::Memory { .. }) => {
+                self.task_mut(t).nbytes = nbytes;
+                if let State::Memory { who_has } = &mut self.task_mut(t).state {
+                    if !who_has.contains(&wid) {
+                        who_has.push(wid);
+                    }
+                }
+            }
+            // Not needed any more: the copy is garbage.
+            _ => self.out.push(Command::Free { worker: wid, keys: vec![key.clone()] }),
+        }
     }
 
     // ----- small helpers -------------------------------------------------------------------
@@ -1030,7 +1137,7 @@ impl<P: Clone> Core<P> {
     }
 
     fn has_slot(&self, w: &Worker) -> bool {
-        w.processing.len() < self.limit(w)
+        !w.retiring && w.processing.len() < self.limit(w)
     }
 
     fn resources_free(t: &Task<P>, w: &Worker) -> bool {
@@ -1140,7 +1247,7 @@ impl<P: Clone> Core<P> {
         let idle: Vec<(WorkerId, usize)> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.processing.len() < w.spec.nthreads as usize)
+            .filter(|(_, w)| !w.retiring && w.processing.len() < w.spec.nthreads as usize)
             .map(|(id, w)| (*id, w.spec.nthreads as usize - w.processing.len()))
             .collect();
         for (thief, free_threads) in idle {
@@ -1533,6 +1640,7 @@ impl<P: Clone> Core<P> {
         }
         let task = self.tasks[t.0 as usize].take().expect("invariant: checked above");
         self.free_slots.push(t.0);
+        self.acquiring.remove(&t);
         self.by_key.remove(&task.key);
         if let State::Memory { who_has } = &task.state {
             for w in who_has {
@@ -1570,6 +1678,8 @@ impl<P: Clone> Core<P> {
 
     fn remove_worker(&mut self, wid: WorkerId, cause: LossCause) {
         let Some(w) = self.workers.remove(&wid) else { return };
+        // Copies in flight to or from it will not arrive: retirements ask again.
+        self.acquiring.clear();
         if self.departures.len() == MAX_DEPARTURES {
             self.departures.pop_front();
         }

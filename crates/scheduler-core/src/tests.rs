@@ -288,6 +288,43 @@ fn task_that_keeps_killing_workers_fails_as_killed_worker_naming_them() {
 }
 
 #[test]
+fn retiring_worker_hands_over_its_unique_results_before_it_is_let_go() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.submit(C1, vec![task("a", &[]), task("b", &[])], &["a", "b"]);
+    env.finish(W1, "a", 8);
+    env.worker(W2, "w2", 1, &[]);
+    // w1 still runs b; it asks to leave.
+    let out = env.ev(Event::WorkerRetiring { worker: W1 });
+    let acquire = |out: &[Command<P>]| -> Vec<String> {
+        out.iter()
+            .filter_map(|c| match c {
+                Command::Acquire { worker: W2, key, from: W1 } => Some(key.as_str().to_owned()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(acquire(&out), ["a"], "{out:?}");
+    assert!(!out.iter().any(|c| matches!(c, Command::Retired { .. })), "b still runs there");
+    // New work does not go to the retiring worker.
+    let out = env.submit(C1, vec![task("c", &[])], &["c"]);
+    assert_eq!(computes(&out), [(W2, "c")]);
+    let out = env.finish(W1, "b", 8);
+    assert_eq!(acquire(&out), ["b"]);
+    env.ev(Event::DataAcquired { worker: W2, key: Key::new("a"), nbytes: 8 });
+    let out = env.ev(Event::DataAcquired { worker: W2, key: Key::new("b"), nbytes: 8 });
+    assert!(out.contains(&Command::Retired { worker: W1 }), "{out:?}");
+    assert_eq!(env.core.who_has("a"), [W2]);
+    assert_eq!(env.core.who_has("b"), [W2]);
+    assert!(
+        computes(&out).is_empty() && !out.iter().any(|c| matches!(c, Command::KeyLost { .. })),
+        "nothing recomputed"
+    );
+    let gone: Vec<String> = env.core.departures().map(|d| d.cause.to_string()).collect();
+    assert_eq!(gone, ["retired gracefully (SIGTERM)"]);
+}
+
+#[test]
 fn resources_limit_placement_and_concurrency() {
     let mut env = Env::new();
     env.worker(W1, "cpu", 4, &[]);
@@ -586,6 +623,8 @@ enum Step {
     Kill(prop::sample::Index),
     /// A new worker joins.
     Join,
+    /// A worker (modulo the live ones) starts retiring gracefully, if more than one is alive.
+    Retire(prop::sample::Index),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -593,6 +632,7 @@ fn step() -> impl Strategy<Value = Step> {
         8 => any::<prop::sample::Index>().prop_map(Step::Complete),
         1 => any::<prop::sample::Index>().prop_map(Step::Kill),
         1 => Just(Step::Join),
+        1 => any::<prop::sample::Index>().prop_map(Step::Retire),
     ]
 }
 
@@ -659,6 +699,9 @@ proptest! {
         let mut held: BTreeMap<(WorkerId, String), i64> = BTreeMap::new();
         let mut outstanding: Vec<Outstanding> = Vec::new();
         let mut results: HashMap<String, Result<(Vec<WorkerId>, ()), String>> = HashMap::new();
+        // Copies made for retiring workers (reported back), and workers that retired.
+        let copies: std::cell::RefCell<Vec<(WorkerId, Key)>> = std::cell::RefCell::default();
+        let gone: std::cell::RefCell<Vec<WorkerId>> = std::cell::RefCell::default();
         let absorb = |cmds: Vec<Command<P>>, outstanding: &mut Vec<_>, held: &mut BTreeMap<(WorkerId, String), i64>, results: &mut HashMap<_, _>| {
             for c in cmds {
                 match c {
@@ -666,6 +709,17 @@ proptest! {
                     Command::Free { worker, keys } => for k in keys { held.remove(&(worker, k.as_str().to_owned())); },
                     Command::KeyInMemory { key, workers, .. } => { results.insert(key.as_str().to_owned(), Ok((workers, ()))); }
                     Command::KeyErred { key, error, .. } => { results.insert(key.as_str().to_owned(), Err(error.key.as_str().to_owned())); }
+                    Command::Acquire { worker, key, from } => {
+                        // The copy is made at once (the value moves with it).
+                        if let Some(v) = held.get(&(from, key.as_str().to_owned())).copied() {
+                            held.insert((worker, key.as_str().to_owned()), v);
+                            copies.borrow_mut().push((worker, key));
+                        }
+                    }
+                    Command::Retired { worker } => {
+                        held.retain(|(hw, _), _| *hw != worker);
+                        gone.borrow_mut().push(worker);
+                    }
                     Command::KeyCancelled { .. } | Command::Steal { .. } | Command::DropWorker { .. } => {}
                     Command::KeyLost { key, .. } => { results.remove(key.as_str()); }
                 }
@@ -716,6 +770,20 @@ proptest! {
                 env.ev(Event::TaskFinished { worker: w, key: Key::from(key), nbytes: 8, duration_us: 5 })
             }
         };
+        // Reports the copies made for retiring workers, and forgets the workers that retired.
+        let settle = |env: &mut Env, live: &mut Vec<WorkerId>, outstanding: &mut Vec<Outstanding>, held: &mut BTreeMap<(WorkerId, String), i64>, results: &mut HashMap<_, _>| {
+            loop {
+                let pending: Vec<(WorkerId, Key)> = copies.borrow_mut().drain(..).collect();
+                if pending.is_empty() {
+                    break;
+                }
+                for (worker, key) in pending {
+                    let out = env.ev(Event::DataAcquired { worker, key, nbytes: 8 });
+                    absorb(out, outstanding, held, results);
+                }
+            }
+            live.retain(|w| !gone.borrow().contains(w));
+        };
         for s in steps {
             let out = match s {
                 Step::Complete(i) if !outstanding.is_empty() => run_one(&mut env, i.index(outstanding.len()), &mut outstanding, &mut held),
@@ -726,17 +794,27 @@ proptest! {
                     env.ev(Event::WorkerDisconnected { worker: w, cause: LossCause::ConnectionClosed })
                 }
                 Step::Join => join(&mut env, &mut live),
+                Step::Retire(i) if live.len() > 1 => {
+                    let w = live[i.index(live.len())];
+                    env.ev(Event::WorkerRetiring { worker: w })
+                }
                 _ => Vec::new(),
             };
             absorb(out, &mut outstanding, &mut held, &mut results);
+            settle(&mut env, &mut live, &mut outstanding, &mut held, &mut results);
         }
-        // Drain: run everything left.
+        // Drain: run everything left, with one more worker in case every other one is
+        // retiring (they wait for somewhere to put their data).
+        let out = join(&mut env, &mut live);
+        absorb(out, &mut outstanding, &mut held, &mut results);
+        settle(&mut env, &mut live, &mut outstanding, &mut held, &mut results);
         let mut guard = 0;
         while !outstanding.is_empty() {
             guard += 1;
             prop_assert!(guard < 100_000, "no progress");
             let out = run_one(&mut env, 0, &mut outstanding, &mut held);
             absorb(out, &mut outstanding, &mut held, &mut results);
+            settle(&mut env, &mut live, &mut outstanding, &mut held, &mut results);
         }
         let mut memo = HashMap::new();
         for w in wanted {
