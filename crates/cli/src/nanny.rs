@@ -209,7 +209,8 @@ pub(crate) fn supervise(children: Vec<(String, Vec<String>)>, token: Option<&str
     })
 }
 
-/// SIGTERM to every child, then wait for them (SIGKILL after 10 s).
+/// SIGTERM to every child, then wait for them while they retire (SIGKILL after 40 s: a
+/// retiring worker gives the scheduler 30 s to move its results).
 async fn stop_all(workers: &mut [Supervised]) {
     for w in workers.iter() {
         if let Some(c) = &w.child {
@@ -220,7 +221,7 @@ async fn stop_all(workers: &mut [Supervised]) {
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(40);
     for w in workers.iter_mut() {
         let Some(c) = &mut w.child else { continue };
         loop {

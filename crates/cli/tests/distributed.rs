@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use rask_graph::{ArgSpec, GraphBuilder, TaskSpec, Value};
+use rask_graph::{Annotations, ArgSpec, GraphBuilder, TaskSpec, Value};
 use rask_runtime::{BlockingClient, CallArg, ClientError};
 
 const RASK: &str = env!("CARGO_BIN_EXE_rask");
@@ -416,6 +416,53 @@ fn token_protected_cluster_refuses_peers_without_the_token_and_keeps_serving() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let local = rask(&["run", &pipeline, "--json"]);
     assert_eq!(text(&o.stdout), text(&local.stdout));
+}
+
+#[test]
+fn sigterm_retires_a_worker_after_its_results_move_so_nothing_is_recomputed() {
+    let dir = scratch("retire");
+    let log = dir.join("runs");
+    let mut cluster = Cluster::start();
+    let leaving = cluster.worker(&["--name", "leaving", "--nthreads", "1"], &[]);
+    cluster.worker(&["--name", "staying", "--nthreads", "1"], &[]);
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.workers().expect("workers").len() < 2 {
+        assert!(Instant::now() < deadline, "workers did not join");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Four results made on `leaving` (each run logged), held by this client.
+    let mut b = GraphBuilder::new();
+    for i in 0..4 {
+        let on = Annotations { workers: vec!["leaving".into()], allow_other_workers: true, ..Default::default() };
+        let script = format!("echo ran >> {}; echo value-{i}", log.display());
+        let argv = ArgSpec::Lit(Value::list(vec![Value::str("sh"), Value::str("-c"), Value::str(&script)]));
+        b.add(TaskSpec::new(format!("r{i}"), "shell", vec![argv]).with_annotations(on));
+    }
+    let g = b.build().expect("graph");
+    let futures = c.submit_graph(&g, &g.sinks());
+    c.wait(&futures, Some(Duration::from_secs(30))).expect("made");
+    signal(leaving, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while c.workers().expect("workers").iter().any(|w| w.0 == "leaving") {
+        assert!(Instant::now() < deadline, "the worker did not retire");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut values: Vec<String> = c
+        .gather(&futures)
+        .into_iter()
+        .map(|r| match r.expect("still available") {
+            Value::Str(s) => s.trim().to_owned(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    values.sort();
+    assert_eq!(values, ["value-0", "value-1", "value-2", "value-3"]);
+    let runs = std::fs::read_to_string(&log).expect("log").lines().count();
+    assert_eq!(runs, 4, "a result was recomputed instead of moved");
+    let gone = c.departed_workers().expect("departures");
+    assert!(gone.iter().any(|d| d.name == "leaving" && d.cause.contains("retired gracefully")), "{gone:?}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

@@ -82,6 +82,16 @@ pub enum ToScheduler {
     /// Anyone: still alive (workers send it several times a second; the scheduler drops a
     /// worker not heard from within its TTL).
     Heartbeat,
+    /// Worker: asks to leave gracefully (SIGTERM): no new work, and its unique results are
+    /// copied elsewhere before the scheduler answers `Shutdown`.
+    Retire,
+    /// Worker: it fetched a copy of a value it was asked to take over (`Acquire`).
+    Acquired {
+        /// The value.
+        key: Key,
+        /// Its size.
+        nbytes: u64,
+    },
     /// Worker: leaving on purpose, and why (recorded as the cause of its departure).
     Goodbye {
         /// Why.
@@ -151,6 +161,12 @@ pub enum FromScheduler {
     Steal {
         /// The tasks.
         keys: Vec<Key>,
+    },
+    /// To a worker: fetch copies of these values from the given workers (data addresses) and
+    /// keep them (a retiring worker's results); answered with `Acquired` for each.
+    Acquire {
+        /// (value, holder's data address).
+        keys: Vec<(Key, Arc<str>)>,
     },
     /// To a worker: drop these values.
     Free {

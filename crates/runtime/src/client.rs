@@ -708,7 +708,10 @@ fn apply(st: &mut State, m: FromScheduler) {
         FromScheduler::Shutdown { reason } => {
             st.closed.get_or_insert(format!("the scheduler shut down: {reason}"));
         }
-        FromScheduler::Compute { .. } | FromScheduler::Free { .. } | FromScheduler::Steal { .. } => {}
+        FromScheduler::Compute { .. }
+        | FromScheduler::Free { .. }
+        | FromScheduler::Steal { .. }
+        | FromScheduler::Acquire { .. } => {}
     }
 }
 

@@ -247,6 +247,13 @@ async fn core_loop(
                             eprintln!("rask scheduler: removed worker {name}: {cause}");
                         }
                     }
+                    Command::Retired { worker } => {
+                        if let Some(Peer::Worker { outbox, name, .. }) = peers.remove(&worker.0) {
+                            eprintln!("rask scheduler: worker {name} retired; its results live on elsewhere");
+                            let reason = "retired: its results were moved to other workers".to_owned();
+                            outbox.send(FromScheduler::Shutdown { reason }, Vec::new());
+                        }
+                    }
                     cmd => dispatch(cmd, &peers),
                 }
             }
@@ -401,6 +408,13 @@ fn message_event(id: u32, peers: &HashMap<u32, Peer>, is_worker: bool, m: ToSche
             Event::InputsMissing { worker, key, missing }
         }
         (true, ToScheduler::TaskDropped { key }) => Event::TaskDropped { worker, key },
+        (true, ToScheduler::Retire) => {
+            if let Some(Peer::Worker { name, .. }) = peers.get(&id) {
+                eprintln!("rask scheduler: worker {name} is retiring; moving its results");
+            }
+            Event::WorkerRetiring { worker }
+        }
+        (true, ToScheduler::Acquired { key, nbytes }) => Event::DataAcquired { worker, key, nbytes },
         (_, ToScheduler::Heartbeat) => return None,
         (_, other) => {
             eprintln!("rask scheduler: ignoring a message not meant for this kind of peer: {other:?}");
@@ -444,7 +458,12 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
     };
     match cmd {
         // Handled by the core loop, which owns the peer table.
-        Command::DropWorker { .. } => {}
+        Command::DropWorker { .. } | Command::Retired { .. } => {}
+        Command::Acquire { worker, key, from } => {
+            if let Some(address) = address_of(peers, from) {
+                send(worker.0, FromScheduler::Acquire { keys: vec![(key, address)] });
+            }
+        }
         Command::Compute { worker, key, payload, inputs, prio } => {
             let inputs = inputs
                 .into_iter()

@@ -114,8 +114,21 @@ enum Inbox {
     Scheduler(Vec<FromScheduler>),
     SchedulerClosed(String),
     Done(Outcome),
-    Fetched { from: Arc<str>, keys: Vec<Key>, result: Result<Vec<(Key, Option<Value>)>, String> },
+    Fetched {
+        from: Arc<str>,
+        keys: Vec<Key>,
+        result: Result<Vec<(Key, Option<Value>)>, String>,
+    },
+    /// Copies fetched for the scheduler (a retiring worker's results).
+    Acquired {
+        from: Arc<str>,
+        result: Result<Vec<(Key, Option<Value>)>, String>,
+    },
 }
+
+/// How long a retiring worker waits for the scheduler to move its results before it leaves
+/// anyway (they are then recomputed where needed).
+const RETIRE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// A task waiting for inputs to arrive.
 struct Waiting {
@@ -194,12 +207,24 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     // tasks handed to the executor queue and not yet reported: key -> queue sequence number
     let mut queued: FxHashMap<Key, u64> = FxHashMap::default();
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    // Since when this worker has been retiring (SIGTERM): it leaves when the scheduler says so.
+    let mut retiring: Option<Instant> = None;
 
     let exit = loop {
         let msg = tokio::select! {
             m = rx.recv() => m,
             _ = ticker.tick() => {
-                if stop.load(Ordering::Relaxed) { break WorkerExit::Stopped; }
+                if stop.load(Ordering::Relaxed) {
+                    match retiring {
+                        None => {
+                            // Leave gracefully: the scheduler moves our results, then says go.
+                            retiring = Some(Instant::now());
+                            to_scheduler.send(ToScheduler::Retire, Vec::new());
+                        }
+                        Some(since) if since.elapsed() > RETIRE_PATIENCE => break WorkerExit::Stopped,
+                        Some(_) => {}
+                    }
+                }
                 // Alive, whatever the executor threads are doing (the scheduler drops a worker
                 // it has not heard from within its TTL).
                 to_scheduler.send(ToScheduler::Heartbeat, Vec::new());
@@ -301,6 +326,23 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 }
                             }
                         }
+                        FromScheduler::Acquire { keys } => {
+                            let mut by_holder: FxHashMap<Arc<str>, Vec<Key>> = FxHashMap::default();
+                            for (k, holder) in keys {
+                                by_holder.entry(holder).or_default().push(k);
+                            }
+                            for (from, keys) in by_holder {
+                                let (tx, peers) = (tx.clone(), peers.clone());
+                                tokio::spawn(async move {
+                                    let result =
+                                        match tokio::time::timeout(FETCH_TIMEOUT, peers.get_data(&from, keys)).await {
+                                            Ok(r) => r.map_err(|e| format!("{from}: {e}")),
+                                            Err(_) => Err(format!("{from}: no answer within {FETCH_TIMEOUT:?}")),
+                                        };
+                                    let _ = tx.send(Inbox::Acquired { from, result });
+                                });
+                            }
+                        }
                         FromScheduler::Shutdown { reason } => shutdown = Some(reason),
                         other => eprintln!("rask worker {}: unexpected message {other:?}", cfg.name),
                     }
@@ -355,6 +397,17 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     }
                 }
             }
+            Inbox::Acquired { from, result } => match result {
+                Ok(values) => {
+                    for (key, v) in values {
+                        let Some(v) = v else { continue };
+                        let nbytes = v.nbytes() as u64;
+                        lock(&store).insert(key.clone(), v);
+                        to_scheduler.send(ToScheduler::Acquired { key, nbytes }, Vec::new());
+                    }
+                }
+                Err(e) => eprintln!("rask worker {}: could not copy results from {from}: {e}", cfg.name),
+            },
             Inbox::Done(Outcome { key, replicas: used, result, duration }) => {
                 queued.remove(&key);
                 let duration_us = duration.as_micros().min(u128::from(u64::MAX)) as u64;

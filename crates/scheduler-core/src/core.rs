@@ -735,10 +735,9 @@ impl<P: Clone> Core<P> {
                         }
                     }
                 }
-                // Unique data and nowhere to put it: it stays until a worker joins (or it gives
-                // up on its own and leaves with the data).
-                None if !unique.is_empty() => {}
-                // Nothing unique left: it may go once idle.
+                // Nothing unique left, or no other worker to hold it (then it is recomputed when
+                // one joins, rather than keeping the last worker from stopping): it may go once
+                // idle.
                 _ if !busy => {
                     self.out.push(Command::Retired { worker: wid });
                     self.remove_worker(wid, LossCause::Said("retired gracefully (SIGTERM)".into()));
@@ -1686,15 +1685,23 @@ impl<P: Clone> Core<P> {
         let departure =
             Departure { name: Arc::clone(&w.spec.name), address: Arc::clone(&w.spec.address), cause: cause.clone() };
         self.departures.push_back(departure);
-        // Values held only there are lost.
+        // Values held only there are lost; clients holding values that live on elsewhere (a
+        // retired worker's results, or replicas) learn where they are now.
         let mut lost = Vec::new();
+        let mut moved = Vec::new();
         for t in self.live_ids().collect::<Vec<_>>() {
             if let State::Memory { who_has } = &mut self.task_mut(t).state {
+                let before = who_has.len();
                 who_has.retain(|x| *x != wid);
                 if who_has.is_empty() {
                     lost.push(t);
+                } else if who_has.len() < before {
+                    moved.push(t);
                 }
             }
+        }
+        for t in moved {
+            self.notify_wanters(t);
         }
         for t in &lost {
             self.task_mut(*t).state = State::Released;
