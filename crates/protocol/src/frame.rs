@@ -180,12 +180,96 @@ mod tests {
         assert!(read_frame::<_, String>(&mut b).await.is_err());
     }
 
+    /// A realistic frame of each direction (tasks with nested arguments, a compute with inputs,
+    /// data with an out-of-band blob), encoded as `write_frame` sends it (without the length).
+    fn sample_bodies() -> Vec<(u8, Vec<u8>)> {
+        use crate::msg::{FromScheduler, PeerMsg, ToScheduler};
+        use crate::wire::{WireArg, WireBody, WireCall, WireTask, WireValue};
+        use rask_graph::Key;
+        let call = WireCall {
+            op: "add".into(),
+            args: vec![
+                WireArg::Ref(Key::new("a")),
+                WireArg::List(vec![WireArg::Lit(WireValue::Int(7)), WireArg::Lit(WireValue::Str("x".into()))]),
+            ],
+        };
+        let task = WireTask {
+            key: Key::new("b"),
+            deps: vec![Key::new("a")],
+            body: WireBody::Call(call.clone()),
+            annotations: None,
+            order: 3,
+            wanted: true,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let encode = |f: &dyn Fn(&mut Vec<u8>)| -> Vec<u8> {
+            let mut buf = Vec::new();
+            f(&mut buf);
+            buf.split_off(4)
+        };
+        let to = encode(&|buf| {
+            let m = vec![ToScheduler::SubmitGraph { tasks: vec![task.clone()], wanted: vec![Key::new("b")] }];
+            rt.block_on(write_frame(buf, &m, &[])).expect("encodes");
+        });
+        let from = encode(&|buf| {
+            let m = vec![FromScheduler::Compute {
+                key: Key::new("b"),
+                body: std::sync::Arc::new(WireBody::Call(call.clone())),
+                inputs: vec![(Key::new("a"), vec![std::sync::Arc::from("tcp://127.0.0.1:1")])],
+                retries: 1,
+                timeout_us: Some(5),
+                priority: (0, 1, 2),
+            }];
+            rt.block_on(write_frame(buf, &m, &[])).expect("encodes");
+        });
+        let peer = encode(&|buf| {
+            let m = vec![PeerMsg::Data { values: vec![(Key::new("a"), Some(WireValue::Blob(0)))] }];
+            rt.block_on(write_frame(buf, &m, &[Bytes::from(vec![1u8; 300])])).expect("encodes");
+        });
+        vec![(0, to), (1, from), (2, peer)]
+    }
+
+    fn decode_as(kind: u8, body: Vec<u8>) -> bool {
+        match kind {
+            0 => decode::<crate::msg::ToScheduler>(Bytes::from(body)).is_ok(),
+            1 => decode::<crate::msg::FromScheduler>(Bytes::from(body)).is_ok(),
+            _ => decode::<crate::msg::PeerMsg>(Bytes::from(body)).is_ok(),
+        }
+    }
+
+    #[test]
+    fn sample_frames_decode_before_mutation() {
+        for (kind, body) in sample_bodies() {
+            assert!(decode_as(kind, body), "kind {kind}");
+        }
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic_the_decoder(body in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode::<crate::msg::ToScheduler>(Bytes::from(body.clone()));
             let _ = decode::<crate::msg::FromScheduler>(Bytes::from(body.clone()));
             let _ = decode::<crate::msg::PeerMsg>(Bytes::from(body));
+        }
+
+        /// Fuzzing by mutation: valid frames with bytes flipped, inserted or cut off decode
+        /// to a message or an error, never a panic or a runaway allocation.
+        #[test]
+        fn mutated_frames_never_panic_the_decoder(
+            which in 0usize..3,
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let (kind, mut body) = sample_bodies().swap_remove(which);
+            for (at, byte) in flips {
+                let i = at.index(body.len());
+                body[i] ^= byte | 1;
+            }
+            if truncate {
+                body.truncate(cut.index(body.len()));
+            }
+            let _ = decode_as(kind, body);
         }
     }
 }

@@ -437,4 +437,24 @@ mod tests {
         a.write_all(b"\x00\x00\x00\x05GET /").await.expect("write");
         assert!(accept(&mut b, "x").await.is_err());
     }
+
+    proptest::proptest! {
+        /// Whatever a stranger sends first, the accepting side answers with an error (or a
+        /// refusal), never a panic, and never waits for more than it was promised.
+        #[test]
+        fn random_handshake_bytes_are_refused_not_a_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            with_token in proptest::prelude::any::<bool>(),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+            let token = Token::new("s3cret");
+            let result = rt.block_on(async {
+                let (mut a, mut b) = tokio::io::duplex(4096);
+                a.write_all(&bytes).await.expect("write");
+                drop(a);
+                accept_with(&mut b, "the scheduler", if with_token { token.as_ref() } else { None }).await
+            });
+            proptest::prop_assert!(result.is_err());
+        }
+    }
 }
