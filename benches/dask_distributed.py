@@ -22,6 +22,10 @@ WORKLOAD:
     chain N      Raw graph ("c", 0): (one,), ("c", i): (operator.add, ("c", i-1), 1);
                  client.get on ("c", N-1). N tasks; result == N. Measures the
                  latency of one dependent hop.
+    workerloss N N tasks sleeping 20 ms (returning i) and their sum, run twice on
+                 fresh keys: undisturbed, then with one worker process SIGKILLed
+                 halfway (its nanny restarts it; lost results are recomputed).
+                 "secs" is the disturbed run, "base_secs" the undisturbed one.
     transfer N   N is the total MiB to move, in 64 MiB pieces (N must be a
                  multiple of 64). Untimed: N/64 random 64 MiB `bytes` pieces are
                  made on worker A (submit(make_piece, i, workers=[A], pure=False))
@@ -32,10 +36,10 @@ WORKLOAD:
 
 Exactly one JSON line goes to stdout:
 
-    {"workload", "n", "tasks", "secs", "bytes", "dask_version",
+    {"workload", "n", "tasks", "secs", "bytes", "base_secs", "dask_version",
      "distributed_version"}
 
-("bytes" is 0 except for transfer.) To keep stdout clean, file descriptor 1 is
+("bytes" is 0 except for transfer, "base_secs" except for workerloss.) To keep stdout clean, file descriptor 1 is
 pointed at stderr for the whole run (the cluster, its worker processes and any
 library output inherit that), and the JSON line is written to a saved copy of
 the original stdout. Errors go to stderr and the exit status is non-zero.
@@ -64,6 +68,11 @@ def one():
 
 def inc(x):
     return x + 1
+
+
+def slow(i):
+    time.sleep(0.02)
+    return i
 
 
 def make_piece(i, size):
@@ -166,7 +175,27 @@ def run_transfer(client, mib):
     return count, secs, moved
 
 
+def run_workerloss(client, n):
+    import threading
+
+    def batch(tag):
+        futures = client.map(slow, range(n), key=[f"{tag}-{i}" for i in range(n)])
+        return client.submit(sum, futures, key=f"{tag}-total").result()
+
+    result, base = timed(lambda: batch("calm"))
+    check(result == n * (n - 1) // 2, f"workerloss undisturbed returned {result!r}")
+    pids = client.run(os.getpid)  # worker address -> worker process id
+    victim = pids[sorted(pids)[0]]
+    killer = threading.Timer(base / 2, lambda: os.kill(victim, signal.SIGKILL))
+    killer.start()
+    result, secs = timed(lambda: batch("storm"))
+    killer.join()
+    check(result == n * (n - 1) // 2, f"workerloss disturbed returned {result!r}")
+    return n + 1, secs, 0, base
+
+
 WORKLOADS = {
+    "workerloss": run_workerloss,
     "merge": run_merge,
     "tree": run_tree,
     "mapgather": run_mapgather,
@@ -207,7 +236,8 @@ def main(argv):
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
         check(client.submit(one).result() == 1, "warm-up")
-        tasks, secs, moved = WORKLOADS[workload](client, n)
+        tasks, secs, moved, *rest = WORKLOADS[workload](client, n)
+        base = rest[0] if rest else 0.0
 
     json_out.write(json.dumps({
         "workload": workload,
@@ -215,6 +245,7 @@ def main(argv):
         "tasks": tasks,
         "secs": secs,
         "bytes": moved,
+        "base_secs": base,
         "dask_version": dask.__version__,
         "distributed_version": distributed.__version__,
     }) + "\n")

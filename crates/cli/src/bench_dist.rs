@@ -25,7 +25,7 @@ pub(crate) struct DistArgs {
     #[arg(long, default_value_t = 3)]
     repeat: u32,
     /// Run only these parts (for profiling one of them); all by default.
-    #[arg(long, value_delimiter = ',', value_parser = ["merge", "tree", "chain", "map", "transfer", "zero", "intake"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["merge", "tree", "chain", "map", "transfer", "loss", "zero", "intake"])]
     only: Vec<String>,
 }
 
@@ -35,6 +35,9 @@ struct DaskSample {
     secs: f64,
     #[serde(default)]
     bytes: u64,
+    /// The undisturbed run of the worker-loss workload.
+    #[serde(default)]
+    base_secs: f64,
 }
 
 /// A scheduler and workers started from this binary; killed on drop.
@@ -46,6 +49,15 @@ struct BenchCluster {
 
 impl BenchCluster {
     fn start(exe: &std::path::Path, workers: usize, zero_work: bool) -> Result<Self, String> {
+        Self::start_with(exe, workers, if zero_work { &["--no-nanny", "--zero-work"] } else { &["--no-nanny"] })
+    }
+
+    /// Workers under their supervisor (`workers` holds the supervisors).
+    fn start_supervised(exe: &std::path::Path, workers: usize) -> Result<Self, String> {
+        Self::start_with(exe, workers, &[])
+    }
+
+    fn start_with(exe: &std::path::Path, workers: usize, extra: &[&str]) -> Result<Self, String> {
         let mut scheduler = Command::new(exe)
             .args(["scheduler", "--port", "0"])
             .stdout(Stdio::piped())
@@ -59,12 +71,9 @@ impl BenchCluster {
         let mut c = BenchCluster { address, scheduler, workers: Vec::new() };
         for i in 0..workers {
             let mut cmd = Command::new(exe);
-            // The worker process itself (no supervisor): its CPU time is measured by PID.
+            // Unsupervised (`--no-nanny`), the PID is the worker's: its CPU time is measured.
             let name = format!("bench-{i}");
-            cmd.args(["worker", &c.address, "--no-nanny", "--nthreads", "1", "--name", &name]);
-            if zero_work {
-                cmd.arg("--zero-work");
-            }
+            cmd.args(["worker", &c.address, "--nthreads", "1", "--name", &name]).args(extra);
             let w = cmd
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -276,6 +285,10 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
             "transfer: {transfer_mib} MiB in 64 MiB pieces between two workers: rask {rask_gbs:.2} GB/s; {dask_txt}; {iperf_txt}"
         );
     }
+    if want("loss") {
+        let n = if a.common.quick { 50 } else { 200 };
+        worker_loss(&exe, n, &dask)?;
+    }
     if want("zero") || want("intake") {
         zero_work(&exe, a, &want)?;
     }
@@ -303,6 +316,80 @@ fn map_gather(cluster: &BenchCluster, client: &BlockingClient, map_n: u64, failu
     drop(futures);
     let label = format!("map+gather-{}", human(map_n));
     Row { label, tasks: map_n, secs, sched_cpu, dask: None }
+}
+
+/// `n` tasks sleeping 20 ms and their sum, on two supervised workers: undisturbed, then with
+/// one worker process SIGKILLed halfway (its supervisor restarts it; its results are
+/// recomputed). Prints the extra time the loss cost, next to Dask doing the same.
+fn worker_loss(
+    exe: &std::path::Path,
+    n: u64,
+    dask: &dyn Fn(&str, u64) -> Option<Result<DaskSample, String>>,
+) -> Result<(), String> {
+    let cluster = BenchCluster::start_supervised(exe, 2)?;
+    let client = cluster.client()?;
+    let graph = |tag: &str| -> Result<(rask_graph::Graph, Vec<rask_graph::TaskId>), String> {
+        let mut b = GraphBuilder::new();
+        let mut items = Vec::new();
+        for i in 0..n as i64 {
+            let s = format!("{tag}-sleep-{i}");
+            b.add(TaskSpec::new(s.clone(), "sleep", vec![ArgSpec::Lit(Value::Int(20)), ArgSpec::Lit(Value::Int(i))]));
+            let pair = ArgSpec::list(vec![ArgSpec::Ref(s.into()), ArgSpec::Lit(Value::Int(i))]);
+            let v = format!("{tag}-{i}");
+            b.add(TaskSpec::new(v.clone(), "index", vec![pair, ArgSpec::Lit(Value::Int(1))]));
+            items.push(ArgSpec::Ref(v.into()));
+        }
+        b.add(TaskSpec::new(format!("{tag}-total"), "sum", vec![ArgSpec::list(items)]));
+        let g = b.build().map_err(|e| e.to_string())?;
+        let outs = g.sinks();
+        Ok((g, outs))
+    };
+    let expected = Value::Int((n * (n - 1) / 2) as i64);
+    let run = |tag: &str| -> Result<f64, String> {
+        let (g, outs) = graph(tag)?;
+        let t0 = Instant::now();
+        let got = client.compute(&g, &outs).map_err(|e| e.to_string())?;
+        let secs = t0.elapsed().as_secs_f64();
+        match got.first() {
+            Some(Ok(v)) if *v == expected => Ok(secs),
+            other => Err(format!("worker loss: wrong result {other:?}")),
+        }
+    };
+    let base = run("calm")?;
+    let nanny = cluster.workers.first().map(Child::id).ok_or("no worker")?;
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs_f64(base / 2.0));
+        let children = std::fs::read_to_string(format!("/proc/{nanny}/task/{nanny}/children")).unwrap_or_default();
+        let victim: Option<i32> = children.split_whitespace().next().and_then(|p| p.parse().ok());
+        if let Some(pid) = victim {
+            // SAFETY: kill(2) on the worker process our own supervisor child started.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        victim.is_some()
+    });
+    let hit = run("storm")?;
+    let killed = killer.join().unwrap_or(false);
+    if !killed {
+        return Err("worker loss: found no worker process to kill".into());
+    }
+    let dask_txt = match dask("workerloss", n) {
+        Some(Ok(d)) => format!(
+            "Dask {:.2} s undisturbed, {:.2} s with the kill (+{:.2} s)",
+            d.base_secs,
+            d.secs,
+            d.secs - d.base_secs
+        ),
+        Some(Err(e)) => format!("Dask failed: {e}"),
+        None => "Dask skipped".into(),
+    };
+    println!(
+        "worker loss: {n} tasks of 20 ms and their sum on 2 supervised workers: rask {base:.2} s undisturbed, {hit:.2} s with one worker SIGKILLed halfway (+{:.2} s); {dask_txt}",
+        hit - base
+    );
+    Ok(())
 }
 
 /// The faster of two runs of the same workload.
