@@ -318,14 +318,13 @@ fn map_gather(cluster: &BenchCluster, client: &BlockingClient, map_n: u64, failu
     Row { label, tasks: map_n, secs, sched_cpu, dask: None }
 }
 
+/// Runs one Dask workload (`None` when Dask is not available).
+type DaskRun<'a> = dyn Fn(&str, u64) -> Option<Result<DaskSample, String>> + 'a;
+
 /// `n` tasks sleeping 20 ms and their sum, on two supervised workers: undisturbed, then with
 /// one worker process SIGKILLed halfway (its supervisor restarts it; its results are
 /// recomputed). Prints the extra time the loss cost, next to Dask doing the same.
-fn worker_loss(
-    exe: &std::path::Path,
-    n: u64,
-    dask: &dyn Fn(&str, u64) -> Option<Result<DaskSample, String>>,
-) -> Result<(), String> {
+fn worker_loss(exe: &std::path::Path, n: u64, dask: &DaskRun<'_>) -> Result<(), String> {
     let cluster = BenchCluster::start_supervised(exe, 2)?;
     let client = cluster.client()?;
     let graph = |tag: &str| -> Result<(rask_graph::Graph, Vec<rask_graph::TaskId>), String> {
