@@ -17,6 +17,8 @@ struct Cluster {
     address: String,
     scheduler: Child,
     workers: Vec<Child>,
+    /// Environment for every process of the cluster.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Cluster {
@@ -25,9 +27,14 @@ impl Cluster {
     }
 
     fn start_with(scheduler_args: &[&str]) -> Cluster {
+        Cluster::start_env(scheduler_args, &[])
+    }
+
+    fn start_env(scheduler_args: &[&str], env: &[(&'static str, &'static str)]) -> Cluster {
         let mut scheduler = Command::new(RASK)
             .args(["scheduler", "--port", "0"])
             .args(scheduler_args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -37,7 +44,7 @@ impl Cluster {
         BufReader::new(stdout).read_line(&mut line).expect("scheduler prints its address");
         let address = line.trim().to_owned();
         assert!(address.starts_with("tcp://127.0.0.1:"), "{address:?}");
-        Cluster { address, scheduler, workers: Vec::new() }
+        Cluster { address, scheduler, workers: Vec::new(), env: env.to_vec() }
     }
 
     fn with_workers(n: usize, extra: &[&str]) -> Cluster {
@@ -64,6 +71,7 @@ impl Cluster {
             .arg(&self.address)
             .args(mode)
             .args(args)
+            .envs(self.env.iter().copied())
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -86,8 +94,18 @@ impl Drop for Cluster {
 
 /// Runs `rask` to completion within 60 s.
 fn rask(args: &[&str]) -> Output {
-    let mut child =
-        Command::new(RASK).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start rask");
+    rask_env(args, &[])
+}
+
+/// [`rask`] with extra environment variables.
+fn rask_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut child = Command::new(RASK)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rask");
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let reader = std::thread::spawn(move || {
@@ -462,6 +480,40 @@ fn sigterm_retires_a_worker_after_its_results_move_so_nothing_is_recomputed() {
     assert_eq!(runs, 4, "a result was recomputed instead of moved");
     let gone = c.departed_workers().expect("departures");
     assert!(gone.iter().any(|d| d.name == "leaving" && d.cause.contains("retired gracefully")), "{gone:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn value_too_large_to_send_fails_its_consumer_with_the_reason_instead_of_hanging() {
+    // A 1 MB frame limit for every process, a 2 MB value needed on another worker, and two
+    // 400 kB values fetched together.
+    let env = [("RASK_MAX_FRAME_BYTES", "1000000")];
+    let dir = scratch("toolarge");
+    let mut cluster = Cluster::start_env(&[], &env);
+    cluster.worker(&["--name", "w0"], &[]);
+    cluster.worker(&["--name", "w1"], &[]);
+    let file = dir.join("w.json");
+    std::fs::write(
+        &file,
+        r#"{"version": 1, "tasks": {
+            "big": {"op": "bytes", "args": [2000000], "workers": ["w0"]},
+            "size": {"op": "nbytes", "args": [{"$ref": "big"}], "workers": ["w1"]},
+            "ok": {"op": "add", "args": [1, 2]},
+            "p1": {"op": "bytes", "args": [400000, 1], "workers": ["w0"]},
+            "p2": {"op": "bytes", "args": [400000, 2], "workers": ["w0"]},
+            "both": {"op": "concat", "args": [{"$ref": "p1"}, {"$ref": "p2"}], "workers": ["w1"]},
+            "bothsize": {"op": "nbytes", "args": [{"$ref": "both"}]}
+        }, "outputs": ["size", "ok", "bothsize"]}"#,
+    )
+    .expect("write");
+    let o = rask_env(&["run", &file.to_string_lossy(), "--json", "--scheduler", &cluster.address], &env);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(out["ok"], 3);
+    // Two values that fit a frame each but not together travel in two frames.
+    assert_eq!(out["bothsize"], 800_000);
+    let message = out["size"]["$error"]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains("cannot be sent") && message.contains("frame limit"), "{message}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

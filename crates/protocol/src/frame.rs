@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::{MAX_FRAME, ProtocolError};
+use crate::{ProtocolError, max_frame};
 
 /// A decoded frame: its messages and blobs.
 #[derive(Debug)]
@@ -23,7 +23,7 @@ pub struct Frame<M> {
 /// Writes one frame.
 ///
 /// # Errors
-/// On I/O failure, or if the frame would exceed [`MAX_FRAME`].
+/// On I/O failure, or if the frame would exceed [`max_frame`].
 ///
 /// # Cancel safety
 /// Not cancel safe: a cancelled write leaves a partial frame; close the connection.
@@ -40,8 +40,8 @@ pub async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
         .map_err(|e| ProtocolError::Malformed(format!("cannot encode: {e}")))?;
     let header_len = head.len() - 8;
     let total = 4 + header_len + blobs.iter().map(Bytes::len).sum::<usize>();
-    if total > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge { size: total, limit: MAX_FRAME });
+    if total > max_frame() {
+        return Err(ProtocolError::FrameTooLarge { size: total, limit: max_frame() });
     }
     head[..4].copy_from_slice(&(total as u32).to_be_bytes());
     head[4..8].copy_from_slice(&(header_len as u32).to_be_bytes());
@@ -62,7 +62,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
 pub async fn read_frame<R: AsyncRead + Unpin, M: DeserializeOwned>(
     r: &mut R,
 ) -> Result<Option<Frame<M>>, ProtocolError> {
-    let Some(raw) = read_raw(r, MAX_FRAME).await? else { return Ok(None) };
+    let Some(raw) = read_raw(r, max_frame()).await? else { return Ok(None) };
     decode(raw).map(Some)
 }
 
@@ -223,7 +223,11 @@ mod tests {
             rt.block_on(write_frame(buf, &m, &[])).expect("encodes");
         });
         let peer = encode(&|buf| {
-            let m = vec![PeerMsg::Data { values: vec![(Key::new("a"), Some(WireValue::Blob(0)))] }];
+            let m = vec![PeerMsg::Data {
+                values: vec![(Key::new("a"), Some(WireValue::Blob(0)))],
+                unsendable: vec![(Key::new("big"), "too large".into())],
+                more: false,
+            }];
             rt.block_on(write_frame(buf, &m, &[Bytes::from(vec![1u8; 300])])).expect("encodes");
         });
         vec![(0, to), (1, from), (2, peer)]

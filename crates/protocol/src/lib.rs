@@ -26,6 +26,20 @@ pub const BUILD_ID: &str = concat!("rask-", env!("CARGO_PKG_VERSION"));
 /// Largest frame accepted (1 GiB). A peer announcing more is disconnected.
 pub const MAX_FRAME: usize = 1 << 30;
 
+/// The frame limit in effect: [`MAX_FRAME`], or less when the `RASK_MAX_FRAME_BYTES`
+/// environment variable says so (at least 64 KiB) — for tests of values too large to send,
+/// without allocating a gigabyte.
+#[must_use]
+pub fn max_frame() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("RASK_MAX_FRAME_BYTES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(MAX_FRAME, |v| v.clamp(64 << 10, MAX_FRAME))
+    })
+}
+
 /// Errors of the protocol layer. Each says what was wrong with the bytes or the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {

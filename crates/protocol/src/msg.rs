@@ -188,10 +188,15 @@ pub enum PeerMsg {
         /// The keys.
         keys: Vec<Key>,
     },
-    /// The values asked for (`None`: not held here).
+    /// The values asked for (`None`: not held here), possibly over several frames: values
+    /// too large for one frame together come in several, all but the last with `more`.
     Data {
         /// (key, value) in the order asked.
         values: Vec<(Key, Option<WireValue>)>,
+        /// Values held but too large to send in any frame, with why.
+        unsendable: Vec<(Key, String)>,
+        /// Another `Data` frame follows for the same request.
+        more: bool,
     },
     /// Store these values (scatter).
     PutData {

@@ -638,19 +638,21 @@ impl Client {
             }
             for f in fetches {
                 let Ok((items, got)) = f.await else { continue };
-                let mut map: HashMap<Key, Option<Value>> = match &got {
+                let mut map: HashMap<Key, crate::conn::Fetched> = match &got {
                     Ok(values) => values.iter().cloned().collect(),
                     Err(_) => HashMap::new(),
                 };
                 for (i, k) in items {
-                    match map.remove(&k).flatten() {
-                        Some(v) => out[i] = Some(Ok(v)),
-                        None if last => {
+                    match map.remove(&k).unwrap_or(Ok(None)) {
+                        Ok(Some(v)) => out[i] = Some(Ok(v)),
+                        // Held but too large to send: asking again would not help.
+                        Err(why) => out[i] = Some(Err(ClientError::Fetch(k, why))),
+                        Ok(None) if last => {
                             let why =
                                 got.as_ref().err().cloned().unwrap_or_else(|| "the worker no longer holds it".into());
                             out[i] = Some(Err(ClientError::Fetch(k, why)));
                         }
-                        None => failed_fetch = true,
+                        Ok(None) => failed_fetch = true,
                     }
                 }
             }

@@ -148,6 +148,10 @@ pub(crate) struct PeerPool {
     conns: Arc<tokio::sync::Mutex<std::collections::HashMap<String, PeerSlot>>>,
 }
 
+/// What a worker answered for one key: the value, `None` if it does not hold it, or why it
+/// cannot send it.
+pub(crate) type Fetched = Result<Option<rask_graph::Value>, String>;
+
 /// One cached connection to a peer (`None` until first used or after a failure).
 type PeerSlot = Arc<tokio::sync::Mutex<Option<TcpStream>>>;
 
@@ -162,7 +166,7 @@ impl PeerPool {
         address: &str,
         request: rask_protocol::msg::PeerMsg,
         blobs: &[Bytes],
-    ) -> Result<Frame<rask_protocol::msg::PeerMsg>, ProtocolError> {
+    ) -> Result<Vec<Frame<rask_protocol::msg::PeerMsg>>, ProtocolError> {
         let slot = {
             let mut conns = self.conns.lock().await;
             Arc::clone(conns.entry(address.to_owned()).or_default())
@@ -173,11 +177,19 @@ impl PeerPool {
             None => dial(address, &Role::Peer).await?.0,
         };
         write_frame(&mut stream, &[request], blobs).await?;
-        let frame = read_frame(&mut stream)
-            .await?
-            .ok_or_else(|| ProtocolError::Refused(format!("worker {address} closed the connection")))?;
+        let mut frames = Vec::new();
+        loop {
+            let frame = read_frame(&mut stream)
+                .await?
+                .ok_or_else(|| ProtocolError::Refused(format!("worker {address} closed the connection")))?;
+            let more = frame.messages.iter().any(|m| matches!(m, rask_protocol::msg::PeerMsg::Data { more: true, .. }));
+            frames.push(frame);
+            if !more {
+                break;
+            }
+        }
         *guard = Some(stream);
-        Ok(frame)
+        Ok(frames)
     }
 
     /// Stores values on the worker at `address` (scatter); returns once they are stored.
@@ -190,28 +202,32 @@ impl PeerPool {
         let mut blobs = Vec::new();
         let values =
             values.iter().map(|(k, v)| (k.clone(), rask_protocol::wire::value_to_wire(v, &mut blobs))).collect();
-        let frame = self.exchange(address, PeerMsg::PutData { values }, &blobs).await?;
-        if frame.messages.iter().any(|m| matches!(m, PeerMsg::Stored { .. })) {
+        let frames = self.exchange(address, PeerMsg::PutData { values }, &blobs).await?;
+        if frames.iter().flat_map(|f| &f.messages).any(|m| matches!(m, PeerMsg::Stored { .. })) {
             Ok(())
         } else {
             Err(ProtocolError::Malformed(format!("worker {address} did not confirm storing the data")))
         }
     }
 
-    /// Fetches values from the worker at `address`. `None` for keys it does not hold.
+    /// Fetches values from the worker at `address`: `Ok(None)` for keys it does not hold,
+    /// `Err(why)` for values it holds but cannot send (too large for any frame).
     pub(crate) async fn get_data(
         &self,
         address: &str,
         keys: Vec<rask_graph::Key>,
-    ) -> Result<Vec<(rask_graph::Key, Option<rask_graph::Value>)>, ProtocolError> {
+    ) -> Result<Vec<(rask_graph::Key, Fetched)>, ProtocolError> {
         use rask_protocol::msg::PeerMsg;
-        let frame = self.exchange(address, PeerMsg::GetData { keys }, &[]).await?;
+        let frames = self.exchange(address, PeerMsg::GetData { keys }, &[]).await?;
         let mut out = Vec::new();
-        for m in frame.messages {
-            if let PeerMsg::Data { values } = m {
-                for (k, v) in values {
-                    let v = v.map(|v| rask_protocol::wire::value_from_wire(v, &frame.blobs)).transpose()?;
-                    out.push((k, v));
+        for frame in frames {
+            for m in frame.messages {
+                if let PeerMsg::Data { values, unsendable, .. } = m {
+                    for (k, v) in values {
+                        let v = v.map(|v| rask_protocol::wire::value_from_wire(v, &frame.blobs)).transpose()?;
+                        out.push((k, Ok(v)));
+                    }
+                    out.extend(unsendable.into_iter().map(|(k, why)| (k, Err(why))));
                 }
             }
         }

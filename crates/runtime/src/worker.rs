@@ -16,17 +16,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rask_graph::{FailureKind, FxHashMap, Key, TaskError, Value};
 use rask_ops::{CallPolicy, Registry};
 use rask_protocol::frame::{read_frame, write_frame};
 use rask_protocol::handshake::{self, Role, WorkerInfo};
 use rask_protocol::msg::{FromScheduler, PeerMsg, ToScheduler};
-use rask_protocol::wire::{WireArg, WireBody, WireError, resolve_arg, value_to_wire};
+use rask_protocol::wire::{WireArg, WireBody, WireError, WireValue, resolve_arg, value_to_wire};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::RuntimeError;
-use crate::conn::{Outbox, PeerPool, dial, read_loop};
+use crate::conn::{Fetched, Outbox, PeerPool, dial, read_loop};
 
 /// How long an idle executor thread polls for new work before sleeping.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(200);
@@ -117,12 +118,12 @@ enum Inbox {
     Fetched {
         from: Arc<str>,
         keys: Vec<Key>,
-        result: Result<Vec<(Key, Option<Value>)>, String>,
+        result: Result<Vec<(Key, Fetched)>, String>,
     },
     /// Copies fetched for the scheduler (a retiring worker's results).
     Acquired {
         from: Arc<str>,
-        result: Result<Vec<(Key, Option<Value>)>, String>,
+        result: Result<Vec<(Key, Fetched)>, String>,
     },
 }
 
@@ -352,7 +353,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 }
             }
             Inbox::Fetched { from, keys, result } => {
-                let got: FxHashMap<Key, Option<Value>> = match result {
+                let got: FxHashMap<Key, Fetched> = match result {
                     Ok(values) => values.into_iter().collect(),
                     Err(e) => {
                         eprintln!("rask worker {}: fetching {} inputs failed: {e}", cfg.name, keys.len());
@@ -361,8 +362,24 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 };
                 for k in keys {
                     let tasks = fetching.remove(&k).unwrap_or_default();
-                    match got.get(&k).cloned().flatten() {
-                        Some(v) => {
+                    match got.get(&k).cloned().unwrap_or(Ok(None)) {
+                        // Held there but too large to send: the tasks needing it fail with why
+                        // (asking again would fail again).
+                        Err(why) => {
+                            for t in tasks {
+                                if let Some(w) = waiting.remove(&t) {
+                                    release_replicas(&mut replicas, w.job.replicas);
+                                    let error = WireError {
+                                        key: t.clone(),
+                                        message: format!("input {k} cannot be sent from worker {from}: {why}"),
+                                        kind: rask_protocol::wire::WireFailure::Error,
+                                        attempts: 1,
+                                    };
+                                    to_scheduler.send(ToScheduler::TaskFailed { key: t, error }, Vec::new());
+                                }
+                            }
+                        }
+                        Ok(Some(v)) => {
                             let mut tasks = tasks;
                             tasks.sort_unstable();
                             tasks.dedup();
@@ -385,7 +402,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 replicas.insert(k.clone(), (v, users));
                             }
                         }
-                        None => {
+                        Ok(None) => {
                             for t in tasks {
                                 if let Some(w) = waiting.remove(&t) {
                                     release_replicas(&mut replicas, w.job.replicas);
@@ -400,7 +417,14 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
             Inbox::Acquired { from, result } => match result {
                 Ok(values) => {
                     for (key, v) in values {
-                        let Some(v) = v else { continue };
+                        let v = match v {
+                            Ok(Some(v)) => v,
+                            Ok(None) => continue,
+                            Err(why) => {
+                                eprintln!("rask worker {}: cannot copy {key} from {from}: {why}", cfg.name);
+                                continue;
+                            }
+                        };
                         let nbytes = v.nbytes() as u64;
                         lock(&store).insert(key.clone(), v);
                         to_scheduler.send(ToScheduler::Acquired { key, nbytes }, Vec::new());
@@ -578,6 +602,14 @@ fn run_job(job: &Job, registry: &Registry, location: &str, buf: &mut Vec<Value>)
     }
 }
 
+/// One `Data` frame being filled: values, their out-of-band blobs, and about how many bytes.
+#[derive(Default)]
+struct DataFrame {
+    values: Vec<(Key, Option<WireValue>)>,
+    blobs: Vec<Bytes>,
+    used: usize,
+}
+
 /// Serves `GetData` requests from peers and clients.
 async fn data_server(listener: TcpListener, store: Store) {
     // Connections live in this set, so stopping the server (aborting this task) closes them
@@ -617,17 +649,43 @@ async fn serve_peer(mut stream: TcpStream, store: &Store) -> Result<(), RuntimeE
                 continue;
             }
             let PeerMsg::GetData { keys } = m else { continue };
-            let mut blobs = Vec::new();
-            let values = {
+            // Values go in frames of at most half the frame limit each; one too large for any
+            // frame is reported as unsendable (the asking task fails with that reason) rather
+            // than breaking the connection and being asked for again forever.
+            let limit = rask_protocol::max_frame();
+            let (budget, too_big) = (limit / 2, limit.saturating_sub(1 << 16));
+            let found: Vec<(Key, Option<Value>)> = {
                 let held = lock(store);
                 keys.into_iter()
                     .map(|k| {
-                        let v = held.get(&k).map(|v| value_to_wire(v, &mut blobs));
+                        let v = held.get(&k).cloned();
                         (k, v)
                     })
                     .collect()
             };
-            write_frame(&mut stream, &[PeerMsg::Data { values }], &blobs).await?;
+            let mut frames = vec![DataFrame::default()];
+            let mut unsendable = Vec::new();
+            for (k, v) in found {
+                let size = v.as_ref().map_or(0, Value::nbytes) + 64;
+                if size > too_big {
+                    let why = format!("its {size} bytes exceed the {limit}-byte frame limit");
+                    unsendable.push((k, why));
+                    continue;
+                }
+                if frames.last().is_some_and(|f| !f.values.is_empty() && f.used + size > budget) {
+                    frames.push(DataFrame::default());
+                }
+                if let Some(f) = frames.last_mut() {
+                    f.values.push((k, v.as_ref().map(|v| value_to_wire(v, &mut f.blobs))));
+                    f.used += size;
+                }
+            }
+            let last = frames.len() - 1;
+            for (i, f) in frames.into_iter().enumerate() {
+                let more = i < last;
+                let unsendable = if more { Vec::new() } else { std::mem::take(&mut unsendable) };
+                write_frame(&mut stream, &[PeerMsg::Data { values: f.values, unsendable, more }], &f.blobs).await?;
+            }
         }
     }
     Ok(())
