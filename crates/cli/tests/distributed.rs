@@ -518,6 +518,77 @@ fn value_too_large_to_send_fails_its_consumer_with_the_reason_instead_of_hanging
 }
 
 #[test]
+fn results_three_times_the_memory_limits_spill_to_disk_and_the_reduction_is_exact() {
+    let mut cluster = Cluster::start();
+    let pids: Vec<(u32, &str)> = ["m0", "m1"]
+        .into_iter()
+        .map(|name| (cluster.worker(&["--name", name, "--nthreads", "1", "--memory-limit", "20MB"], &[]), name))
+        .collect();
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    // 60 results of 2 MB held by this client: 120 MB on two workers limited to 20 MB each.
+    let mut b = GraphBuilder::new();
+    for i in 0..60i64 {
+        b.add(TaskSpec::new(
+            format!("load-{i}"),
+            "bytes",
+            vec![ArgSpec::Lit(Value::Int(2_000_000)), ArgSpec::Lit(Value::Int(i))],
+        ));
+    }
+    let g = b.build().expect("graph");
+    let loads = c.submit_graph(&g, &g.sinks());
+    c.wait(&loads, Some(Duration::from_secs(60))).expect("loaded");
+    // The workers report their memory with their heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let memory = loop {
+        let m = c.worker_memory().expect("memory");
+        if m.len() == 2 && m.iter().map(|w| w.managed_bytes + w.spilled_bytes).sum::<u64>() >= 120_000_000 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "memory reports: {m:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for w in &memory {
+        assert!(w.managed_bytes <= 12_000_000, "over 60% of the limit in memory: {w:?}");
+        assert!(w.spilled_bytes > 0, "nothing spilled: {w:?}");
+    }
+    // Reduce over everything (spilled results are read back), and fetch two of them.
+    let mut b = GraphBuilder::new();
+    let sizes: Vec<ArgSpec> = (0..60)
+        .map(|i| {
+            b.add(TaskSpec::new(
+                format!("load-{i}"),
+                "bytes",
+                vec![ArgSpec::Lit(Value::Int(2_000_000)), ArgSpec::Lit(Value::Int(i))],
+            ));
+            b.add(TaskSpec::new(format!("size-{i}"), "nbytes", vec![ArgSpec::Ref(format!("load-{i}").into())]));
+            ArgSpec::Ref(format!("size-{i}").into())
+        })
+        .collect();
+    b.add(TaskSpec::new("total", "sum", vec![ArgSpec::list(sizes)]));
+    let g = b.build().expect("graph");
+    let total = g.id("total").expect("total");
+    let got = c.compute(&g, &[total]).expect("computes");
+    assert_eq!(got[0].as_ref().expect("no failure"), &Value::Int(120_000_000));
+    let two = c.gather(&loads[..2]);
+    for (i, v) in two.into_iter().enumerate() {
+        let Ok(Value::Bytes(bytes)) = v else { panic!("load-{i} comes back as bytes") };
+        let seed = loads[i].key().as_str().trim_start_matches("load-").parse::<usize>().expect("index");
+        assert!(bytes.len() == 2_000_000 && bytes.iter().enumerate().all(|(j, b)| *b as usize == (seed + j) % 256));
+    }
+    assert!(c.departed_workers().expect("departures").is_empty(), "no worker was lost");
+    // Released results leave the disk too.
+    drop(loads);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (pid, name) in pids {
+        let dir = std::env::temp_dir().join(format!("rask-spill-{pid}-{name}"));
+        while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) > 0 {
+            assert!(Instant::now() < deadline, "spill files left in {}", dir.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
 fn key_shared_by_two_clients_survives_one_closing() {
     let cluster = Cluster::with_workers(1, &[]);
     let (g, outs) =

@@ -82,6 +82,13 @@ pub enum ToScheduler {
     /// Anyone: still alive (workers send it several times a second; the scheduler drops a
     /// worker not heard from within its TTL).
     Heartbeat,
+    /// Worker: how its memory is used (sent with its heartbeats).
+    Memory {
+        /// Bytes of results held in memory.
+        managed: u64,
+        /// Bytes of results spilled to disk.
+        spilled: u64,
+    },
     /// Worker: asks to leave gracefully (SIGTERM): no new work, and its unique results are
     /// copied elsewhere before the scheduler answers `Shutdown`.
     Retire,
@@ -113,6 +120,8 @@ pub enum FromScheduler {
         workers: Vec<(String, String, u32)>,
         /// Workers that left, oldest first: (name, data address, why).
         departed: Vec<(String, String, String)>,
+        /// Memory of the connected workers: (name, bytes in memory, bytes spilled to disk).
+        memory: Vec<(String, u64, u64)>,
     },
     /// To a client: a wanted key is in memory on these workers (data addresses).
     KeyInMemory {

@@ -96,6 +96,53 @@ where
     d.deserialize_seq(V(std::marker::PhantomData))
 }
 
+/// A value as one self-contained byte string (for spilling to disk): a length-prefixed
+/// postcard header, then its binary parts, as on the wire.
+///
+/// # Errors
+/// If the value cannot be encoded.
+pub fn value_to_bytes(v: &Value) -> Result<Vec<u8>, ProtocolError> {
+    let mut blobs = Vec::new();
+    let wire = value_to_wire(v, &mut blobs);
+    let lens: Vec<u64> = blobs.iter().map(|b| b.len() as u64).collect();
+    let mut out = vec![0u8; 4];
+    out =
+        postcard::to_extend(&(wire, lens), out).map_err(|e| ProtocolError::Malformed(format!("cannot encode: {e}")))?;
+    let hlen = u32::try_from(out.len() - 4).map_err(|_| ProtocolError::Malformed("header too large".into()))?;
+    out[..4].copy_from_slice(&hlen.to_be_bytes());
+    for b in &blobs {
+        out.extend_from_slice(b);
+    }
+    Ok(out)
+}
+
+/// Reads back a value written by [`value_to_bytes`]; binary parts share `bytes` (no copy).
+///
+/// # Errors
+/// If the bytes are not such a value (truncated, corrupted).
+pub fn value_from_bytes(mut bytes: Bytes) -> Result<Value, ProtocolError> {
+    let bad = |what: &str| ProtocolError::Malformed(format!("stored value: {what}"));
+    if bytes.len() < 4 {
+        return Err(bad("too short"));
+    }
+    let hlen = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    let _ = bytes.split_to(4);
+    if bytes.len() < hlen {
+        return Err(bad("truncated header"));
+    }
+    let header = bytes.split_to(hlen);
+    let (wire, lens): (WireValue, Vec<u64>) = postcard::from_bytes(&header).map_err(|e| bad(&e.to_string()))?;
+    let mut blobs = Vec::with_capacity(lens.len());
+    for l in lens {
+        let l = usize::try_from(l).map_err(|_| bad("blob length overflows"))?;
+        if l > bytes.len() {
+            return Err(bad("truncated blob"));
+        }
+        blobs.push(bytes.split_to(l));
+    }
+    value_from_wire(wire, &blobs)
+}
+
 /// Converts a value, moving large binary parts into `blobs` (zero-copy: `Bytes` clones).
 #[must_use]
 pub fn value_to_wire(v: &Value, blobs: &mut Vec<Bytes>) -> WireValue {
@@ -413,5 +460,14 @@ mod tests {
         let decoded: WireValue = postcard::from_bytes(&encoded).expect("decode");
         assert_eq!(value_from_wire(decoded, &blobs).expect("blobs present"), v);
         assert!(value_from_wire(WireValue::Blob(5), &blobs).is_err());
+    }
+
+    #[test]
+    fn values_round_trip_through_their_stored_form() {
+        let big = Value::Bytes(Bytes::from(vec![9u8; 100_000]));
+        let v = Value::list(vec![Value::Int(3), Value::str("x"), big, Value::Float(1.5)]);
+        let stored = value_to_bytes(&v).expect("encodes");
+        assert_eq!(value_from_bytes(Bytes::from(stored.clone())).expect("decodes"), v);
+        assert!(value_from_bytes(Bytes::from(stored[..stored.len() - 1].to_vec())).is_err(), "truncated");
     }
 }

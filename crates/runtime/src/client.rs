@@ -82,6 +82,8 @@ struct State {
     workers: Vec<(String, String, u32)>,
     /// From the same answer: workers that left, with why.
     departed: Vec<(String, String, String)>,
+    /// From the same answer: (worker, bytes in memory, bytes spilled).
+    memory: Vec<(String, u64, u64)>,
     worker_answers: u64,
 }
 
@@ -177,6 +179,17 @@ impl RemoteFuture {
     }
 }
 
+/// How a worker's memory is used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerMemory {
+    /// The worker.
+    pub name: String,
+    /// Bytes of results it holds in memory.
+    pub managed_bytes: u64,
+    /// Bytes of results it spilled to disk (above 60% of its `--memory-limit`).
+    pub spilled_bytes: u64,
+}
+
 /// A worker that left the cluster, as the scheduler recorded it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Departed {
@@ -230,6 +243,7 @@ impl Client {
                 submitted: 0,
                 workers: Vec::new(),
                 departed: Vec::new(),
+                memory: Vec::new(),
                 worker_answers: 0,
             }),
             changed,
@@ -471,6 +485,25 @@ impl Client {
             .collect())
     }
 
+    /// How each connected worker's memory is used, as it last reported (a few times a
+    /// second): results in memory and results spilled to disk.
+    ///
+    /// # Errors
+    /// [`ClientError::Lost`] when the connection drops.
+    pub async fn worker_memory(&self) -> Result<Vec<WorkerMemory>, ClientError> {
+        self.ask_workers().await?;
+        let st = self.inner.state();
+        Ok(st
+            .memory
+            .iter()
+            .map(|(name, managed, spilled)| WorkerMemory {
+                name: name.clone(),
+                managed_bytes: *managed,
+                spilled_bytes: *spilled,
+            })
+            .collect())
+    }
+
     /// One `WhoIsThere` round-trip (which also means every earlier message was handled).
     async fn ask_workers(&self) -> Result<(), ClientError> {
         let before = self.inner.state().worker_answers;
@@ -702,9 +735,10 @@ fn apply(st: &mut State, m: FromScheduler) {
         FromScheduler::KeyCancelled { key } => set(st, key.as_str(), Status::Cancelled),
         FromScheduler::KeyLost { key } => set(st, key.as_str(), Status::Pending),
         FromScheduler::GraphAccepted { .. } => st.accepted += 1,
-        FromScheduler::Workers { workers, departed } => {
+        FromScheduler::Workers { workers, departed, memory } => {
             st.workers = workers;
             st.departed = departed;
+            st.memory = memory;
             st.worker_answers += 1;
         }
         FromScheduler::Shutdown { reason } => {
@@ -833,6 +867,14 @@ impl BlockingClient {
     /// See [`Client::workers`].
     pub fn workers(&self) -> Result<Vec<(String, String, u32)>, ClientError> {
         self.rt.block_on(self.client.workers())
+    }
+
+    /// Blocking [`Client::worker_memory`].
+    ///
+    /// # Errors
+    /// See [`Client::worker_memory`].
+    pub fn worker_memory(&self) -> Result<Vec<WorkerMemory>, ClientError> {
+        self.rt.block_on(self.client.worker_memory())
     }
 
     /// Blocking [`Client::departed_workers`].

@@ -10,10 +10,11 @@
 mod client;
 mod conn;
 mod local_cluster;
+mod memory;
 mod scheduler;
 mod worker;
 
-pub use client::{AsCompleted, BlockingClient, CallArg, Client, ClientError, Departed, RemoteFuture};
+pub use client::{AsCompleted, BlockingClient, CallArg, Client, ClientError, Departed, RemoteFuture, WorkerMemory};
 pub use local_cluster::{
     ENV_NAME, ENV_NTHREADS, ENV_RESOURCES, ENV_SCHEDULER, LocalCluster, LocalClusterConfig, LocalClusterError,
     run_worker_if_requested,

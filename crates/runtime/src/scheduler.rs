@@ -93,8 +93,17 @@ enum Inbound {
 }
 
 enum Peer {
-    Client { outbox: Outbox<FromScheduler> },
-    Worker { address: Arc<str>, name: String, nthreads: u32, outbox: Outbox<FromScheduler> },
+    Client {
+        outbox: Outbox<FromScheduler>,
+    },
+    Worker {
+        address: Arc<str>,
+        name: String,
+        nthreads: u32,
+        outbox: Outbox<FromScheduler>,
+        /// Its latest report: (bytes in memory, bytes spilled).
+        memory: (u64, u64),
+    },
 }
 
 /// Binds and starts a scheduler on the current tokio runtime.
@@ -295,6 +304,7 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                         name: info.name.clone(),
                         nthreads: info.nthreads,
                         outbox,
+                        memory: (0, 0),
                     },
                 );
                 let spec = WorkerSpec {
@@ -335,12 +345,24 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                                 Peer::Client { .. } => None,
                             })
                             .collect();
+                        let memory = peers
+                            .values()
+                            .filter_map(|p| match p {
+                                Peer::Worker { name, memory, .. } => Some((name.clone(), memory.0, memory.1)),
+                                Peer::Client { .. } => None,
+                            })
+                            .collect();
                         let departed = core
                             .departures()
                             .map(|d| (d.name.to_string(), d.address.to_string(), d.cause.to_string()))
                             .collect();
                         if let Some(Peer::Client { outbox }) = peers.get(&id) {
-                            outbox.send(FromScheduler::Workers { workers, departed }, Vec::new());
+                            outbox.send(FromScheduler::Workers { workers, departed, memory }, Vec::new());
+                        }
+                    }
+                    ToScheduler::Memory { managed, spilled } if is_worker => {
+                        if let Some(Peer::Worker { memory, .. }) = peers.get_mut(&id) {
+                            *memory = (managed, spilled);
                         }
                     }
                     // A worker leaving on purpose: its departure carries its reason.

@@ -12,6 +12,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::RuntimeError;
 use crate::conn::{Fetched, Outbox, PeerPool, dial, read_loop};
+use crate::memory::SpillPolicy;
 
 /// How long an idle executor thread polls for new work before sleeping.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(200);
@@ -74,7 +76,144 @@ pub enum WorkerExit {
     Stopped,
 }
 
-type Store = Arc<Mutex<FxHashMap<Key, Value>>>;
+type Store = Arc<Mutex<DataStore>>;
+
+/// The results a worker holds: in memory, or — above [`crate::memory::SPILL_FRACTION`] of its
+/// memory limit, least recently used first — in files of its spill directory, read back
+/// transparently when a task or a peer needs them. The directory is removed with the store.
+pub(crate) struct DataStore {
+    mem: FxHashMap<Key, Value>,
+    policy: SpillPolicy,
+    /// Where spilled results go (created at the first spill).
+    dir: PathBuf,
+    files: FxHashMap<Key, PathBuf>,
+    next_file: u64,
+    name: String,
+}
+
+impl DataStore {
+    fn new(name: &str, memory_limit: Option<u64>) -> Self {
+        let dir = std::env::temp_dir().join(format!("rask-spill-{}-{}", std::process::id(), sanitize(name)));
+        DataStore {
+            mem: FxHashMap::default(),
+            policy: SpillPolicy::new(memory_limit),
+            dir,
+            files: FxHashMap::default(),
+            next_file: 0,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Holds `v` under `key` (replacing any earlier copy), then spills what the policy says.
+    fn insert(&mut self, key: Key, v: Value) {
+        self.drop_file(&key);
+        let nbytes = v.nbytes() as u64;
+        self.mem.insert(key.clone(), v);
+        let out = self.policy.stored(&key, nbytes);
+        self.spill(out);
+    }
+
+    fn spill(&mut self, keys: Vec<Key>) {
+        for k in keys {
+            let Some(v) = self.mem.remove(&k) else { continue };
+            match self.write(&v) {
+                Ok(path) => {
+                    self.files.insert(k, path);
+                }
+                Err(e) => {
+                    // Better over the target than lost: keep it, and say why.
+                    eprintln!(
+                        "rask worker {}: cannot spill {k} to {}: {e}; keeping it in memory",
+                        self.name,
+                        self.dir.display()
+                    );
+                    self.policy.kept(&k, v.nbytes() as u64);
+                    self.mem.insert(k, v);
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, v: &Value) -> Result<PathBuf, String> {
+        let bytes = rask_protocol::wire::value_to_bytes(v).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
+        self.next_file += 1;
+        let path = self.dir.join(format!("{}.val", self.next_file));
+        std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+        Ok(path)
+    }
+
+    /// The value of `key`, read back from disk if it was spilled; `None` if not held (or its
+    /// file is unreadable, which is reported and treated as lost).
+    fn get(&mut self, key: &Key) -> Option<Value> {
+        if let Some(v) = self.mem.get(key) {
+            self.policy.touched(key);
+            return Some(v.clone());
+        }
+        let path = self.files.get(key)?.clone();
+        let read = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| rask_protocol::wire::value_from_bytes(Bytes::from(b)).map_err(|e| e.to_string()));
+        self.drop_file(key);
+        self.policy.unspilled(key);
+        match read {
+            Ok(v) => {
+                self.insert(key.clone(), v.clone());
+                Some(v)
+            }
+            Err(e) => {
+                eprintln!("rask worker {}: spilled {key} is unreadable ({e}); it counts as lost", self.name);
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &Key) {
+        self.mem.remove(key);
+        self.drop_file(key);
+        self.policy.removed(key);
+    }
+
+    fn drop_file(&mut self, key: &Key) {
+        if let Some(path) = self.files.remove(key) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// (bytes in memory, bytes on disk).
+    fn usage(&self) -> (u64, u64) {
+        (self.policy.managed(), self.policy.spilled())
+    }
+}
+
+impl Drop for DataStore {
+    fn drop(&mut self) {
+        if !self.files.is_empty() || self.dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A worker name as a file name component.
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+/// Spill directories of worker processes that no longer exist (killed before they could clean
+/// up) are removed when a worker starts.
+fn remove_stale_spill_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("rask-spill-") else { continue };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -148,7 +287,8 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
         .map_err(|e| RuntimeError::Bind(format!("{}:0", cfg.host), e.to_string()))?;
     let local = listener.local_addr().map_err(|e| RuntimeError::Bind(cfg.host.clone(), e.to_string()))?;
     let data_address = format!("tcp://{local}");
-    let store: Store = Arc::default();
+    remove_stale_spill_dirs();
+    let store: Store = Arc::new(Mutex::new(DataStore::new(&cfg.name, cfg.memory_limit)));
     let server = tokio::spawn(data_server(listener, Arc::clone(&store)));
     let info = WorkerInfo {
         name: cfg.name.clone(),
@@ -227,8 +367,10 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     }
                 }
                 // Alive, whatever the executor threads are doing (the scheduler drops a worker
-                // it has not heard from within its TTL).
+                // it has not heard from within its TTL), and how its memory is used.
+                let (managed, spilled) = lock(&store).usage();
                 to_scheduler.send(ToScheduler::Heartbeat, Vec::new());
+                to_scheduler.send(ToScheduler::Memory { managed, spilled }, Vec::new());
                 continue;
             }
         };
@@ -255,10 +397,10 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             let mut to_fetch: FxHashMap<Arc<str>, Vec<Key>> = FxHashMap::default();
                             let mut missing = 0;
                             {
-                                let held = lock(&store);
+                                let mut held = lock(&store);
                                 for (k, holders) in inputs {
                                     if let Some(v) = held.get(&k) {
-                                        job.inputs.insert(k, v.clone());
+                                        job.inputs.insert(k, v);
                                         continue;
                                     }
                                     if let Some((v, users)) = replicas.get_mut(&k) {
@@ -644,7 +786,12 @@ async fn serve_peer(mut stream: TcpStream, store: &Store) -> Result<(), RuntimeE
                     decoded.push((k.clone(), rask_protocol::wire::value_from_wire(v, &frame.blobs)?));
                     keys.push(k);
                 }
-                lock(store).extend(decoded);
+                {
+                    let mut held = lock(store);
+                    for (k, v) in decoded {
+                        held.insert(k, v);
+                    }
+                }
                 write_frame(&mut stream, &[PeerMsg::Stored { keys }], &[]).await?;
                 continue;
             }
@@ -655,10 +802,10 @@ async fn serve_peer(mut stream: TcpStream, store: &Store) -> Result<(), RuntimeE
             let limit = rask_protocol::max_frame();
             let (budget, too_big) = (limit / 2, limit.saturating_sub(1 << 16));
             let found: Vec<(Key, Option<Value>)> = {
-                let held = lock(store);
+                let mut held = lock(store);
                 keys.into_iter()
                     .map(|k| {
-                        let v = held.get(&k).cloned();
+                        let v = held.get(&k);
                         (k, v)
                     })
                     .collect()

@@ -1,0 +1,180 @@
+//! The worker's memory policy, pure: which results to move to disk, and when.
+//!
+//! A worker with a memory limit keeps the bytes of the results it holds in memory ("managed"
+//! memory) under [`SPILL_FRACTION`] of the limit: whenever a result arrives (computed, fetched,
+//! scattered or read back from disk), the least recently used ones are chosen to be written to
+//! disk until managed memory is under that target again. This module only decides; the store
+//! in `worker.rs` does the I/O and reports back. No clock, no I/O: every decision is
+//! unit-tested.
+
+use rask_graph::{FxHashMap, Key};
+use std::collections::BTreeMap;
+
+/// Managed memory is kept under this fraction of the limit (Dask's `target`, 60%).
+pub(crate) const SPILL_FRACTION: f64 = 0.6;
+
+/// Which results are in memory (by last use) and which are on disk, with their sizes.
+#[derive(Debug, Default)]
+pub(crate) struct SpillPolicy {
+    /// Bytes of managed memory to stay under; `None`: no limit, nothing is ever spilled.
+    target: Option<u64>,
+    /// In memory: key → (last-use tick, bytes).
+    in_memory: FxHashMap<Key, (u64, u64)>,
+    /// In memory, least recently used first: tick → key.
+    lru: BTreeMap<u64, Key>,
+    /// On disk: key → bytes.
+    on_disk: FxHashMap<Key, u64>,
+    managed: u64,
+    spilled: u64,
+    tick: u64,
+}
+
+impl SpillPolicy {
+    /// A policy for a worker with this memory limit (bytes), if any.
+    pub(crate) fn new(limit: Option<u64>) -> Self {
+        SpillPolicy { target: limit.map(|l| (l as f64 * SPILL_FRACTION) as u64), ..SpillPolicy::default() }
+    }
+
+    /// Bytes of results held in memory.
+    pub(crate) fn managed(&self) -> u64 {
+        self.managed
+    }
+
+    /// Bytes of results held on disk.
+    pub(crate) fn spilled(&self) -> u64 {
+        self.spilled
+    }
+
+    /// Whether `key` is on disk.
+    #[cfg(test)]
+    pub(crate) fn is_spilled(&self, key: &Key) -> bool {
+        self.on_disk.contains_key(key)
+    }
+
+    /// A result of `nbytes` is now in memory (new, or read back from disk). Returns the results
+    /// to write to disk, least recently used first, to get back under the target — possibly
+    /// this one, if it alone is over it.
+    #[must_use]
+    pub(crate) fn stored(&mut self, key: &Key, nbytes: u64) -> Vec<Key> {
+        self.removed(key);
+        self.tick += 1;
+        self.in_memory.insert(key.clone(), (self.tick, nbytes));
+        self.lru.insert(self.tick, key.clone());
+        self.managed += nbytes;
+        let mut out = Vec::new();
+        let Some(target) = self.target else { return out };
+        while self.managed > target {
+            let Some((_, victim)) = self.lru.pop_first() else { break };
+            if let Some((_, bytes)) = self.in_memory.remove(&victim) {
+                self.managed -= bytes;
+                self.spilled += bytes;
+                self.on_disk.insert(victim.clone(), bytes);
+            }
+            out.push(victim);
+        }
+        out
+    }
+
+    /// A result that could not be written to disk stays in memory (over the target, rather
+    /// than lost).
+    pub(crate) fn kept(&mut self, key: &Key, nbytes: u64) {
+        self.removed(key);
+        self.tick += 1;
+        self.in_memory.insert(key.clone(), (self.tick, nbytes));
+        self.lru.insert(self.tick, key.clone());
+        self.managed += nbytes;
+    }
+
+    /// `key` was used (read for a task or a peer): it becomes the most recently used.
+    pub(crate) fn touched(&mut self, key: &Key) {
+        if let Some((tick, _)) = self.in_memory.get_mut(key) {
+            self.lru.remove(tick);
+            self.tick += 1;
+            *tick = self.tick;
+            self.lru.insert(self.tick, key.clone());
+        }
+    }
+
+    /// `key` was read back from disk and is about to be stored again: it leaves the disk.
+    pub(crate) fn unspilled(&mut self, key: &Key) {
+        if let Some(bytes) = self.on_disk.remove(key) {
+            self.spilled -= bytes;
+        }
+    }
+
+    /// `key` is gone (freed), from memory or disk.
+    pub(crate) fn removed(&mut self, key: &Key) {
+        if let Some((tick, bytes)) = self.in_memory.remove(key) {
+            self.lru.remove(&tick);
+            self.managed -= bytes;
+        }
+        self.unspilled(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn k(i: u32) -> Key {
+        Key::from(format!("k{i}"))
+    }
+
+    #[test]
+    fn least_recently_used_results_go_to_disk_above_sixty_percent() {
+        let mut p = SpillPolicy::new(Some(100)); // target 60 bytes
+        assert!(p.stored(&k(1), 20).is_empty());
+        assert!(p.stored(&k(2), 20).is_empty());
+        assert!(p.stored(&k(3), 20).is_empty());
+        p.touched(&k(1)); // k2 is now the least recently used
+        assert_eq!(p.stored(&k(4), 20), [k(2)]);
+        assert_eq!((p.managed(), p.spilled()), (60, 20));
+        // Reading k2 back pushes out the next least recently used (k3).
+        p.unspilled(&k(2));
+        assert_eq!(p.stored(&k(2), 20), [k(3)]);
+        assert!(p.is_spilled(&k(3)) && !p.is_spilled(&k(2)));
+        p.removed(&k(3));
+        assert_eq!((p.managed(), p.spilled()), (60, 0));
+    }
+
+    #[test]
+    fn a_result_larger_than_the_target_goes_to_disk_itself_and_no_limit_spills_nothing() {
+        let mut p = SpillPolicy::new(Some(100));
+        assert_eq!(p.stored(&k(1), 500), [k(1)]);
+        assert_eq!((p.managed(), p.spilled()), (0, 500));
+        let mut unlimited = SpillPolicy::new(None);
+        assert!(unlimited.stored(&k(1), u64::MAX / 4).is_empty());
+    }
+
+    proptest! {
+        /// Whatever happens, managed memory ends under the target and every byte is counted
+        /// once, in memory or on disk.
+        #[test]
+        fn managed_memory_stays_under_the_target_and_bytes_add_up(
+            ops in prop::collection::vec((0u8..4, 0u32..20, 1u64..50), 1..200),
+        ) {
+            let mut p = SpillPolicy::new(Some(200));
+            let mut model: FxHashMap<Key, u64> = FxHashMap::default();
+            for (op, key, bytes) in ops {
+                let key = k(key);
+                match op {
+                    0 | 1 => {
+                        if p.is_spilled(&key) {
+                            p.unspilled(&key);
+                        }
+                        let _ = p.stored(&key, bytes);
+                        model.insert(key, bytes);
+                    }
+                    2 => p.touched(&key),
+                    _ => {
+                        p.removed(&key);
+                        model.remove(&key);
+                    }
+                }
+                prop_assert!(p.managed() <= 120, "managed {}", p.managed());
+                prop_assert_eq!(p.managed() + p.spilled(), model.values().sum::<u64>());
+            }
+        }
+    }
+}
