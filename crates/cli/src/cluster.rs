@@ -203,7 +203,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
     if !args.no_nanny {
         // The token reaches the worker processes through their environment, not their
         // command line (which other users can read).
-        return crate::nanny::supervise(child_commands(args, &address), args.token.as_deref());
+        return crate::nanny::supervise(child_commands(args, &address), args.token.as_deref(), args.memory_limit);
     }
     if let Some(t) = &args.token {
         rask_protocol::handshake::set_process_token(rask_protocol::handshake::Token::new(t));

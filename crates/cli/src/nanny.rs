@@ -29,6 +29,18 @@ pub(crate) enum Verdict {
     Restart(String),
 }
 
+/// A worker using more than this fraction of its memory limit is restarted (Dask's
+/// `terminate`, 95%).
+const TERMINATE_FRACTION: f64 = 0.95;
+
+/// The resident memory of process `pid`, in bytes.
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Classifies how a worker process ended.
 pub(crate) fn verdict(status: ExitStatus) -> Verdict {
     if let Some(sig) = status.signal() {
@@ -61,6 +73,10 @@ struct Supervised {
     args: Vec<String>,
     /// The cluster token, passed in the environment.
     token: Option<String>,
+    /// The worker's memory limit: above 95% of it, the process is restarted.
+    memory_limit: Option<u64>,
+    /// Set when this supervisor killed the process for memory (its resident bytes).
+    killed_for_memory: Option<u64>,
     child: Option<Child>,
     /// When to start it (again), if it is not running.
     restart_at: Option<Instant>,
@@ -118,6 +134,16 @@ impl Supervised {
     /// Checks the child; schedules a restart after a crash.
     fn poll(&mut self) {
         let Some(child) = &mut self.child else { return };
+        if let (Some(limit), Some(rss)) = (self.memory_limit, rss_of(child.id())) {
+            if self.killed_for_memory.is_none() && rss as f64 > limit as f64 * TERMINATE_FRACTION {
+                eprintln!(
+                    "rask worker {}: its process uses {rss} bytes, over 95% of its {limit}-byte memory limit; restarting it",
+                    self.name
+                );
+                let _ = child.kill();
+                self.killed_for_memory = Some(rss);
+            }
+        }
         let status = match child.try_wait() {
             Ok(Some(s)) => s,
             Ok(None) => return,
@@ -127,7 +153,14 @@ impl Supervised {
             }
         };
         self.child = None;
-        match verdict(status) {
+        let verdict = match (verdict(status), self.killed_for_memory.take()) {
+            (Verdict::Restart(_), Some(rss)) => Verdict::Restart(format!(
+                "was terminated by its supervisor for memory: {rss} bytes, over 95% of its {}-byte limit",
+                self.memory_limit.unwrap_or_default()
+            )),
+            (v, _) => v,
+        };
+        match verdict {
             Verdict::Restart(how) => {
                 // A process that dies within a second of starting backs off (doubling, up to
                 // 5 s), so one that cannot start does not spin; one that ran restarts at once.
@@ -151,7 +184,11 @@ impl Supervised {
 
 /// Runs and supervises one process per worker (`children`: the name and the arguments of its
 /// `rask worker ... --no-nanny` command) until all have stopped; forwards SIGINT/SIGTERM.
-pub(crate) fn supervise(children: Vec<(String, Vec<String>)>, token: Option<&str>) -> ExitCode {
+pub(crate) fn supervise(
+    children: Vec<(String, Vec<String>)>,
+    token: Option<&str>,
+    memory_limit: Option<u64>,
+) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -165,6 +202,8 @@ pub(crate) fn supervise(children: Vec<(String, Vec<String>)>, token: Option<&str
             name,
             args,
             token: token.map(str::to_owned),
+            memory_limit,
+            killed_for_memory: None,
             child: None,
             restart_at: None,
             last_start: Instant::now(),

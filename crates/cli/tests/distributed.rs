@@ -566,9 +566,10 @@ fn results_three_times_the_memory_limits_spill_to_disk_and_the_reduction_is_exac
         .collect();
     b.add(TaskSpec::new("total", "sum", vec![ArgSpec::list(sizes)]));
     let g = b.build().expect("graph");
-    let total = g.id("total").expect("total");
-    let got = c.compute(&g, &[total]).expect("computes");
-    assert_eq!(got[0].as_ref().expect("no failure"), &Value::Int(120_000_000));
+    let total = c.submit_graph(&g, &[g.id("total").expect("total")]);
+    c.wait(&total, Some(Duration::from_secs(60))).expect("reduced within a minute");
+    let got = c.gather(&total).pop().expect("one result");
+    assert_eq!(got.expect("no failure"), Value::Int(120_000_000));
     let two = c.gather(&loads[..2]);
     for (i, v) in two.into_iter().enumerate() {
         let Ok(Value::Bytes(bytes)) = v else { panic!("load-{i} comes back as bytes") };
@@ -578,6 +579,7 @@ fn results_three_times_the_memory_limits_spill_to_disk_and_the_reduction_is_exac
     assert!(c.departed_workers().expect("departures").is_empty(), "no worker was lost");
     // Released results leave the disk too.
     drop(loads);
+    drop(total);
     let deadline = Instant::now() + Duration::from_secs(10);
     for (pid, name) in pids {
         let dir = std::env::temp_dir().join(format!("rask-spill-{pid}-{name}"));
@@ -586,6 +588,31 @@ fn results_three_times_the_memory_limits_spill_to_disk_and_the_reduction_is_exac
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+#[test]
+fn task_allocating_past_the_limit_every_time_ends_as_killed_worker_for_memory() {
+    let dir = scratch("memkill");
+    let mut cluster = Cluster::start();
+    cluster.supervised_worker(&["--name", "small", "--nthreads", "1", "--memory-limit", "100MB"]);
+    let file = dir.join("w.json");
+    std::fs::write(
+        &file,
+        r#"{"version": 1, "tasks": {
+            "big": {"op": "bytes", "args": [400000000]},
+            "hold": {"op": "sleep", "args": [3000, {"$ref": "big"}]},
+            "ok": {"op": "add", "args": [1, 2]}
+        }, "outputs": ["hold", "ok"]}"#,
+    )
+    .expect("write");
+    let o = rask(&["run", &file.to_string_lossy(), "--json", "--scheduler", &cluster.address]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(out["ok"], 3);
+    let message = out["hold"]["$error"]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains("4 workers died while running it"), "{message}");
+    assert!(message.contains("for memory"), "{message}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

@@ -89,6 +89,11 @@ pub enum ToScheduler {
         /// Bytes of results spilled to disk.
         spilled: u64,
     },
+    /// Worker: it paused (process memory over 80% of its limit: it starts no task) or resumed.
+    Paused {
+        /// Paused (true) or resumed (false).
+        paused: bool,
+    },
     /// Worker: asks to leave gracefully (SIGTERM): no new work, and its unique results are
     /// copied elsewhere before the scheduler answers `Shutdown`.
     Retire,

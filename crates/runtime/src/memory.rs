@@ -3,7 +3,11 @@
 //! A worker with a memory limit keeps the bytes of the results it holds in memory ("managed"
 //! memory) under [`SPILL_FRACTION`] of the limit: whenever a result arrives (computed, fetched,
 //! scattered or read back from disk), the least recently used ones are chosen to be written to
-//! disk until managed memory is under that target again. This module only decides; the store
+//! disk until managed memory is under that target again. The process's resident memory, which
+//! also counts what running tasks allocate, is sampled a few times a second: above
+//! [`SPILL_RSS_FRACTION`] more results go to disk; above [`PAUSE_FRACTION`] the worker pauses
+//! (starts no task, gets no new work) until it is back under; above 95% its supervisor
+//! restarts it (see the `rask worker` supervisor). This module only decides; the store
 //! in `worker.rs` does the I/O and reports back. No clock, no I/O: every decision is
 //! unit-tested.
 
@@ -12,11 +16,17 @@ use std::collections::BTreeMap;
 
 /// Managed memory is kept under this fraction of the limit (Dask's `target`, 60%).
 pub(crate) const SPILL_FRACTION: f64 = 0.6;
+/// Process memory above this fraction of the limit spills more results (Dask's `spill`, 70%).
+pub(crate) const SPILL_RSS_FRACTION: f64 = 0.7;
+/// Process memory above this fraction of the limit pauses the worker (Dask's `pause`, 80%).
+pub(crate) const PAUSE_FRACTION: f64 = 0.8;
 
 /// Which results are in memory (by last use) and which are on disk, with their sizes.
 #[derive(Debug, Default)]
 pub(crate) struct SpillPolicy {
-    /// Bytes of managed memory to stay under; `None`: no limit, nothing is ever spilled.
+    /// The memory limit; `None`: nothing is ever spilled or paused.
+    limit: Option<u64>,
+    /// Bytes of managed memory to stay under.
     target: Option<u64>,
     /// In memory: key → (last-use tick, bytes).
     in_memory: FxHashMap<Key, (u64, u64)>,
@@ -32,7 +42,7 @@ pub(crate) struct SpillPolicy {
 impl SpillPolicy {
     /// A policy for a worker with this memory limit (bytes), if any.
     pub(crate) fn new(limit: Option<u64>) -> Self {
-        SpillPolicy { target: limit.map(|l| (l as f64 * SPILL_FRACTION) as u64), ..SpillPolicy::default() }
+        SpillPolicy { limit, target: limit.map(|l| (l as f64 * SPILL_FRACTION) as u64), ..SpillPolicy::default() }
     }
 
     /// Bytes of results held in memory.
@@ -73,6 +83,36 @@ impl SpillPolicy {
             out.push(victim);
         }
         out
+    }
+
+    /// The process uses `rss` bytes: the results to write to disk (least recently used first)
+    /// to bring it back under [`SPILL_RSS_FRACTION`] of the limit, counting each spilled byte
+    /// as given back.
+    #[must_use]
+    pub(crate) fn spill_for_rss(&mut self, rss: u64) -> Vec<Key> {
+        let Some(limit) = self.limit else { return Vec::new() };
+        let goal = (limit as f64 * SPILL_RSS_FRACTION) as u64;
+        let mut over = rss.saturating_sub(goal);
+        let mut out = Vec::new();
+        while over > 0 {
+            let Some((_, victim)) = self.lru.pop_first() else { break };
+            if let Some((_, bytes)) = self.in_memory.remove(&victim) {
+                self.managed -= bytes;
+                self.spilled += bytes;
+                self.on_disk.insert(victim.clone(), bytes);
+                over = over.saturating_sub(bytes);
+            }
+            out.push(victim);
+        }
+        out
+    }
+
+    /// Whether a worker using `rss` bytes should be paused: above [`PAUSE_FRACTION`] of the
+    /// limit while it still holds results in memory. With everything already on disk, the
+    /// excess is the process itself or a running task; pausing could then only wait forever,
+    /// so the worker runs on (and its supervisor restarts it above 95%).
+    pub(crate) fn should_pause(&self, rss: u64) -> bool {
+        self.managed > 0 && self.limit.is_some_and(|l| rss as f64 > l as f64 * PAUSE_FRACTION)
     }
 
     /// A result that could not be written to disk stays in memory (over the target, rather
@@ -136,6 +176,22 @@ mod tests {
         assert!(p.is_spilled(&k(3)) && !p.is_spilled(&k(2)));
         p.removed(&k(3));
         assert_eq!((p.managed(), p.spilled()), (60, 0));
+    }
+
+    #[test]
+    fn process_memory_over_seventy_percent_spills_and_over_eighty_pauses() {
+        let mut p = SpillPolicy::new(Some(1000)); // spill under 700, pause over 800
+        for i in 0..5 {
+            assert!(p.stored(&k(i), 100).is_empty());
+        }
+        // 500 managed plus 350 allocated by a task: 150 bytes must go (two results).
+        assert_eq!(p.spill_for_rss(850), [k(0), k(1)]);
+        assert!(p.should_pause(850) && !p.should_pause(700));
+        assert!(p.spill_for_rss(650).is_empty());
+        assert!(!SpillPolicy::new(None).should_pause(u64::MAX));
+        // Everything on disk: pausing cannot help any more.
+        assert_eq!(p.spill_for_rss(5000).len(), 3);
+        assert!(!p.should_pause(5000));
     }
 
     #[test]

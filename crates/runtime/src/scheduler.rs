@@ -437,6 +437,13 @@ fn message_event(id: u32, peers: &HashMap<u32, Peer>, is_worker: bool, m: ToSche
             Event::WorkerRetiring { worker }
         }
         (true, ToScheduler::Acquired { key, nbytes }) => Event::DataAcquired { worker, key, nbytes },
+        (true, ToScheduler::Paused { paused }) => {
+            if let Some(Peer::Worker { name, .. }) = peers.get(&id) {
+                let what = if paused { "paused: its memory is over 80% of its limit" } else { "resumed" };
+                eprintln!("rask scheduler: worker {name} {what}");
+            }
+            Event::WorkerPaused { worker, paused }
+        }
         (_, ToScheduler::Heartbeat) => return None,
         (_, other) => {
             eprintln!("rask scheduler: ignoring a message not meant for this kind of peer: {other:?}");

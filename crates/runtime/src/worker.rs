@@ -194,6 +194,14 @@ impl Drop for DataStore {
     }
 }
 
+/// This process's resident memory in bytes (Linux; `None` elsewhere).
+fn process_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// A worker name as a file name component.
 fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
@@ -237,6 +245,8 @@ struct Queue {
     heap: BinaryHeap<Reverse<(Prio, u64)>>,
     jobs: FxHashMap<u64, Job>,
     closed: bool,
+    /// Paused for memory: executor threads start no job.
+    paused: bool,
     /// Executor threads blocked on the condition variable: only then does a new job need a
     /// wake-up (a futex system call), not while they are busy or briefly spinning.
     sleeping: usize,
@@ -320,7 +330,13 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
 
     // Executor threads.
     let queue = Arc::new((
-        Mutex::new(Queue { heap: BinaryHeap::new(), jobs: FxHashMap::default(), closed: false, sleeping: 0 }),
+        Mutex::new(Queue {
+            heap: BinaryHeap::new(),
+            jobs: FxHashMap::default(),
+            closed: false,
+            paused: false,
+            sleeping: 0,
+        }),
         Condvar::new(),
     ));
     let location: Arc<str> = Arc::from(format!("on worker {} ({data_address})", cfg.name));
@@ -368,6 +384,26 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 }
                 // Alive, whatever the executor threads are doing (the scheduler drops a worker
                 // it has not heard from within its TTL), and how its memory is used.
+                // Process memory (what tasks allocate counts too): spill more above 70% of
+                // the limit, pause above 80%.
+                if let Some(rss) = cfg.memory_limit.and(process_rss()) {
+                    let mut held = lock(&store);
+                    let out = held.policy.spill_for_rss(rss);
+                    held.spill(out);
+                    let pause = held.policy.should_pause(rss);
+                    drop(held);
+                    let (m, cv) = &*queue;
+                    let mut q = lock(m);
+                    if q.paused != pause {
+                        q.paused = pause;
+                        drop(q);
+                        cv.notify_all();
+                        if pause {
+                            eprintln!("rask worker {}: paused: process memory {rss} bytes is over 80% of its limit", cfg.name);
+                        }
+                        to_scheduler.send(ToScheduler::Paused { paused: pause }, Vec::new());
+                    }
+                }
                 let (managed, spilled) = lock(&store).usage();
                 to_scheduler.send(ToScheduler::Heartbeat, Vec::new());
                 to_scheduler.send(ToScheduler::Memory { managed, spilled }, Vec::new());
@@ -680,6 +716,12 @@ fn executor_thread(
             loop {
                 if q.closed {
                     return;
+                }
+                if q.paused {
+                    q.sleeping += 1;
+                    q = cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+                    q.sleeping -= 1;
+                    continue;
                 }
                 if let Some(Reverse((_, seq))) = q.heap.pop() {
                     if let Some(job) = q.jobs.remove(&seq) {

@@ -256,6 +256,14 @@ pub enum Event<P> {
         /// Which.
         worker: WorkerId,
     },
+    /// A worker paused (its process memory is above 80% of its limit: it starts no task) or
+    /// resumed. A paused worker is sent no new work.
+    WorkerPaused {
+        /// Which.
+        worker: WorkerId,
+        /// Paused (true) or resumed (false).
+        paused: bool,
+    },
     /// A worker fetched a copy of a value it was asked to take over ([`Command::Acquire`]).
     DataAcquired {
         /// Which worker now holds a copy.
@@ -462,6 +470,8 @@ struct Worker {
     last_heard_us: u64,
     /// Leaving gracefully: no new work; its unique results are being copied elsewhere.
     retiring: bool,
+    /// Paused for memory: no new work until it resumes.
+    paused: bool,
 }
 
 /// The scheduler state. See the crate documentation.
@@ -636,10 +646,19 @@ impl<P: Clone> Core<P> {
             Event::DataScattered { client, items } => self.scattered(client, items),
             Event::WorkerConnected { worker, spec } => {
                 if let Some(why) = &spec.restarted_after {
-                    // The latest departure of this name, if only known as a closed connection.
+                    // The latest departure of this name, if only known as a closed connection,
+                    // and the deaths pending tasks recorded for it.
+                    let cause = LossCause::Said(format!("{why}; restarted by its supervisor"));
                     let earlier = self.departures.iter_mut().rev().find(|d| d.name == spec.name);
                     if let Some(d) = earlier.filter(|d| d.cause == LossCause::ConnectionClosed) {
-                        d.cause = LossCause::Said(format!("{why}; restarted by its supervisor"));
+                        d.cause = cause.clone();
+                    }
+                    for slot in self.tasks.iter_mut().flatten() {
+                        let Some(deaths) = slot.deaths.as_deref_mut() else { continue };
+                        let last = deaths.iter_mut().rev().find(|(n, _)| *n == spec.name);
+                        if let Some((_, c)) = last.filter(|(_, c)| *c == LossCause::ConnectionClosed) {
+                            *c = cause.clone();
+                        }
                     }
                 }
                 let available = spec.resources.clone();
@@ -652,6 +671,7 @@ impl<P: Clone> Core<P> {
                         avg_duration_us: 0.0,
                         last_heard_us: self.now_us,
                         retiring: false,
+                        paused: false,
                     },
                 );
                 // Tasks nobody could run may fit now.
@@ -668,6 +688,11 @@ impl<P: Clone> Core<P> {
                 }
             }
             Event::DataAcquired { worker, key, nbytes } => self.acquired(worker, &key, nbytes),
+            Event::WorkerPaused { worker, paused } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.paused = paused;
+                }
+            }
             Event::WorkerHeard { worker, at_us } => {
                 self.now_us = self.now_us.max(at_us);
                 if let Some(w) = self.workers.get_mut(&worker) {
@@ -1136,7 +1161,7 @@ impl<P: Clone> Core<P> {
     }
 
     fn has_slot(&self, w: &Worker) -> bool {
-        !w.retiring && w.processing.len() < self.limit(w)
+        !w.retiring && !w.paused && w.processing.len() < self.limit(w)
     }
 
     fn resources_free(t: &Task<P>, w: &Worker) -> bool {
@@ -1246,7 +1271,7 @@ impl<P: Clone> Core<P> {
         let idle: Vec<(WorkerId, usize)> = self
             .workers
             .iter()
-            .filter(|(_, w)| !w.retiring && w.processing.len() < w.spec.nthreads as usize)
+            .filter(|(_, w)| !w.retiring && !w.paused && w.processing.len() < w.spec.nthreads as usize)
             .map(|(id, w)| (*id, w.spec.nthreads as usize - w.processing.len()))
             .collect();
         for (thief, free_threads) in idle {

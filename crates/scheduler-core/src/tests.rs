@@ -325,6 +325,48 @@ fn retiring_worker_hands_over_its_unique_results_before_it_is_let_go() {
 }
 
 #[test]
+fn paused_worker_gets_no_new_work_until_it_resumes() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.ev(Event::WorkerPaused { worker: W1, paused: true });
+    let out = env.submit(C1, vec![task("a", &[])], &["a"]);
+    assert!(computes(&out).is_empty(), "paused: {out:?}");
+    assert_eq!(env.core.state_of("a"), Some("queued"));
+    let out = env.ev(Event::WorkerPaused { worker: W1, paused: false });
+    assert_eq!(computes(&out), [(W1, "a")]);
+}
+
+#[test]
+fn a_restarted_worker_refines_why_its_previous_process_was_lost() {
+    let mut env = Env::with(Config { allowed_failures: 1, ..Config::default() });
+    env.submit(C1, vec![task("hog", &[])], &["hog"]);
+    let restart = |env: &mut Env, id: u32, why: Option<&str>| {
+        let spec = WorkerSpec {
+            name: Arc::from("w"),
+            address: Arc::from(format!("tcp://127.0.0.1:{id}")),
+            nthreads: 1,
+            resources: Vec::new(),
+            restarted_after: why.map(str::to_owned),
+        };
+        env.ev(Event::WorkerConnected { worker: WorkerId(id), spec });
+    };
+    restart(&mut env, 1, None);
+    env.ev(Event::WorkerDisconnected { worker: WorkerId(1), cause: LossCause::ConnectionClosed });
+    restart(&mut env, 2, Some("was terminated by its supervisor for memory"));
+    let gone: Vec<String> = env.core.departures().map(|d| d.cause.to_string()).collect();
+    assert_eq!(gone, ["was terminated by its supervisor for memory; restarted by its supervisor"]);
+    let out = env.ev(Event::WorkerDisconnected { worker: WorkerId(2), cause: LossCause::ConnectionClosed });
+    let message = out
+        .iter()
+        .find_map(|c| match c {
+            Command::KeyErred { error, .. } => Some(error.message.clone()),
+            _ => None,
+        })
+        .expect("killed worker after 2 deaths");
+    assert!(message.contains("for memory"), "{message}");
+}
+
+#[test]
 fn resources_limit_placement_and_concurrency() {
     let mut env = Env::new();
     env.worker(W1, "cpu", 4, &[]);
