@@ -25,7 +25,7 @@ pub(crate) struct DistArgs {
     #[arg(long, default_value_t = 3)]
     repeat: u32,
     /// Run only these parts (for profiling one of them); all by default.
-    #[arg(long, value_delimiter = ',', value_parser = ["merge", "tree", "chain", "map", "transfer", "loss", "zero", "intake"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["merge", "tree", "chain", "map", "transfer", "loss", "spill", "zero", "intake"])]
     only: Vec<String>,
 }
 
@@ -285,6 +285,9 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
             "transfer: {transfer_mib} MiB in 64 MiB pieces between two workers: rask {rask_gbs:.2} GB/s; {dask_txt}; {iperf_txt}"
         );
     }
+    if want("spill") {
+        spill(&exe, if a.common.quick { 256 } else { 1024 })?;
+    }
     if want("loss") {
         let n = if a.common.quick { 50 } else { 200 };
         worker_loss(&exe, n, &dask)?;
@@ -316,6 +319,72 @@ fn map_gather(cluster: &BenchCluster, client: &BlockingClient, map_n: u64, failu
     drop(futures);
     let label = format!("map+gather-{}", human(map_n));
     Row { label, tasks: map_n, secs, sched_cpu, dask: None }
+}
+
+/// `mib` MiB of results in 64 MiB pieces through one worker limited to a quarter of that:
+/// most go to its spill files and are read back by a gather. Prints the spill throughput the
+/// worker measured next to `dd` writing and reading the same amount in the same directory.
+fn spill(exe: &std::path::Path, mib: u64) -> Result<(), String> {
+    let limit = format!("{}MiB", mib / 4);
+    let cluster = BenchCluster::start_with(exe, 1, &["--no-nanny", "--memory-limit", &limit])?;
+    let client = cluster.client()?;
+    let mut b = GraphBuilder::new();
+    for i in 0..mib / 64 {
+        b.add(TaskSpec::new(
+            format!("spill-{i}"),
+            "bytes",
+            vec![ArgSpec::Lit(Value::Int(64 << 20)), ArgSpec::Lit(Value::Int(i as i64))],
+        ));
+    }
+    let g = b.build().map_err(|e| e.to_string())?;
+    let pieces = client.submit_graph(&g, &g.sinks());
+    client.wait(&pieces, Some(Duration::from_secs(300))).map_err(|e| e.to_string())?;
+    let back = client.gather(&pieces);
+    let total: u64 = back
+        .iter()
+        .map(|v| match v {
+            Ok(Value::Bytes(b)) => b.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    if total != mib << 20 {
+        return Err(format!("spill: got {total} bytes back, expected {}", mib << 20));
+    }
+    // The worker reports its spill traffic with its heartbeats.
+    std::thread::sleep(Duration::from_millis(500));
+    let m = client.worker_memory().map_err(|e| e.to_string())?;
+    let w = m.first().ok_or("spill: no worker memory report")?;
+    let gbs = |bytes: u64, t: Duration| bytes as f64 / t.as_secs_f64().max(1e-9) / 1e9;
+    let dd = dd_gbs(mib).map_or_else(
+        || "dd not available".to_owned(),
+        |(wr, rd)| format!("dd in the same directory: write {wr:.2} GB/s, read {rd:.2} GB/s"),
+    );
+    println!(
+        "spill: {mib} MiB through a worker limited to {limit}: wrote {} MiB to disk at {:.2} GB/s, read back {} MiB at {:.2} GB/s (encoding included); {dd}",
+        w.bytes_written >> 20,
+        gbs(w.bytes_written, w.write_time),
+        w.bytes_read >> 20,
+        gbs(w.bytes_read, w.read_time),
+    );
+    Ok(())
+}
+
+/// `dd` writing then reading `mib` MiB in 64 MiB blocks in the temporary directory (buffered,
+/// like the worker's spill files): (write GB/s, read GB/s).
+fn dd_gbs(mib: u64) -> Option<(f64, f64)> {
+    let path = std::env::temp_dir().join(format!("rask-dd-{}", std::process::id()));
+    let of = format!("of={}", path.display());
+    let inf = format!("if={}", path.display());
+    let count = format!("count={}", mib / 64);
+    let run = |args: &[&str]| -> Option<f64> {
+        let t0 = Instant::now();
+        let ok = Command::new("dd").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().ok()?.success();
+        ok.then(|| (mib << 20) as f64 / t0.elapsed().as_secs_f64() / 1e9)
+    };
+    let w = run(&["if=/dev/zero", &of, "bs=64M", &count]);
+    let r = run(&[&inf, "of=/dev/null", "bs=64M"]);
+    let _ = std::fs::remove_file(&path);
+    Some((w?, r?))
 }
 
 /// Runs one Dask workload (`None` when Dask is not available).

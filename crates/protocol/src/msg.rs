@@ -88,6 +88,8 @@ pub enum ToScheduler {
         managed: u64,
         /// Bytes of results spilled to disk.
         spilled: u64,
+        /// Spill traffic since it started: (bytes written, µs writing, bytes read, µs reading).
+        io: (u64, u64, u64, u64),
     },
     /// Worker: it paused (process memory over 80% of its limit: it starts no task) or resumed.
     Paused {
@@ -125,8 +127,9 @@ pub enum FromScheduler {
         workers: Vec<(String, String, u32)>,
         /// Workers that left, oldest first: (name, data address, why).
         departed: Vec<(String, String, String)>,
-        /// Memory of the connected workers: (name, bytes in memory, bytes spilled to disk).
-        memory: Vec<(String, u64, u64)>,
+        /// Memory of the connected workers: (name, bytes in memory, bytes spilled to disk,
+        /// spill traffic as in `ToScheduler::Memory`).
+        memory: Vec<(String, u64, u64, (u64, u64, u64, u64))>,
     },
     /// To a client: a wanted key is in memory on these workers (data addresses).
     KeyInMemory {

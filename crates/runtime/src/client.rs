@@ -82,8 +82,8 @@ struct State {
     workers: Vec<(String, String, u32)>,
     /// From the same answer: workers that left, with why.
     departed: Vec<(String, String, String)>,
-    /// From the same answer: (worker, bytes in memory, bytes spilled).
-    memory: Vec<(String, u64, u64)>,
+    /// From the same answer: (worker, bytes in memory, bytes spilled, spill traffic).
+    memory: Vec<(String, u64, u64, (u64, u64, u64, u64))>,
     worker_answers: u64,
 }
 
@@ -188,6 +188,14 @@ pub struct WorkerMemory {
     pub managed_bytes: u64,
     /// Bytes of results it spilled to disk (above 60% of its `--memory-limit`).
     pub spilled_bytes: u64,
+    /// Bytes it has written to its spill files since it started.
+    pub bytes_written: u64,
+    /// Time spent encoding and writing them.
+    pub write_time: Duration,
+    /// Bytes it has read back from its spill files.
+    pub bytes_read: u64,
+    /// Time spent reading and decoding them.
+    pub read_time: Duration,
 }
 
 /// A worker that left the cluster, as the scheduler recorded it.
@@ -496,10 +504,14 @@ impl Client {
         Ok(st
             .memory
             .iter()
-            .map(|(name, managed, spilled)| WorkerMemory {
+            .map(|(name, managed, spilled, io)| WorkerMemory {
                 name: name.clone(),
                 managed_bytes: *managed,
                 spilled_bytes: *spilled,
+                bytes_written: io.0,
+                write_time: Duration::from_micros(io.1),
+                bytes_read: io.2,
+                read_time: Duration::from_micros(io.3),
             })
             .collect())
     }

@@ -101,8 +101,8 @@ enum Peer {
         name: String,
         nthreads: u32,
         outbox: Outbox<FromScheduler>,
-        /// Its latest report: (bytes in memory, bytes spilled).
-        memory: (u64, u64),
+        /// Its latest report: (bytes in memory, bytes spilled, spill traffic).
+        memory: (u64, u64, (u64, u64, u64, u64)),
     },
 }
 
@@ -304,7 +304,7 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                         name: info.name.clone(),
                         nthreads: info.nthreads,
                         outbox,
-                        memory: (0, 0),
+                        memory: (0, 0, (0, 0, 0, 0)),
                     },
                 );
                 let spec = WorkerSpec {
@@ -348,7 +348,7 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                         let memory = peers
                             .values()
                             .filter_map(|p| match p {
-                                Peer::Worker { name, memory, .. } => Some((name.clone(), memory.0, memory.1)),
+                                Peer::Worker { name, memory, .. } => Some((name.clone(), memory.0, memory.1, memory.2)),
                                 Peer::Client { .. } => None,
                             })
                             .collect();
@@ -360,9 +360,9 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                             outbox.send(FromScheduler::Workers { workers, departed, memory }, Vec::new());
                         }
                     }
-                    ToScheduler::Memory { managed, spilled } if is_worker => {
+                    ToScheduler::Memory { managed, spilled, io } if is_worker => {
                         if let Some(Peer::Worker { memory, .. }) = peers.get_mut(&id) {
-                            *memory = (managed, spilled);
+                            *memory = (managed, spilled, io);
                         }
                     }
                     // A worker leaving on purpose: its departure carries its reason.

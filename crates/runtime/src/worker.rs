@@ -89,6 +89,17 @@ pub(crate) struct DataStore {
     files: FxHashMap<Key, PathBuf>,
     next_file: u64,
     name: String,
+    /// Disk traffic so far: bytes written and read, and the time it took.
+    io: SpillIo,
+}
+
+/// A worker's spill traffic since it started.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SpillIo {
+    pub(crate) written: u64,
+    pub(crate) write_time: Duration,
+    pub(crate) read: u64,
+    pub(crate) read_time: Duration,
 }
 
 impl DataStore {
@@ -101,6 +112,7 @@ impl DataStore {
             files: FxHashMap::default(),
             next_file: 0,
             name: name.to_owned(),
+            io: SpillIo::default(),
         }
     }
 
@@ -135,11 +147,14 @@ impl DataStore {
     }
 
     fn write(&mut self, v: &Value) -> Result<PathBuf, String> {
+        let start = Instant::now();
         let bytes = rask_protocol::wire::value_to_bytes(v).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
         self.next_file += 1;
         let path = self.dir.join(format!("{}.val", self.next_file));
-        std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+        std::fs::write(&path, &bytes).map_err(|e| e.to_string())?;
+        self.io.written += bytes.len() as u64;
+        self.io.write_time += start.elapsed();
         Ok(path)
     }
 
@@ -151,9 +166,12 @@ impl DataStore {
             return Some(v.clone());
         }
         let path = self.files.get(key)?.clone();
+        let start = Instant::now();
         let read = std::fs::read(&path)
+            .inspect(|b| self.io.read += b.len() as u64)
             .map_err(|e| e.to_string())
             .and_then(|b| rask_protocol::wire::value_from_bytes(Bytes::from(b)).map_err(|e| e.to_string()));
+        self.io.read_time += start.elapsed();
         self.drop_file(key);
         self.policy.unspilled(key);
         match read {
@@ -181,8 +199,8 @@ impl DataStore {
     }
 
     /// (bytes in memory, bytes on disk).
-    fn usage(&self) -> (u64, u64) {
-        (self.policy.managed(), self.policy.spilled())
+    fn usage(&self) -> (u64, u64, SpillIo) {
+        (self.policy.managed(), self.policy.spilled(), self.io)
     }
 }
 
@@ -404,9 +422,10 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                         to_scheduler.send(ToScheduler::Paused { paused: pause }, Vec::new());
                     }
                 }
-                let (managed, spilled) = lock(&store).usage();
+                let (managed, spilled, io) = lock(&store).usage();
                 to_scheduler.send(ToScheduler::Heartbeat, Vec::new());
-                to_scheduler.send(ToScheduler::Memory { managed, spilled }, Vec::new());
+                let io = (io.written, io.write_time.as_micros() as u64, io.read, io.read_time.as_micros() as u64);
+                to_scheduler.send(ToScheduler::Memory { managed, spilled, io }, Vec::new());
                 continue;
             }
         };
