@@ -8,6 +8,23 @@ use rask_graph::Key;
 
 use crate::wire::{WireBody, WireError, WireTask, WireValue};
 
+/// How a worker's memory is used, and its spill traffic since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryReport {
+    /// Bytes of results held in memory.
+    pub managed: u64,
+    /// Bytes of results spilled to disk.
+    pub spilled: u64,
+    /// Bytes written to spill files.
+    pub written: u64,
+    /// Microseconds spent encoding and writing them.
+    pub write_us: u64,
+    /// Bytes read back from spill files.
+    pub read: u64,
+    /// Microseconds spent reading and decoding them.
+    pub read_us: u64,
+}
+
 /// Sent to the scheduler by clients and workers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToScheduler {
@@ -84,12 +101,8 @@ pub enum ToScheduler {
     Heartbeat,
     /// Worker: how its memory is used (sent with its heartbeats).
     Memory {
-        /// Bytes of results held in memory.
-        managed: u64,
-        /// Bytes of results spilled to disk.
-        spilled: u64,
-        /// Spill traffic since it started: (bytes written, µs writing, bytes read, µs reading).
-        io: (u64, u64, u64, u64),
+        /// The numbers.
+        report: MemoryReport,
     },
     /// Worker: it paused (process memory over 80% of its limit: it starts no task) or resumed.
     Paused {
@@ -127,9 +140,8 @@ pub enum FromScheduler {
         workers: Vec<(String, String, u32)>,
         /// Workers that left, oldest first: (name, data address, why).
         departed: Vec<(String, String, String)>,
-        /// Memory of the connected workers: (name, bytes in memory, bytes spilled to disk,
-        /// spill traffic as in `ToScheduler::Memory`).
-        memory: Vec<(String, u64, u64, (u64, u64, u64, u64))>,
+        /// Memory of the connected workers, by name.
+        memory: Vec<(String, MemoryReport)>,
     },
     /// To a client: a wanted key is in memory on these workers (data addresses).
     KeyInMemory {

@@ -82,8 +82,8 @@ struct State {
     workers: Vec<(String, String, u32)>,
     /// From the same answer: workers that left, with why.
     departed: Vec<(String, String, String)>,
-    /// From the same answer: (worker, bytes in memory, bytes spilled, spill traffic).
-    memory: Vec<(String, u64, u64, (u64, u64, u64, u64))>,
+    /// From the same answer: each worker's memory report.
+    memory: Vec<(String, rask_protocol::msg::MemoryReport)>,
     worker_answers: u64,
 }
 
@@ -504,14 +504,14 @@ impl Client {
         Ok(st
             .memory
             .iter()
-            .map(|(name, managed, spilled, io)| WorkerMemory {
+            .map(|(name, r)| WorkerMemory {
                 name: name.clone(),
-                managed_bytes: *managed,
-                spilled_bytes: *spilled,
-                bytes_written: io.0,
-                write_time: Duration::from_micros(io.1),
-                bytes_read: io.2,
-                read_time: Duration::from_micros(io.3),
+                managed_bytes: r.managed,
+                spilled_bytes: r.spilled,
+                bytes_written: r.written,
+                write_time: Duration::from_micros(r.write_us),
+                bytes_read: r.read,
+                read_time: Duration::from_micros(r.read_us),
             })
             .collect())
     }

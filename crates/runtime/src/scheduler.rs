@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use rask_graph::{Key, TaskError};
 use rask_protocol::handshake::{self, Role, Welcome};
-use rask_protocol::msg::{FromScheduler, ToScheduler};
+use rask_protocol::msg::{FromScheduler, MemoryReport, ToScheduler};
 use rask_protocol::wire::{WireBody, WireError, WireTask};
 use rask_scheduler_core::{
     ClientId, Command, Config, Core, Event, LossCause, NewTask, Restrictions, WorkerId, WorkerSpec,
@@ -101,8 +101,8 @@ enum Peer {
         name: String,
         nthreads: u32,
         outbox: Outbox<FromScheduler>,
-        /// Its latest report: (bytes in memory, bytes spilled, spill traffic).
-        memory: (u64, u64, (u64, u64, u64, u64)),
+        /// Its latest memory report.
+        memory: MemoryReport,
     },
 }
 
@@ -304,7 +304,7 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                         name: info.name.clone(),
                         nthreads: info.nthreads,
                         outbox,
-                        memory: (0, 0, (0, 0, 0, 0)),
+                        memory: MemoryReport::default(),
                     },
                 );
                 let spec = WorkerSpec {
@@ -348,7 +348,7 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                         let memory = peers
                             .values()
                             .filter_map(|p| match p {
-                                Peer::Worker { name, memory, .. } => Some((name.clone(), memory.0, memory.1, memory.2)),
+                                Peer::Worker { name, memory, .. } => Some((name.clone(), *memory)),
                                 Peer::Client { .. } => None,
                             })
                             .collect();
@@ -360,9 +360,9 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                             outbox.send(FromScheduler::Workers { workers, departed, memory }, Vec::new());
                         }
                     }
-                    ToScheduler::Memory { managed, spilled, io } if is_worker => {
+                    ToScheduler::Memory { report } if is_worker => {
                         if let Some(Peer::Worker { memory, .. }) = peers.get_mut(&id) {
-                            *memory = (managed, spilled, io);
+                            *memory = report;
                         }
                     }
                     // A worker leaving on purpose: its departure carries its reason.

@@ -22,7 +22,7 @@ use rask_graph::{FailureKind, FxHashMap, Key, TaskError, Value};
 use rask_ops::{CallPolicy, Registry};
 use rask_protocol::frame::{read_frame, write_frame};
 use rask_protocol::handshake::{self, Role, WorkerInfo};
-use rask_protocol::msg::{FromScheduler, PeerMsg, ToScheduler};
+use rask_protocol::msg::{FromScheduler, MemoryReport, PeerMsg, ToScheduler};
 use rask_protocol::wire::{WireArg, WireBody, WireError, WireValue, resolve_arg, value_to_wire};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -424,8 +424,15 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 }
                 let (managed, spilled, io) = lock(&store).usage();
                 to_scheduler.send(ToScheduler::Heartbeat, Vec::new());
-                let io = (io.written, io.write_time.as_micros() as u64, io.read, io.read_time.as_micros() as u64);
-                to_scheduler.send(ToScheduler::Memory { managed, spilled, io }, Vec::new());
+                let report = MemoryReport {
+                    managed,
+                    spilled,
+                    written: io.written,
+                    write_us: io.write_time.as_micros() as u64,
+                    read: io.read,
+                    read_us: io.read_time.as_micros() as u64,
+                };
+                to_scheduler.send(ToScheduler::Memory { report }, Vec::new());
                 continue;
             }
         };
