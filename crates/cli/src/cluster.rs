@@ -25,7 +25,7 @@ pub(crate) struct SchedulerArgs {
     scheduler_file: Option<PathBuf>,
     /// Shared token every client and worker must prove they know (else the `RASK_TOKEN`
     /// environment variable; none: anyone who can reach the port may connect).
-    #[arg(long, value_name = "TOKEN")]
+    #[arg(long, value_name = "TOKEN", value_parser = crate::run::token_arg)]
     token: Option<String>,
     /// Remove a worker not heard from for this many seconds (workers send heartbeats several
     /// times a second); its tasks move to other workers. 0: never.
@@ -72,7 +72,7 @@ pub(crate) struct WorkerArgs {
     no_nanny: bool,
     /// The cluster's shared token (else the `RASK_TOKEN` environment variable); also required
     /// from peers fetching data from this worker.
-    #[arg(long, value_name = "TOKEN")]
+    #[arg(long, value_name = "TOKEN", value_parser = crate::run::token_arg)]
     token: Option<String>,
 }
 
@@ -234,23 +234,30 @@ pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
             };
             tasks.push(tokio::spawn(supervise(cfg, Arc::clone(&stop), patience)));
         }
+        // Exit status: 0 stopped, 1 gave up on the scheduler, 101 a worker panicked (its
+        // supervisor restarts it).
         let all = async {
-            let mut ok = true;
+            let mut code = 0u8;
             for t in tasks {
-                ok &= t.await.unwrap_or(false);
+                code = code.max(match t.await {
+                    Ok(true) => 0,
+                    Ok(false) => 1,
+                    Err(e) if e.is_panic() => 101,
+                    Err(_) => 1,
+                });
             }
-            ok
+            code
         };
         tokio::pin!(all);
-        let ok = tokio::select! {
-            ok = &mut all => ok,
+        let code = tokio::select! {
+            code = &mut all => code,
             sig = signalled() => {
                 eprintln!("rask worker: received {sig}, stopping");
                 stop.store(true, Ordering::Relaxed);
                 all.await
             }
         };
-        if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        ExitCode::from(code)
     })
 }
 

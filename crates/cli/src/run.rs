@@ -29,7 +29,7 @@ pub(crate) struct RunArgs {
     scheduler: Option<String>,
     /// The cluster's shared token (else the `RASK_TOKEN` environment variable), with
     /// `--scheduler`.
-    #[arg(long, value_name = "TOKEN", requires = "scheduler")]
+    #[arg(long, value_name = "TOKEN", requires = "scheduler", value_parser = token_arg)]
     token: Option<String>,
     /// Workers of the embedded cluster (named local-0, local-1, ...).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -75,6 +75,16 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
     };
     Ok((n * mult) as u64)
+}
+
+/// A `--token` value: refused when empty (an unset variable in `--token "$T"` must not
+/// silently turn authentication off).
+pub(crate) fn token_arg(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("the token is empty (is the variable you meant to use set?)".into())
+    } else {
+        Ok(s.to_owned())
+    }
 }
 
 pub(crate) fn parse_resources(s: &str) -> Result<BTreeMap<String, f64>, String> {

@@ -70,7 +70,8 @@ struct Hello {
 pub struct Token(std::sync::Arc<[u8]>);
 
 impl Token {
-    /// A token from its text (any length; an empty one is no token).
+    /// A token from its text (any length; an empty one is no token — the flags refuse it, so
+    /// that `--token "$UNSET"` cannot silently turn authentication off).
     #[must_use]
     pub fn new(text: &str) -> Option<Token> {
         (!text.is_empty()).then(|| Token(std::sync::Arc::from(text.as_bytes())))

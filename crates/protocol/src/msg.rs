@@ -119,6 +119,11 @@ pub enum ToScheduler {
         /// Its size.
         nbytes: u64,
     },
+    /// Worker: it could not copy a value it was asked to take over (`Acquire`).
+    AcquireFailed {
+        /// The value.
+        key: Key,
+    },
     /// Worker: leaving on purpose, and why (recorded as the cause of its departure).
     Goodbye {
         /// Why.

@@ -92,6 +92,9 @@ struct Inner {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     peers: PeerPool,
+    /// Held while a graph's parts are queued, so two threads submitting large graphs at once
+    /// do not interleave their parts (the scheduler keeps one open submission per client).
+    submitting: Mutex<()>,
 }
 
 impl Inner {
@@ -256,6 +259,7 @@ impl Client {
             }),
             changed,
             peers: PeerPool::default(),
+            submitting: Mutex::new(()),
         });
         // The reader holds only a weak reference: when the last handle of the client is
         // dropped, its outbox goes, the connection closes, and the scheduler releases its keys.
@@ -349,6 +353,8 @@ impl Client {
         }
         let wanted = Vec::new();
         self.inner.state().submitted += 1;
+        // One submission at a time on this connection, so parts of two graphs never interleave.
+        let _one_at_a_time = self.inner.submitting.lock().unwrap_or_else(PoisonError::into_inner);
         if g.len() <= self.part_size {
             let tasks = tasks_to_wire(&g, &rank, g.ids(), &flags);
             self.inner.outbox.send(ToScheduler::SubmitGraph { tasks, wanted }, Vec::new());
@@ -448,6 +454,7 @@ impl Client {
             .collect();
         let wanted = Vec::new();
         self.inner.state().submitted += 1;
+        let _one_at_a_time = self.inner.submitting.lock().unwrap_or_else(PoisonError::into_inner);
         self.inner.outbox.send(ToScheduler::SubmitGraph { tasks, wanted }, Vec::new());
         futures
     }

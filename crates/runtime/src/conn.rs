@@ -178,7 +178,12 @@ impl PeerPool {
         };
         write_frame(&mut stream, &[request], blobs).await?;
         let mut frames = Vec::new();
+        // An answer may span several frames, but not without bound.
+        let mut frames_left = 64usize;
         loop {
+            frames_left = frames_left.checked_sub(1).ok_or_else(|| {
+                ProtocolError::Malformed(format!("worker {address} answered with more than 64 frames"))
+            })?;
             let frame = read_frame(&mut stream)
                 .await?
                 .ok_or_else(|| ProtocolError::Refused(format!("worker {address} closed the connection")))?;

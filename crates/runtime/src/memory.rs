@@ -112,26 +112,29 @@ impl SpillPolicy {
     /// excess is the process itself or a running task; pausing could then only wait forever,
     /// so the worker runs on (and its supervisor restarts it above 95%).
     pub(crate) fn should_pause(&self, rss: u64) -> bool {
-        self.managed > 0 && self.limit.is_some_and(|l| rss as f64 > l as f64 * PAUSE_FRACTION)
+        !self.lru.is_empty() && self.limit.is_some_and(|l| rss as f64 > l as f64 * PAUSE_FRACTION)
     }
 
     /// A result that could not be written to disk stays in memory (over the target, rather
     /// than lost).
+    /// It is not offered for spilling again (it would fail again, every few hundred ms), and
+    /// does not keep the worker paused.
     pub(crate) fn kept(&mut self, key: &Key, nbytes: u64) {
         self.removed(key);
         self.tick += 1;
         self.in_memory.insert(key.clone(), (self.tick, nbytes));
-        self.lru.insert(self.tick, key.clone());
         self.managed += nbytes;
     }
 
     /// `key` was used (read for a task or a peer): it becomes the most recently used.
     pub(crate) fn touched(&mut self, key: &Key) {
         if let Some((tick, _)) = self.in_memory.get_mut(key) {
-            self.lru.remove(tick);
-            self.tick += 1;
-            *tick = self.tick;
-            self.lru.insert(self.tick, key.clone());
+            // Only results that may be spilled are in the LRU order (see `kept`).
+            if self.lru.remove(tick).is_some() {
+                self.tick += 1;
+                *tick = self.tick;
+                self.lru.insert(self.tick, key.clone());
+            }
         }
     }
 
@@ -192,6 +195,10 @@ mod tests {
         // Everything on disk: pausing cannot help any more.
         assert_eq!(p.spill_for_rss(5000).len(), 3);
         assert!(!p.should_pause(5000));
+        // Nor does a result that could not be written: it is not offered again.
+        p.kept(&k(9), 900);
+        assert!(!p.should_pause(5000) && p.spill_for_rss(5000).is_empty());
+        assert_eq!(p.managed(), 900);
     }
 
     #[test]

@@ -437,6 +437,7 @@ fn message_event(id: u32, peers: &HashMap<u32, Peer>, is_worker: bool, m: ToSche
             Event::WorkerRetiring { worker }
         }
         (true, ToScheduler::Acquired { key, nbytes }) => Event::DataAcquired { worker, key, nbytes },
+        (true, ToScheduler::AcquireFailed { key }) => Event::AcquireFailed { key },
         (true, ToScheduler::Paused { paused }) => {
             if let Some(Peer::Worker { name, .. }) = peers.get(&id) {
                 let what = if paused { "paused: its memory is over 80% of its limit" } else { "resumed" };

@@ -91,6 +91,8 @@ pub(crate) struct DataStore {
     name: String,
     /// Disk traffic so far: bytes written and read, and the time it took.
     io: SpillIo,
+    /// Whether this store created its directory (it never reuses one it did not create).
+    dir_made: bool,
 }
 
 /// A worker's spill traffic since it started.
@@ -113,6 +115,7 @@ impl DataStore {
             next_file: 0,
             name: name.to_owned(),
             io: SpillIo::default(),
+            dir_made: false,
         }
     }
 
@@ -147,12 +150,25 @@ impl DataStore {
     }
 
     fn write(&mut self, v: &Value) -> Result<PathBuf, String> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let start = Instant::now();
         let bytes = rask_protocol::wire::value_to_bytes(v).map_err(|e| e.to_string())?;
-        std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
+        if !self.dir_made {
+            // Private to this user, and ours alone: a directory someone else prepared under
+            // the same name is refused rather than trusted.
+            std::fs::DirBuilder::new().mode(0o700).create(&self.dir).map_err(|e| e.to_string())?;
+            self.dir_made = true;
+        }
         self.next_file += 1;
         let path = self.dir.join(format!("{}.val", self.next_file));
-        std::fs::write(&path, &bytes).map_err(|e| e.to_string())?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| e.to_string())?;
+        f.write_all(&bytes).map_err(|e| e.to_string())?;
         self.io.written += bytes.len() as u64;
         self.io.write_time += start.elapsed();
         Ok(path)
@@ -206,7 +222,7 @@ impl DataStore {
 
 impl Drop for DataStore {
     fn drop(&mut self) {
-        if !self.files.is_empty() || self.dir.exists() {
+        if self.dir_made {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -290,6 +306,7 @@ enum Inbox {
     /// Copies fetched for the scheduler (a retiring worker's results).
     Acquired {
         from: Arc<str>,
+        keys: Vec<Key>,
         result: Result<Vec<(Key, Fetched)>, String>,
     },
 }
@@ -540,11 +557,13 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 let (tx, peers) = (tx.clone(), peers.clone());
                                 tokio::spawn(async move {
                                     let result =
-                                        match tokio::time::timeout(FETCH_TIMEOUT, peers.get_data(&from, keys)).await {
+                                        match tokio::time::timeout(FETCH_TIMEOUT, peers.get_data(&from, keys.clone()))
+                                            .await
+                                        {
                                             Ok(r) => r.map_err(|e| format!("{from}: {e}")),
                                             Err(_) => Err(format!("{from}: no answer within {FETCH_TIMEOUT:?}")),
                                         };
-                                    let _ = tx.send(Inbox::Acquired { from, result });
+                                    let _ = tx.send(Inbox::Acquired { from, keys, result });
                                 });
                             }
                         }
@@ -618,24 +637,31 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     }
                 }
             }
-            Inbox::Acquired { from, result } => match result {
-                Ok(values) => {
-                    for (key, v) in values {
-                        let v = match v {
-                            Ok(Some(v)) => v,
-                            Ok(None) => continue,
-                            Err(why) => {
+            Inbox::Acquired { from, keys, result } => {
+                // Every key is answered: copied, or failed (so the retirement does not wait).
+                let mut got: FxHashMap<Key, Fetched> = match result {
+                    Ok(values) => values.into_iter().collect(),
+                    Err(e) => {
+                        eprintln!("rask worker {}: could not copy results from {from}: {e}", cfg.name);
+                        FxHashMap::default()
+                    }
+                };
+                for key in keys {
+                    match got.remove(&key).unwrap_or(Ok(None)) {
+                        Ok(Some(v)) => {
+                            let nbytes = v.nbytes() as u64;
+                            lock(&store).insert(key.clone(), v);
+                            to_scheduler.send(ToScheduler::Acquired { key, nbytes }, Vec::new());
+                        }
+                        other => {
+                            if let Err(why) = other {
                                 eprintln!("rask worker {}: cannot copy {key} from {from}: {why}", cfg.name);
-                                continue;
                             }
-                        };
-                        let nbytes = v.nbytes() as u64;
-                        lock(&store).insert(key.clone(), v);
-                        to_scheduler.send(ToScheduler::Acquired { key, nbytes }, Vec::new());
+                            to_scheduler.send(ToScheduler::AcquireFailed { key }, Vec::new());
+                        }
                     }
                 }
-                Err(e) => eprintln!("rask worker {}: could not copy results from {from}: {e}", cfg.name),
-            },
+            }
             Inbox::Done(Outcome { key, replicas: used, result, duration }) => {
                 queued.remove(&key);
                 let duration_us = duration.as_micros().min(u128::from(u64::MAX)) as u64;

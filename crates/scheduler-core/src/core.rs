@@ -273,6 +273,13 @@ pub enum Event<P> {
         /// Its size.
         nbytes: u64,
     },
+    /// A worker could not copy a value off a retiring worker (too large to send, unreadable,
+    /// or no answer): the retirement stops waiting for that value (it is recomputed if needed
+    /// once the retiring worker is gone).
+    AcquireFailed {
+        /// Which value.
+        key: Key,
+    },
     /// Time passes (the shell ticks a few times a second): workers silent for longer than the
     /// TTL are removed.
     Tick {
@@ -503,6 +510,8 @@ pub struct Core<P> {
     departures: std::collections::VecDeque<Departure>,
     /// Values being copied off retiring workers.
     acquiring: FxHashSet<Tid>,
+    /// Values that could not be copied off a retiring worker: it stops waiting for them.
+    unmovable: FxHashSet<Tid>,
 }
 
 /// Departures kept for diagnostics.
@@ -530,6 +539,7 @@ impl<P: Clone> Core<P> {
             now_us: 0,
             departures: std::collections::VecDeque::new(),
             acquiring: FxHashSet::default(),
+            unmovable: FxHashSet::default(),
         }
     }
 
@@ -688,6 +698,12 @@ impl<P: Clone> Core<P> {
                 }
             }
             Event::DataAcquired { worker, key, nbytes } => self.acquired(worker, &key, nbytes),
+            Event::AcquireFailed { key } => {
+                if let Some(t) = self.by_key.get(&key).copied() {
+                    self.acquiring.remove(&t);
+                    self.unmovable.insert(t);
+                }
+            }
             Event::WorkerPaused { worker, paused } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.paused = paused;
@@ -700,6 +716,14 @@ impl<P: Clone> Core<P> {
                 }
             }
             Event::Tick { now_us } => {
+                // A long gap since the last tick means this process stalled (stopped, swapped):
+                // the workers' silence is then ours, not theirs.
+                let gap = now_us.saturating_sub(self.now_us);
+                if self.cfg.worker_ttl_us.is_some_and(|ttl| gap > ttl / 2) {
+                    for w in self.workers.values_mut() {
+                        w.last_heard_us = w.last_heard_us.max(now_us);
+                    }
+                }
                 self.now_us = self.now_us.max(now_us);
                 if let Some(ttl) = self.cfg.worker_ttl_us {
                     let silent: Vec<(WorkerId, u64)> = self
@@ -731,6 +755,8 @@ impl<P: Clone> Core<P> {
             while let Some(t) = self.to_forget.pop() {
                 self.forget_now(t);
             }
+            // A worker that retired without moving everything leaves work to place.
+            self.schedule();
         }
     }
 
@@ -742,12 +768,12 @@ impl<P: Clone> Core<P> {
             let unique: Vec<Tid> = self
                 .live_ids()
                 .filter(|t| matches!(&self.task(*t).state, State::Memory { who_has } if who_has == &[wid]))
-                .filter(|t| self.needed(*t))
+                .filter(|t| self.needed(*t) && !self.unmovable.contains(t))
                 .collect();
             let target = self
                 .workers
                 .iter()
-                .filter(|(id, w)| **id != wid && !w.retiring)
+                .filter(|(id, w)| **id != wid && !w.retiring && !w.paused)
                 .min_by_key(|(id, w)| (w.processing.len(), **id))
                 .map(|(id, _)| *id);
             let busy = self.workers.get(&wid).is_some_and(|w| !w.processing.is_empty());
@@ -1665,6 +1691,7 @@ impl<P: Clone> Core<P> {
         let task = self.tasks[t.0 as usize].take().expect("invariant: checked above");
         self.free_slots.push(t.0);
         self.acquiring.remove(&t);
+        self.unmovable.remove(&t);
         self.by_key.remove(&task.key);
         if let State::Memory { who_has } = &task.state {
             for w in who_has {
@@ -1704,6 +1731,7 @@ impl<P: Clone> Core<P> {
         let Some(w) = self.workers.remove(&wid) else { return };
         // Copies in flight to or from it will not arrive: retirements ask again.
         self.acquiring.clear();
+        self.unmovable.clear();
         if self.departures.len() == MAX_DEPARTURES {
             self.departures.pop_front();
         }
@@ -1751,7 +1779,10 @@ impl<P: Clone> Core<P> {
         // fails the task, which is probably what killed the workers.
         back.sort_unstable_by_key(|t| (self.task(*t).prio, *t));
         let mut failed = Vec::new();
-        for &t in back.iter().take(w.spec.nthreads.max(1) as usize) {
+        // A worker that left on purpose (a goodbye) is no evidence against its tasks.
+        let involuntary = !matches!(cause, LossCause::Said(_));
+        let suspects = if involuntary { w.spec.nthreads.max(1) as usize } else { 0 };
+        for &t in back.iter().take(suspects) {
             let deaths = self.task_mut(t).deaths.get_or_insert_with(Box::default);
             deaths.push((Arc::clone(&w.spec.name), cause.clone()));
             if deaths.len() > self.cfg.allowed_failures as usize {

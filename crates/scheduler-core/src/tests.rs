@@ -269,7 +269,7 @@ fn task_that_keeps_killing_workers_fails_as_killed_worker_naming_them() {
         let running: Vec<_> = computes(&std::mem::take(&mut env.log)).into_iter().map(|(_, k)| k.to_owned()).collect();
         assert!(running.contains(&"bomb".to_owned()), "{running:?}");
         let cause =
-            if i == 2 { LossCause::Said("stopped for memory at 3 GB".into()) } else { LossCause::ConnectionClosed };
+            if i == 2 { LossCause::HeartbeatTimeout { silent_ms: 31_000 } } else { LossCause::ConnectionClosed };
         env.ev(Event::WorkerDisconnected { worker: w, cause });
     }
     let err = env.log.iter().find_map(|c| match c {
@@ -281,7 +281,7 @@ fn task_that_keeps_killing_workers_fails_as_killed_worker_naming_them() {
     for n in &names {
         assert!(err.message.contains(n.as_str()), "{}", err.message);
     }
-    assert!(err.message.contains("stopped for memory at 3 GB"), "{}", err.message);
+    assert!(err.message.contains("heartbeat timeout"), "{}", err.message);
     // The innocent task still runs on the next worker.
     let out = env.worker(WorkerId(20), "n5", 1, &[]);
     assert_eq!(computes(&out), [(WorkerId(20), "fine")]);
@@ -364,6 +364,47 @@ fn a_restarted_worker_refines_why_its_previous_process_was_lost() {
         })
         .expect("killed worker after 2 deaths");
     assert!(message.contains("for memory"), "{message}");
+}
+
+#[test]
+fn workers_leaving_on_purpose_do_not_count_against_their_tasks() {
+    let mut env = Env::with(Config { allowed_failures: 0, ..Config::default() });
+    env.submit(C1, vec![task("long", &[])], &["long"]);
+    env.worker(W1, "w1", 1, &[]);
+    env.ev(Event::WorkerDisconnected { worker: W1, cause: LossCause::Said("worker w1 stopped".into()) });
+    let out = env.worker(W2, "w2", 1, &[]);
+    assert_eq!(computes(&out), [(W2, "long")], "requeued, not failed");
+}
+
+#[test]
+fn a_stalled_scheduler_does_not_drop_its_workers() {
+    let mut env = Env::with(Config { worker_ttl_us: Some(2_000_000), ..Config::default() });
+    env.worker(W1, "w1", 1, &[]);
+    env.ev(Event::Tick { now_us: 250_000 });
+    // Nothing processed for 10 s (this process was stopped), then a tick first.
+    let out = env.ev(Event::Tick { now_us: 10_250_000 });
+    assert!(!out.iter().any(|c| matches!(c, Command::DropWorker { .. })), "{out:?}");
+    // Real silence after that still counts (ticks come every 250 ms).
+    let mut dropped = false;
+    for i in 1..=10 {
+        let out = env.ev(Event::Tick { now_us: 10_250_000 + i * 250_000 });
+        dropped |= out.iter().any(|c| matches!(c, Command::DropWorker { .. }));
+    }
+    assert!(dropped, "silent for 2.5 s with a 2 s TTL");
+}
+
+#[test]
+fn a_value_that_cannot_be_copied_does_not_hold_a_retirement_forever() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.submit(C1, vec![task("a", &[])], &["a"]);
+    env.finish(W1, "a", 8);
+    env.worker(W2, "w2", 1, &[]);
+    let out = env.ev(Event::WorkerRetiring { worker: W1 });
+    assert!(out.iter().any(|c| matches!(c, Command::Acquire { .. })), "{out:?}");
+    let out = env.ev(Event::AcquireFailed { key: Key::new("a") });
+    assert!(out.contains(&Command::Retired { worker: W1 }), "{out:?}");
+    assert_eq!(computes(&out), [(W2, "a")], "recomputed where it can live");
 }
 
 #[test]
