@@ -77,24 +77,27 @@ impl Token {
         (!text.is_empty()).then(|| Token(std::sync::Arc::from(text.as_bytes())))
     }
 
-    fn mac(&self, side: &[u8], client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
-        use hmac::{Hmac, Mac};
-        let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+    /// HMAC-SHA256 keyed by the token over a label, the side and both nonces.
+    fn hmac(&self, side: &[u8], client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(b"rask-auth-v1 ");
         m.update(side);
         m.update(client_nonce);
         m.update(server_nonce);
-        m.finalize().into_bytes().into()
+        m
     }
 
+    fn mac(&self, side: &[u8], client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
+        use hmac::Mac;
+        self.hmac(side, client_nonce, server_nonce).finalize().into_bytes().into()
+    }
+
+    /// Checks a peer's MAC in constant time.
     fn verify(&self, side: &[u8], client_nonce: &[u8; 32], server_nonce: &[u8; 32], mac: &[u8]) -> bool {
-        use hmac::{Hmac, Mac};
-        let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
-        m.update(b"rask-auth-v1 ");
-        m.update(side);
-        m.update(client_nonce);
-        m.update(server_nonce);
-        m.verify_slice(mac).is_ok() // constant time
+        use hmac::Mac;
+        self.hmac(side, client_nonce, server_nonce).verify_slice(mac).is_ok()
     }
 }
 
