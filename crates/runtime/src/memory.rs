@@ -45,6 +45,12 @@ impl SpillPolicy {
         SpillPolicy { limit, target: limit.map(|l| (l as f64 * SPILL_FRACTION) as u64), ..SpillPolicy::default() }
     }
 
+    /// Whether there is a limit (without one, nothing is tracked per result: the store only
+    /// counts bytes, at no cost per task).
+    pub(crate) fn limited(&self) -> bool {
+        self.limit.is_some()
+    }
+
     /// Bytes of results held in memory.
     pub(crate) fn managed(&self) -> u64 {
         self.managed

@@ -93,6 +93,8 @@ pub(crate) struct DataStore {
     io: SpillIo,
     /// Whether this store created its directory (it never reuses one it did not create).
     dir_made: bool,
+    /// Bytes in memory when there is no limit (the policy is then not consulted at all).
+    unlimited_bytes: u64,
 }
 
 /// A worker's spill traffic since it started.
@@ -116,13 +118,21 @@ impl DataStore {
             name: name.to_owned(),
             io: SpillIo::default(),
             dir_made: false,
+            unlimited_bytes: 0,
         }
     }
 
     /// Holds `v` under `key` (replacing any earlier copy), then spills what the policy says.
     fn insert(&mut self, key: Key, v: Value) {
-        self.drop_file(&key);
         let nbytes = v.nbytes() as u64;
+        if !self.policy.limited() {
+            self.unlimited_bytes += nbytes;
+            if let Some(old) = self.mem.insert(key, v) {
+                self.unlimited_bytes -= old.nbytes() as u64;
+            }
+            return;
+        }
+        self.drop_file(&key);
         self.mem.insert(key.clone(), v);
         let out = self.policy.stored(&key, nbytes);
         self.spill(out);
@@ -178,7 +188,9 @@ impl DataStore {
     /// file is unreadable, which is reported and treated as lost).
     fn get(&mut self, key: &Key) -> Option<Value> {
         if let Some(v) = self.mem.get(key) {
-            self.policy.touched(key);
+            if self.policy.limited() {
+                self.policy.touched(key);
+            }
             return Some(v.clone());
         }
         let path = self.files.get(key)?.clone();
@@ -203,7 +215,11 @@ impl DataStore {
     }
 
     fn remove(&mut self, key: &Key) {
-        self.mem.remove(key);
+        let old = self.mem.remove(key);
+        if !self.policy.limited() {
+            self.unlimited_bytes -= old.map_or(0, |v| v.nbytes() as u64);
+            return;
+        }
         self.drop_file(key);
         self.policy.removed(key);
     }
@@ -216,7 +232,8 @@ impl DataStore {
 
     /// (bytes in memory, bytes on disk).
     fn usage(&self) -> (u64, u64, SpillIo) {
-        (self.policy.managed(), self.policy.spilled(), self.io)
+        let managed = if self.policy.limited() { self.policy.managed() } else { self.unlimited_bytes };
+        (managed, self.policy.spilled(), self.io)
     }
 }
 
@@ -930,4 +947,47 @@ async fn serve_peer(mut stream: TcpStream, store: &Store) -> Result<(), RuntimeE
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(n: usize, seed: u8) -> Value {
+        Value::Bytes(Bytes::from(vec![seed; n]))
+    }
+
+    #[test]
+    fn store_spills_over_its_target_reads_back_and_cleans_up() {
+        let mut s = DataStore::new(&format!("unit-{}", std::process::id()), Some(1000)); // target 600 B
+        s.insert(Key::new("a"), blob(400, 1));
+        s.insert(Key::new("b"), blob(400, 2)); // a (least recently used) goes to disk
+        let (managed, spilled, _) = s.usage();
+        assert!(managed <= 600 && spilled >= 400, "{managed} {spilled}");
+        assert_eq!(s.files.len(), 1);
+        let dir = s.dir.clone();
+        assert!(dir.exists());
+        assert_eq!(s.get(&Key::new("a")), Some(blob(400, 1)), "read back transparently");
+        assert!(s.io.read >= 400 && s.io.written >= 400);
+        s.remove(&Key::new("a"));
+        s.remove(&Key::new("b"));
+        assert_eq!(s.usage().0 + s.usage().1, 0);
+        assert!(s.files.is_empty(), "freed values leave the disk");
+        drop(s);
+        assert!(!dir.exists(), "the spill directory goes with the store");
+    }
+
+    #[test]
+    fn store_without_a_limit_only_counts_bytes() {
+        let mut s = DataStore::new("unlimited", None);
+        s.insert(Key::new("a"), blob(400, 1));
+        s.insert(Key::new("a"), blob(100, 1)); // replaced
+        s.insert(Key::new("b"), blob(50, 2));
+        let size = |v: Value| v.nbytes() as u64;
+        assert_eq!(s.usage().0, size(blob(100, 1)) + size(blob(50, 2)));
+        assert_eq!(s.get(&Key::new("b")), Some(blob(50, 2)));
+        s.remove(&Key::new("a"));
+        assert_eq!((s.usage().0, s.usage().1), (size(blob(50, 2)), 0));
+        assert!(s.files.is_empty() && !s.dir_made);
+    }
 }
