@@ -183,6 +183,8 @@ fn run_on_cluster(addr: &str, w: &Workflow, json: bool) -> ExitCode {
             return ExitCode::from(3);
         }
     };
+    // Workers that leave during the run are reported with why (the scheduler keeps the list).
+    let gone_before = client.departed_workers().map_or(0, |d| d.len());
     let results = match client.run(&w.graph, &w.outputs) {
         Ok(r) => r,
         Err(e) => {
@@ -190,6 +192,11 @@ fn run_on_cluster(addr: &str, w: &Workflow, json: bool) -> ExitCode {
             return ExitCode::from(3);
         }
     };
+    if let Ok(gone) = client.departed_workers() {
+        for d in gone.iter().skip(gone_before) {
+            eprintln!("rask: worker {} ({}) left during the run: {}", d.name, d.address, d.cause);
+        }
+    }
     report(w, &results, json, start.elapsed())
 }
 

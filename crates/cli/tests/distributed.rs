@@ -612,7 +612,56 @@ fn task_allocating_past_the_limit_every_time_ends_as_killed_worker_for_memory() 
     let message = out["hold"]["$error"]["message"].as_str().unwrap_or_default().to_owned();
     assert!(message.contains("4 workers died while running it"), "{message}");
     assert!(message.contains("for memory"), "{message}");
+    // rask run also says which workers left during the run, and why.
+    let err = text(&o.stderr);
+    assert!(err.contains("worker small") && err.contains("left during the run") && err.contains("for memory"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn client_leaving_halfway_through_a_graph_in_parts_leaves_nothing_behind() {
+    use rask_protocol::msg::ToScheduler;
+    use rask_protocol::wire::{WireArg, WireBody, WireCall, WireTask, WireValue};
+    let mut cluster = Cluster::start();
+    cluster.worker(&["--name", "w0", "--nthreads", "1"], &[]);
+    let observer = BlockingClient::connect(&cluster.address).expect("observer");
+    let held = |c: &BlockingClient| c.worker_memory().expect("memory").iter().map(|w| w.managed_bytes).sum::<u64>();
+    // A raw client sends the first part of a graph (five wanted 1 MB values, which start at
+    // once) and never sends the rest.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let host_port = cluster.address.trim_start_matches("tcp://").to_owned();
+    let stream = rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(&host_port).await.expect("connect");
+        let role = rask_protocol::handshake::Role::Client { name: "quitter".into() };
+        rask_protocol::handshake::connect(&mut s, &role).await.expect("handshake");
+        let tasks = (0..5)
+            .map(|i| WireTask {
+                key: format!("half-{i}").as_str().into(),
+                deps: Vec::new(),
+                body: WireBody::Call(WireCall {
+                    op: "bytes".into(),
+                    args: vec![WireArg::Lit(WireValue::Int(1_000_000)), WireArg::Lit(WireValue::Int(i))],
+                }),
+                annotations: None,
+                order: i as u32,
+                wanted: true,
+            })
+            .collect();
+        rask_protocol::frame::write_frame(&mut s, &[ToScheduler::SubmitPart { tasks }], &[]).await.expect("part");
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held(&observer) < 5_000_000 {
+        assert!(Instant::now() < deadline, "the part's values were not computed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(stream);
+    drop(rt);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held(&observer) > 0 {
+        assert!(Instant::now() < deadline, "values of the abandoned submission are still held");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
