@@ -130,18 +130,27 @@ pub fn decode<M: DeserializeOwned>(mut body: Bytes) -> Result<Frame<M>, Protocol
     let header = body.split_to(hlen);
     let (messages, lens): (Vec<M>, Vec<u64>) =
         postcard::from_bytes(&header).map_err(|e| ProtocolError::Malformed(format!("undecodable header: {e}")))?;
-    let mut blobs = Vec::with_capacity(lens.len());
-    for l in lens {
-        let l = usize::try_from(l).map_err(|_| bad("blob length overflows"))?;
-        if l > body.len() {
-            return Err(bad("blob extends past the end of the frame"));
-        }
-        blobs.push(body.split_to(l));
-    }
+    let blobs = split_blobs(&mut body, &lens).map_err(bad)?;
     if !body.is_empty() {
         return Err(bad("trailing bytes after the last blob"));
     }
     Ok(Frame { messages, blobs })
+}
+
+/// Cuts the out-of-band parts announced by `lens` off the front of `body` (shared, not copied).
+///
+/// # Errors
+/// When a length does not fit in memory or runs past the end of `body`.
+pub(crate) fn split_blobs(body: &mut Bytes, lens: &[u64]) -> Result<Vec<Bytes>, &'static str> {
+    let mut blobs = Vec::with_capacity(lens.len());
+    for &l in lens {
+        let l = usize::try_from(l).map_err(|_| "blob length overflows")?;
+        if l > body.len() {
+            return Err("blob extends past the end of the data");
+        }
+        blobs.push(body.split_to(l));
+    }
+    Ok(blobs)
 }
 
 #[cfg(test)]

@@ -132,14 +132,7 @@ pub fn value_from_bytes(mut bytes: Bytes) -> Result<Value, ProtocolError> {
     }
     let header = bytes.split_to(hlen);
     let (wire, lens): (WireValue, Vec<u64>) = postcard::from_bytes(&header).map_err(|e| bad(&e.to_string()))?;
-    let mut blobs = Vec::with_capacity(lens.len());
-    for l in lens {
-        let l = usize::try_from(l).map_err(|_| bad("blob length overflows"))?;
-        if l > bytes.len() {
-            return Err(bad("truncated blob"));
-        }
-        blobs.push(bytes.split_to(l));
-    }
+    let blobs = crate::frame::split_blobs(&mut bytes, &lens).map_err(bad)?;
     value_from_wire(wire, &blobs)
 }
 
