@@ -72,23 +72,26 @@ impl SpillPolicy {
     /// this one, if it alone is over it.
     #[must_use]
     pub(crate) fn stored(&mut self, key: &Key, nbytes: u64) -> Vec<Key> {
-        self.removed(key);
-        self.tick += 1;
-        self.in_memory.insert(key.clone(), (self.tick, nbytes));
+        self.kept(key, nbytes);
         self.lru.insert(self.tick, key.clone());
-        self.managed += nbytes;
         let mut out = Vec::new();
         let Some(target) = self.target else { return out };
         while self.managed > target {
-            let Some((_, victim)) = self.lru.pop_first() else { break };
-            if let Some((_, bytes)) = self.in_memory.remove(&victim) {
-                self.managed -= bytes;
-                self.spilled += bytes;
-                self.on_disk.insert(victim.clone(), bytes);
-            }
+            let Some((victim, _)) = self.evict() else { break };
             out.push(victim);
         }
         out
+    }
+
+    /// Moves the least recently used result from memory to disk (in the books): which, and
+    /// its bytes.
+    fn evict(&mut self) -> Option<(Key, u64)> {
+        let (_, victim) = self.lru.pop_first()?;
+        let bytes = self.in_memory.remove(&victim).map_or(0, |(_, b)| b);
+        self.managed -= bytes;
+        self.spilled += bytes;
+        self.on_disk.insert(victim.clone(), bytes);
+        Some((victim, bytes))
     }
 
     /// The process uses `rss` bytes: the results to write to disk (least recently used first)
@@ -101,13 +104,8 @@ impl SpillPolicy {
         let mut over = rss.saturating_sub(goal);
         let mut out = Vec::new();
         while over > 0 {
-            let Some((_, victim)) = self.lru.pop_first() else { break };
-            if let Some((_, bytes)) = self.in_memory.remove(&victim) {
-                self.managed -= bytes;
-                self.spilled += bytes;
-                self.on_disk.insert(victim.clone(), bytes);
-                over = over.saturating_sub(bytes);
-            }
+            let Some((victim, bytes)) = self.evict() else { break };
+            over = over.saturating_sub(bytes);
             out.push(victim);
         }
         out
