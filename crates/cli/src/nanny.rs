@@ -33,14 +33,6 @@ pub(crate) enum Verdict {
 /// `terminate`, 95%).
 const TERMINATE_FRACTION: f64 = 0.95;
 
-/// The resident memory of process `pid`, in bytes.
-fn rss_of(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// Classifies how a worker process ended.
 pub(crate) fn verdict(status: ExitStatus) -> Verdict {
     if let Some(sig) = status.signal() {
@@ -134,7 +126,9 @@ impl Supervised {
     /// Checks the child; schedules a restart after a crash.
     fn poll(&mut self) {
         let Some(child) = &mut self.child else { return };
-        if let (Some(limit), Some(rss)) = (self.memory_limit, rss_of(child.id())) {
+        if let Some(limit) = self.memory_limit {
+            // Resident bytes (0 once the process is gone).
+            let rss = crate::bench::proc_status_kib(&child.id().to_string(), "VmRSS:");
             if self.killed_for_memory.is_none() && rss as f64 > limit as f64 * TERMINATE_FRACTION {
                 eprintln!(
                     "rask worker {}: its process uses {rss} bytes, over 95% of its {limit}-byte memory limit; restarting it",
