@@ -96,10 +96,11 @@ pub enum ToScheduler {
         /// The task.
         key: Key,
     },
-    /// Anyone: still alive (workers send it several times a second; the scheduler drops a
-    /// worker not heard from within its TTL).
+    /// Anyone: still alive, for a peer with nothing else to say (workers' memory reports
+    /// serve as theirs; the scheduler drops a worker not heard from within its TTL).
     Heartbeat,
-    /// Worker: how its memory is used (sent with its heartbeats).
+    /// Worker: how its memory is used; sent several times a second, it is also the worker's
+    /// heartbeat.
     Memory {
         /// The numbers.
         report: MemoryReport,

@@ -434,8 +434,9 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                         Some(_) => {}
                     }
                 }
-                // Alive, whatever the executor threads are doing (the scheduler drops a worker
-                // it has not heard from within its TTL), and how its memory is used.
+                // Alive, whatever the executor threads are doing, and how its memory is used: the
+                // memory report is the heartbeat (the scheduler drops a worker it has not heard
+                // from within its TTL; any message counts).
                 // Process memory (what tasks allocate counts too): spill more above 70% of
                 // the limit, pause above 80%.
                 if let Some(rss) = cfg.memory_limit.and(process_rss()) {
@@ -457,7 +458,6 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     }
                 }
                 let (managed, spilled, io) = lock(&store).usage();
-                to_scheduler.send(ToScheduler::Heartbeat, Vec::new());
                 let report = MemoryReport {
                     managed,
                     spilled,
