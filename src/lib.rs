@@ -34,6 +34,7 @@ mod delayed;
 /// ([`distributed::run_worker_if_requested`]). A `BlockingClient` is an [`Executor`], so
 /// `Delayed::compute_with(&client)` runs lazy graphs on the cluster.
 pub mod distributed {
+    pub use rask_runtime::security;
     pub use rask_runtime::{
         AsCompleted, BlockingClient, CallArg, Client, ClientError, LocalCluster, LocalClusterConfig, LocalClusterError,
         RemoteFuture, SchedulerConfig, SchedulerHandle, WorkerConfig, WorkerExit, run_worker, run_worker_if_requested,

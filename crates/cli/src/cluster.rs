@@ -31,12 +31,14 @@ pub(crate) struct SchedulerArgs {
     /// times a second); its tasks move to other workers. 0: never.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     worker_ttl: f64,
+    #[command(flatten)]
+    tls: crate::security::TlsArgs,
 }
 
 /// Arguments of `rask worker`.
 #[derive(clap::Args)]
 pub(crate) struct WorkerArgs {
-    /// Scheduler address, tcp://HOST:PORT.
+    /// Scheduler address, tcp://HOST:PORT (or tls://HOST:PORT).
     #[arg(required_unless_present = "scheduler_file")]
     address: Option<String>,
     /// Read the scheduler address from this file (waits for it to appear).
@@ -74,6 +76,8 @@ pub(crate) struct WorkerArgs {
     /// from peers fetching data from this worker.
     #[arg(long, value_name = "TOKEN", value_parser = crate::run::token_arg)]
     token: Option<String>,
+    #[command(flatten)]
+    tls: crate::security::TlsArgs,
 }
 
 /// The scheduler and worker shells run on one async thread: their state lives in one task
@@ -99,6 +103,9 @@ pub(crate) async fn signalled() -> &'static str {
 }
 
 pub(crate) fn scheduler(args: &SchedulerArgs) -> ExitCode {
+    if let Err(code) = args.tls.apply("rask scheduler") {
+        return code;
+    }
     if let Some(t) = &args.token {
         rask_protocol::handshake::set_process_token(rask_protocol::handshake::Token::new(t));
     }
@@ -200,10 +207,21 @@ pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
         eprintln!("rask worker: {e}");
         return ExitCode::from(2);
     }
+    let tls = match args.tls.apply("rask worker") {
+        Ok(files) => files,
+        Err(code) => return code,
+    };
     if !args.no_nanny {
-        // The token reaches the worker processes through their environment, not their
-        // command line (which other users can read).
-        return crate::nanny::supervise(child_commands(args, &address), args.token.as_deref(), args.memory_limit);
+        // The token and the TLS files reach the worker processes through their environment,
+        // not their command line (which other users can read).
+        let mut env: Vec<(&'static str, std::ffi::OsString)> = Vec::new();
+        if let Some(t) = &args.token {
+            env.push((rask_protocol::handshake::TOKEN_ENV, t.into()));
+        }
+        for (name, path) in tls.iter().flat_map(rask_protocol::tls::TlsFiles::env) {
+            env.push((name, path.into()));
+        }
+        return crate::nanny::supervise(child_commands(args, &address), env, args.memory_limit);
     }
     if let Some(t) = &args.token {
         rask_protocol::handshake::set_process_token(rask_protocol::handshake::Token::new(t));

@@ -8,6 +8,7 @@ mod bench_dist;
 mod cluster;
 mod nanny;
 mod run;
+mod security;
 
 use std::process::ExitCode;
 
@@ -35,10 +36,13 @@ enum Command {
     Graph(run::GraphArgs),
     /// Benchmarks, side by side with Dask.
     Bench(bench::BenchArgs),
-    /// Start a scheduler; prints its address (tcp://HOST:PORT) on standard output.
+    /// Start a scheduler; prints its address (tcp://HOST:PORT, or tls:// with TLS) on standard
+    /// output.
     Scheduler(cluster::SchedulerArgs),
     /// Start workers connected to a scheduler.
     Worker(cluster::WorkerArgs),
+    /// Write a development TLS certificate set (a CA and a node certificate) to a directory.
+    DevCerts(security::DevCertsArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,5 +55,6 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::bench(&args),
         Command::Scheduler(args) => cluster::scheduler(&args),
         Command::Worker(args) => cluster::worker(&args),
+        Command::DevCerts(args) => security::dev_certs(&args),
     }
 }

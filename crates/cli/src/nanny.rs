@@ -63,8 +63,8 @@ fn signal_name(sig: i32) -> &'static str {
 struct Supervised {
     name: String,
     args: Vec<String>,
-    /// The cluster token, passed in the environment.
-    token: Option<String>,
+    /// Settings passed in the environment (the token, TLS files).
+    env: Vec<(&'static str, std::ffi::OsString)>,
     /// The worker's memory limit: above 95% of it, the process is restarted.
     memory_limit: Option<u64>,
     /// Set when this supervisor killed the process for memory (its resident bytes).
@@ -107,9 +107,7 @@ impl Supervised {
             Some(why) => cmd.env(RESTARTED_AFTER_ENV, why),
             None => cmd.env_remove(RESTARTED_AFTER_ENV),
         };
-        if let Some(t) = &self.token {
-            cmd.env(rask_protocol::handshake::TOKEN_ENV, t);
-        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         match cmd.spawn() {
             Ok(c) => {
                 self.child = Some(c);
@@ -180,7 +178,7 @@ impl Supervised {
 /// `rask worker ... --no-nanny` command) until all have stopped; forwards SIGINT/SIGTERM.
 pub(crate) fn supervise(
     children: Vec<(String, Vec<String>)>,
-    token: Option<&str>,
+    env: Vec<(&'static str, std::ffi::OsString)>,
     memory_limit: Option<u64>,
 ) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -195,7 +193,7 @@ pub(crate) fn supervise(
         .map(|(name, args)| Supervised {
             name,
             args,
-            token: token.map(str::to_owned),
+            env: env.clone(),
             memory_limit,
             killed_for_memory: None,
             child: None,

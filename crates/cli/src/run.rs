@@ -24,13 +24,16 @@ pub(crate) struct RunArgs {
     /// Print exactly one JSON object mapping each output key to its value.
     #[arg(long)]
     json: bool,
-    /// Run on this cluster (tcp://HOST:PORT) instead of an embedded one.
+    /// Run on this cluster (tcp://HOST:PORT or tls://HOST:PORT) instead of an embedded one.
     #[arg(long, value_name = "ADDRESS")]
     scheduler: Option<String>,
     /// The cluster's shared token (else the `RASK_TOKEN` environment variable), with
     /// `--scheduler`.
     #[arg(long, value_name = "TOKEN", requires = "scheduler", value_parser = token_arg)]
     token: Option<String>,
+    /// TLS for `--scheduler` (all three flags, or the `RASK_TLS_*` variables).
+    #[command(flatten)]
+    tls: crate::security::TlsArgs,
     /// Workers of the embedded cluster (named local-0, local-1, ...).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     workers: u32,
@@ -148,7 +151,14 @@ pub(crate) fn run(args: &RunArgs) -> ExitCode {
         rask_protocol::handshake::set_process_token(rask_protocol::handshake::Token::new(t));
     }
     if let Some(addr) = &args.scheduler {
+        if let Err(code) = args.tls.apply("rask") {
+            return code;
+        }
         return run_on_cluster(addr, &w, args.json);
+    }
+    if args.tls.given() {
+        eprintln!("rask: --tls-cert, --tls-key and --tls-ca are for a cluster: give --scheduler too");
+        return ExitCode::from(2);
     }
     let mut cfg =
         LocalConfig { workers: args.workers as usize, resources: args.resources.clone(), ..LocalConfig::default() };

@@ -436,6 +436,99 @@ fn token_protected_cluster_refuses_peers_without_the_token_and_keeps_serving() {
     assert_eq!(text(&o.stdout), text(&local.stdout));
 }
 
+/// The `--tls-*` flags for a certificate set written by `rask dev-certs`.
+fn tls_flags(certs: &Path) -> Vec<String> {
+    let f = |n: &str| certs.join(n).to_string_lossy().into_owned();
+    ["--tls-ca".into(), f("ca.pem"), "--tls-cert".into(), f("node.pem"), "--tls-key".into(), f("node-key.pem")].into()
+}
+
+#[test]
+fn tls_cluster_computes_identically_and_refuses_plaintext_and_foreign_peers_on_both_ends() {
+    let dir = scratch("tls");
+    let (certs, foreign) = (dir.join("certs"), dir.join("foreign"));
+    for d in [&certs, &foreign] {
+        let o = rask(&["dev-certs", &d.to_string_lossy()]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    }
+    let o = rask(&["dev-certs", &certs.to_string_lossy()]);
+    assert_eq!(o.status.code(), Some(1), "dev-certs must not overwrite a certificate set");
+    assert!(text(&o.stderr).contains("already exists"), "{}", text(&o.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(certs.join("node-key.pem")).expect("key").permissions().mode();
+    assert_eq!(mode & 0o077, 0, "private keys are for their owner only: {mode:o}");
+
+    let flags = tls_flags(&certs);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let log = dir.join("scheduler.log");
+    let mut scheduler = Command::new(RASK)
+        .args(["scheduler", "--port", "0"])
+        .args(&flags)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start scheduler");
+    let mut line = String::new();
+    BufReader::new(scheduler.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
+    let address = line.trim().to_owned();
+    assert!(address.starts_with("tls://127.0.0.1:"), "a TLS scheduler says so in its address: {address:?}");
+    let mut cluster = Cluster { address: address.clone(), scheduler, workers: Vec::new(), env: Vec::new() };
+    // One worker in-process, one under its supervisor (which hands the TLS files down).
+    cluster.worker(&["--name", "w0", "--nthreads", "1"], &flags);
+    cluster.spawn_worker(&[], &["--name", "w1", "--nthreads", "1"], &flags);
+    let pipeline = example("pipeline.json");
+    let run = |extra: &[&str], at: &str| {
+        let mut a = vec!["run", pipeline.as_str(), "--json", "--scheduler", at];
+        a.extend_from_slice(extra);
+        rask(&a)
+    };
+    let local = rask(&["run", &pipeline, "--json"]);
+    let o = run(&flags, &address);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), text(&local.stdout), "over TLS, byte for byte the embedded run");
+
+    // A plaintext client is told TLS is required, whatever scheme it dials.
+    let plain_address = address.replace("tls://", "tcp://");
+    let o = run(&[], &plain_address);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(text(&o.stderr).contains("this cluster requires TLS"), "{}", text(&o.stderr));
+    let o = run(&[], &address);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(text(&o.stderr).contains("no TLS configured"), "{}", text(&o.stderr));
+    // A client of another cluster (another CA) is refused; so is a plaintext worker.
+    let other = tls_flags(&foreign);
+    let other: Vec<&str> = other.iter().map(String::as_str).collect();
+    let o = run(&other, &address);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(text(&o.stderr).contains("not signed by this process's CA"), "{}", text(&o.stderr));
+    let o = rask(&["worker", &plain_address, "--no-nanny", "--reconnect-timeout", "1"]);
+    assert_eq!(o.status.code(), Some(1), "a plaintext worker cannot join");
+    assert!(text(&o.stderr).contains("requires TLS"), "{}", text(&o.stderr));
+    // Garbage that looks like TLS, then the real thing.
+    let host_port = address.trim_start_matches("tls://").to_owned();
+    let mut g = std::net::TcpStream::connect(&host_port).expect("connect");
+    let _ = g.write_all(b"\x16\x03\x01\x00\x05hello\xff\xff");
+    drop(g);
+    let o = run(&flags, &address);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), text(&local.stdout));
+
+    // A TLS client at a plaintext scheduler learns that the peer does not speak TLS.
+    let plain = Cluster::with_workers(1, &[]);
+    let o = run(&flags, &plain.address);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(text(&o.stderr).contains("not running with TLS"), "{}", text(&o.stderr));
+    let o = run(&[], &plain.address);
+    assert_eq!(o.status.code(), Some(0), "the plaintext cluster keeps serving: {}", text(&o.stderr));
+
+    // The scheduler's side of each refusal.
+    let log = std::fs::read_to_string(&log).expect("scheduler log");
+    assert!(log.contains("plaintext connection refused: the scheduler requires TLS"), "{log}");
+    assert!(log.contains("rejected this process's certificate"), "{log}");
+    assert!(log.contains("TLS handshake failed"), "{log}");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn sigterm_retires_a_worker_after_its_results_move_so_nothing_is_recomputed() {
     let dir = scratch("retire");

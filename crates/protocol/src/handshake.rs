@@ -320,6 +320,19 @@ pub async fn accept_with<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(hello.role)
 }
 
+/// Answers a plaintext peer with a refusal (TLS is required here). Its hello is read first, so
+/// closing does not reset the connection before the peer has read the reason.
+pub(crate) async fn refuse_plaintext<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, reason: &str) {
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, recv(s)).await;
+    send_refusal(s, reason).await;
+}
+
+/// Sends a refusal and closes the writing side (best effort: the connection is being dropped).
+pub(crate) async fn send_refusal<W: AsyncWrite + Unpin>(w: &mut W, reason: &str) {
+    let _ = send(w, 2, reason.as_bytes()).await;
+    let _ = w.shutdown().await;
+}
+
 /// Accepting side: completes a handshake accepted with [`accept`].
 ///
 /// # Errors

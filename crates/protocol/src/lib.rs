@@ -7,6 +7,8 @@
 //! - **Handshake** ([`handshake`]): the first frame each way carries a magic number, the
 //!   protocol version and the build id *before* anything version-dependent, so a mismatched peer
 //!   is refused with a message naming both versions instead of a decoding error.
+//! - **Transport** ([`tls`]): plain TCP, or mutual TLS against the cluster CA, chosen per
+//!   process; mixed setups are refused with a message on both ends.
 //! - **Messages** ([`msg`]): plain serde enums (no `untagged`, no `flatten`), one per direction.
 //! - **Values** ([`wire`]): [`rask_graph::Value`] and task specs converted at this boundary;
 //!   core crates never see wire types.
@@ -14,6 +16,7 @@
 pub mod frame;
 pub mod handshake;
 pub mod msg;
+pub mod tls;
 pub mod wire;
 
 /// Version of the message formats below; bumped on any incompatible change.
@@ -60,18 +63,23 @@ pub enum ProtocolError {
     /// The peer is not a rask process of a compatible version, or refused us.
     #[error("{0}")]
     Refused(String),
-    /// An address is not of the form `tcp://HOST:PORT`.
-    #[error("invalid address {0:?}: expected tcp://HOST:PORT")]
+    /// An address is not of the form `tcp://HOST:PORT` or `tls://HOST:PORT`.
+    #[error("invalid address {0:?}: expected tcp://HOST:PORT or tls://HOST:PORT")]
     BadAddress(String),
+    /// TLS is misconfigured, or the TLS handshake with a peer failed.
+    #[error("{0}")]
+    Tls(String),
 }
 
-/// Parses `tcp://HOST:PORT` (or a bare `HOST:PORT`) into the `HOST:PORT` part.
+/// Parses `tcp://HOST:PORT`, `tls://HOST:PORT` or a bare `HOST:PORT` into the `HOST:PORT` part.
+/// (Whether a connection uses TLS is this process's setting, see [`tls`]; the `tls` scheme only
+/// tells users, and is refused when this process has no TLS.)
 ///
 /// # Errors
 /// For other schemes or a missing port.
 pub fn parse_address(addr: &str) -> Result<&str, ProtocolError> {
     let rest = match addr.split_once("://") {
-        Some(("tcp", rest)) => rest,
+        Some(("tcp" | "tls", rest)) => rest,
         Some(_) => return Err(ProtocolError::BadAddress(addr.to_owned())),
         None => addr,
     };
@@ -89,7 +97,8 @@ mod tests {
     fn addresses_parse_with_and_without_scheme() {
         assert_eq!(parse_address("tcp://127.0.0.1:8786").expect("valid"), "127.0.0.1:8786");
         assert_eq!(parse_address("localhost:1").expect("valid"), "localhost:1");
-        assert!(parse_address("tls://a:1").is_err());
+        assert_eq!(parse_address("tls://a:1").expect("valid"), "a:1");
+        assert!(parse_address("udp://a:1").is_err());
         assert!(parse_address("tcp://a").is_err());
         assert!(parse_address("tcp://:80").is_err());
     }

@@ -234,7 +234,9 @@ impl<'a> From<&'a RemoteFuture> for CallArg<'a> {
 }
 
 impl Client {
-    /// Connects to the scheduler at `address` (`tcp://HOST:PORT`).
+    /// Connects to the scheduler at `address` (`tcp://HOST:PORT` or `tls://HOST:PORT`), over TLS
+    /// when this process has it ([`rask_protocol::tls::set_process_tls`] or the `RASK_TLS_*`
+    /// variables).
     ///
     /// # Errors
     /// When the scheduler cannot be reached or refuses the connection (e.g. version mismatch).

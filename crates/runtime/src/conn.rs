@@ -4,14 +4,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use rask_protocol::ProtocolError;
 use rask_protocol::frame::{Frame, read_frame, write_frame};
 use rask_protocol::handshake::{self, Role, Welcome};
-use rask_protocol::{ProtocolError, parse_address};
+use rask_protocol::tls::{ReadHalf, Stream, WriteHalf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::BufWriter;
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
 /// What the writer task receives: a message with its blobs, or a request to report once
@@ -37,7 +36,7 @@ impl<M> Clone for Outbox<M> {
 
 impl<M: Serialize + Send + Sync + 'static> Outbox<M> {
     /// Starts the writer task for `w`. It ends when every `Outbox` is dropped or a write fails.
-    pub(crate) fn spawn(w: OwnedWriteHalf) -> Self {
+    pub(crate) fn spawn(w: WriteHalf) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(BufWriter::with_capacity(64 * 1024, w), rx));
         Outbox { tx }
@@ -68,7 +67,7 @@ impl<M: Serialize + Send + Sync + 'static> Outbox<M> {
 /// Most messages per frame; larger batches are split.
 const MAX_BATCH: usize = 4096;
 
-async fn write_loop<M: Serialize>(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc::UnboundedReceiver<Item<M>>) {
+async fn write_loop<M: Serialize>(mut w: BufWriter<WriteHalf>, mut rx: mpsc::UnboundedReceiver<Item<M>>) {
     use tokio::io::AsyncWriteExt;
     let mut batch: Vec<M> = Vec::new();
     let mut waiting: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
@@ -110,7 +109,7 @@ async fn write_loop<M: Serialize>(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc
     let _ = w.shutdown().await;
 }
 
-async fn flush_batch<M: Serialize>(w: &mut BufWriter<OwnedWriteHalf>, batch: &mut Vec<M>) -> bool {
+async fn flush_batch<M: Serialize>(w: &mut BufWriter<WriteHalf>, batch: &mut Vec<M>) -> bool {
     if batch.is_empty() {
         return true;
     }
@@ -121,7 +120,7 @@ async fn flush_batch<M: Serialize>(w: &mut BufWriter<OwnedWriteHalf>, batch: &mu
 
 /// Reads frames until the connection closes or sends garbage.
 pub(crate) async fn read_loop<M: DeserializeOwned>(
-    mut r: OwnedReadHalf,
+    mut r: ReadHalf,
     mut on_frame: impl FnMut(Frame<M>) -> bool,
 ) -> Result<(), ProtocolError> {
     while let Some(frame) = read_frame::<_, M>(&mut r).await? {
@@ -132,12 +131,11 @@ pub(crate) async fn read_loop<M: DeserializeOwned>(
     Ok(())
 }
 
-/// Dials `address` and performs the handshake as `role`.
-pub(crate) async fn dial(address: &str, role: &Role) -> Result<(TcpStream, Welcome), ProtocolError> {
-    let host_port = parse_address(address)?;
-    let mut stream = TcpStream::connect(host_port).await?;
-    stream.set_nodelay(true)?;
-    let welcome = handshake::connect(&mut stream, role).await?;
+/// Dials `address` (over TLS when this process has it) and performs the handshake as `role`.
+pub(crate) async fn dial(address: &str, role: &Role) -> Result<(Stream, Welcome), ProtocolError> {
+    let mut stream = rask_protocol::tls::connect(address).await?;
+    let welcome =
+        handshake::connect(&mut stream, role).await.map_err(|e| rask_protocol::tls::explain_failure(address, e))?;
     Ok((stream, welcome))
 }
 
@@ -153,7 +151,7 @@ pub(crate) struct PeerPool {
 pub(crate) type Fetched = Result<Option<rask_graph::Value>, String>;
 
 /// One cached connection to a peer (`None` until first used or after a failure).
-type PeerSlot = Arc<tokio::sync::Mutex<Option<TcpStream>>>;
+type PeerSlot = Arc<tokio::sync::Mutex<Option<Stream>>>;
 
 impl PeerPool {
     /// One request/response exchange with the worker at `address` over its pooled connection.

@@ -22,6 +22,13 @@ pub use local_cluster::{
 pub use scheduler::{SchedulerConfig, SchedulerHandle, start_scheduler};
 pub use worker::{WorkerConfig, WorkerExit, run_worker};
 
+/// Securing a cluster from a program: every connection this process makes or accepts uses the
+/// token and TLS set here (the `rask` commands' `--token` and `--tls-*` flags do the same).
+pub mod security {
+    pub use rask_protocol::handshake::{Token, set_process_token};
+    pub use rask_protocol::tls::{Tls, TlsFiles, set_process_tls};
+}
+
 /// Errors of the scheduler and worker processes.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

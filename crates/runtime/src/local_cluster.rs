@@ -158,8 +158,13 @@ impl LocalCluster {
         };
         let resources = cfg.resources.iter().map(|(n, a)| format!("{n}={a}")).collect::<Vec<_>>().join(",");
         let mut cluster = LocalCluster { address, rt, scheduler: Some(handle), workers: Vec::new() };
+        // The workers use this process's TLS files (the scheduler here already does).
+        let tls = rask_protocol::tls::process_tls().map_err(|e| LocalClusterError::Scheduler(e.to_string()))?;
+        let tls_env: Vec<(&str, std::path::PathBuf)> =
+            tls.iter().flat_map(|t| t.files().env()).map(|(k, v)| (k, v.to_path_buf())).collect();
         for i in 0..cfg.n_workers {
             let child = Command::new(&program)
+                .envs(tls_env.iter().map(|(k, v)| (k, v)))
                 .env(ENV_SCHEDULER, &cluster.address)
                 .env(ENV_NAME, format!("local-{i}"))
                 .env(ENV_NTHREADS, cfg.threads_per_worker.to_string())

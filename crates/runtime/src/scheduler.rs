@@ -115,7 +115,7 @@ pub async fn start_scheduler(cfg: SchedulerConfig) -> Result<SchedulerHandle, Ru
         .await
         .map_err(|e| RuntimeError::Bind(format!("{}:{}", cfg.host, cfg.port), e.to_string()))?;
     let local = listener.local_addr().map_err(|e| RuntimeError::Bind(cfg.host.clone(), e.to_string()))?;
-    let address = format!("tcp://{local}");
+    let address = format!("{}://{local}", rask_protocol::tls::scheme()?);
     let (in_tx, in_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();
@@ -152,11 +152,11 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::UnboundedSender<Inbound>, 
 }
 
 async fn serve(
-    mut stream: TcpStream,
+    stream: TcpStream,
     tx: &mpsc::UnboundedSender<Inbound>,
     next_id: &AtomicU32,
 ) -> Result<(), RuntimeError> {
-    stream.set_nodelay(true).map_err(rask_protocol::ProtocolError::from)?;
+    let mut stream = rask_protocol::tls::accept(stream, "the scheduler").await?;
     let role = handshake::accept(&mut stream, "the scheduler").await?;
     if role == Role::Peer {
         handshake::refuse(&mut stream, "this is a scheduler, not a worker's data port").await?;

@@ -348,7 +348,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
         .await
         .map_err(|e| RuntimeError::Bind(format!("{}:0", cfg.host), e.to_string()))?;
     let local = listener.local_addr().map_err(|e| RuntimeError::Bind(cfg.host.clone(), e.to_string()))?;
-    let data_address = format!("tcp://{local}");
+    let data_address = format!("{}://{local}", rask_protocol::tls::scheme()?);
     remove_stale_spill_dirs();
     let store: Store = Arc::new(Mutex::new(DataStore::new(&cfg.name, cfg.memory_limit)));
     let server = tokio::spawn(data_server(listener, Arc::clone(&store)));
@@ -880,8 +880,8 @@ async fn data_server(listener: TcpListener, store: Store) {
     }
 }
 
-async fn serve_peer(mut stream: TcpStream, store: &Store) -> Result<(), RuntimeError> {
-    stream.set_nodelay(true).map_err(rask_protocol::ProtocolError::from)?;
+async fn serve_peer(stream: TcpStream, store: &Store) -> Result<(), RuntimeError> {
+    let mut stream = rask_protocol::tls::accept(stream, "a worker's data port").await?;
     let role = handshake::accept(&mut stream, "a worker's data port").await?;
     if role != Role::Peer {
         handshake::refuse(&mut stream, "this is a worker's data port, not a scheduler").await?;
