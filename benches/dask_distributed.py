@@ -33,13 +33,25 @@ WORKLOAD:
                  submit(len, piece, workers=[B], allow_other_workers=False),
                  then gather the lengths, so every piece crosses A -> B.
                  N/64 tasks; "bytes" is the total moved.
+    spill N      N MiB in 64 MiB pieces through ONE worker with memory_limit N/4 MiB
+                 (the cluster is LocalCluster(n_workers=1, memory_limit=...)), so
+                 most pieces go to its spill files. Timed: submit the N/64 pieces
+                 (each the byte pattern 0..255 repeated, as rask's "bytes" op
+                 makes), wait, then gather them one at a time (one gather of
+                 all of them unspills everything at once, which gets the worker
+                 killed for memory at this limit). "bytes" is the total gathered;
+                 "spill" reports the worker's disk-write/disk-read bytes and
+                 seconds from its metric digests, and "restarts": how often the
+                 nanny restarted the worker for exceeding 95% of its limit
+                 (counted from the nanny's log records, in this process).
 
 Exactly one JSON line goes to stdout:
 
-    {"workload", "n", "tasks", "secs", "bytes", "base_secs", "dask_version",
-     "distributed_version"}
+    {"workload", "n", "tasks", "secs", "bytes", "base_secs", "spill",
+     "dask_version", "distributed_version"}
 
-("bytes" is 0 except for transfer, "base_secs" except for workerloss.) To keep stdout clean, file descriptor 1 is
+("bytes" is 0 except for transfer and spill, "base_secs" except for
+workerloss, "spill" is null except for spill.) To keep stdout clean, file descriptor 1 is
 pointed at stderr for the whole run (the cluster, its worker processes and any
 library output inherit that), and the JSON line is written to a saved copy of
 the original stdout. Errors go to stderr and the exit status is non-zero.
@@ -49,6 +61,7 @@ SystemExit, so the worker processes are shut down however the script exits
 """
 
 import json
+import logging
 import operator
 import os
 import signal
@@ -73,6 +86,12 @@ def inc(x):
 def slow(i):
     time.sleep(0.02)
     return i
+
+
+def pattern_piece(i, size):
+    """`size` bytes of the pattern seed, seed+1, ... repeating every 256 bytes."""
+    period = bytes((i + j) % 256 for j in range(256))
+    return period * (size // 256) + period[: size % 256]
 
 
 def make_piece(i, size):
@@ -194,7 +213,56 @@ def run_workerloss(client, n):
     return n + 1, secs, 0, base
 
 
+def spill_io(dask_worker):
+    """The worker's cumulative spill traffic, from its metric digests (keys are
+    tuples ending in ("disk-write" | "disk-read", "bytes" | "seconds"))."""
+    out = {"write_bytes": 0.0, "write_secs": 0.0, "read_bytes": 0.0, "read_secs": 0.0}
+    for key, value in dask_worker.digests_total.items():
+        if not isinstance(key, tuple) or len(key) < 2:
+            continue
+        for activity, side in (("disk-write", "write"), ("disk-read", "read")):
+            if key[-2] == activity and key[-1] in ("bytes", "seconds"):
+                out[f"{side}_{'bytes' if key[-1] == 'bytes' else 'secs'}"] += value
+    return out
+
+
+class RestartCounter(logging.Handler):
+    """Counts the nanny's "exceeded 95% memory budget. Restarting" records."""
+
+    def __init__(self):
+        super().__init__()
+        self.restarts = 0
+
+    def emit(self, record):
+        if "memory budget" in record.getMessage():
+            self.restarts += 1
+
+
+RESTARTS = RestartCounter()
+
+
+def run_spill(client, mib):
+    from distributed import wait
+
+    if mib % PIECE_MIB:
+        raise SystemExit(f"spill N is MiB and must be a multiple of {PIECE_MIB}, got {mib}")
+    count = mib // PIECE_MIB
+
+    def measured():
+        pieces = [client.submit(pattern_piece, i, PIECE_BYTES, pure=False) for i in range(count)]
+        wait(pieces, timeout=300)
+        return [len(client.gather(p)) for p in pieces]
+
+    got, secs = timed(measured)
+    moved = sum(got)
+    check(moved == count * PIECE_BYTES, f"spill gathered {moved} bytes")
+    (io,) = client.run(spill_io).values()
+    io["restarts"] = RESTARTS.restarts
+    return count, secs, moved, 0.0, io
+
+
 WORKLOADS = {
+    "spill": run_spill,
     "workerloss": run_workerloss,
     "merge": run_merge,
     "tree": run_tree,
@@ -232,12 +300,16 @@ def main(argv):
     import distributed
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        client.wait_for_workers(2)
+    workers, limit = (1, f"{n // 4}MiB") if workload == "spill" else (2, "auto")
+    logging.getLogger("distributed.nanny.memory").addHandler(RESTARTS)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      memory_limit=limit, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(workers)
         check(client.submit(one).result() == 1, "warm-up")
         tasks, secs, moved, *rest = WORKLOADS[workload](client, n)
         base = rest[0] if rest else 0.0
+        spill = rest[1] if len(rest) > 1 else None
 
     json_out.write(json.dumps({
         "workload": workload,
@@ -246,6 +318,7 @@ def main(argv):
         "secs": secs,
         "bytes": moved,
         "base_secs": base,
+        "spill": spill,
         "dask_version": dask.__version__,
         "distributed_version": distributed.__version__,
     }) + "\n")

@@ -38,6 +38,20 @@ struct DaskSample {
     /// The undisturbed run of the worker-loss workload.
     #[serde(default)]
     base_secs: f64,
+    /// The spill workload's disk traffic.
+    #[serde(default)]
+    spill: Option<DaskSpill>,
+}
+
+/// What Dask's worker reported spilling (its metric digests), and how often its nanny
+/// restarted it for memory.
+#[derive(serde::Deserialize)]
+struct DaskSpill {
+    write_bytes: f64,
+    write_secs: f64,
+    read_bytes: f64,
+    read_secs: f64,
+    restarts: u64,
 }
 
 /// A scheduler and workers started from this binary; killed on drop.
@@ -286,7 +300,7 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
         );
     }
     if want("spill") {
-        spill(&exe, if a.common.quick { 256 } else { 1024 })?;
+        spill(&exe, if a.common.quick { 256 } else { 1024 }, &dask)?;
     }
     if want("loss") {
         let n = if a.common.quick { 50 } else { 200 };
@@ -322,9 +336,10 @@ fn map_gather(cluster: &BenchCluster, client: &BlockingClient, map_n: u64, failu
 }
 
 /// `mib` MiB of results in 64 MiB pieces through one worker limited to a quarter of that:
-/// most go to its spill files and are read back by a gather. Prints the spill throughput the
-/// worker measured next to `dd` writing and reading the same amount in the same directory.
-fn spill(exe: &std::path::Path, mib: u64) -> Result<(), String> {
+/// most go to its spill files and are read back by gathering the pieces one by one. Prints the
+/// time and the spill throughput the worker measured, next to `dd` writing and reading the same
+/// amount in the same directory and Dask doing the same scenario.
+fn spill(exe: &std::path::Path, mib: u64, dask: &DaskRun<'_>) -> Result<(), String> {
     let limit = format!("{}MiB", mib / 4);
     let cluster = BenchCluster::start_with(exe, 1, &["--no-nanny", "--memory-limit", &limit])?;
     let client = cluster.client()?;
@@ -337,16 +352,18 @@ fn spill(exe: &std::path::Path, mib: u64) -> Result<(), String> {
         ));
     }
     let g = b.build().map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
     let pieces = client.submit_graph(&g, &g.sinks());
     client.wait(&pieces, Some(Duration::from_secs(300))).map_err(|e| e.to_string())?;
-    let back = client.gather(&pieces);
-    let total: u64 = back
+    // One at a time, as the Dask side must (see the script).
+    let total: u64 = pieces
         .iter()
-        .map(|v| match v {
-            Ok(Value::Bytes(b)) => b.len() as u64,
+        .map(|p| match client.gather(std::slice::from_ref(p)).first() {
+            Some(Ok(Value::Bytes(b))) => b.len() as u64,
             _ => 0,
         })
         .sum();
+    let secs = t0.elapsed().as_secs_f64();
     if total != mib << 20 {
         return Err(format!("spill: got {total} bytes back, expected {}", mib << 20));
     }
@@ -359,8 +376,26 @@ fn spill(exe: &std::path::Path, mib: u64) -> Result<(), String> {
         || "dd not available".to_owned(),
         |(wr, rd)| format!("dd in the same directory: write {wr:.2} GB/s, read {rd:.2} GB/s"),
     );
+    let killed = client.departed_workers().map_err(|e| e.to_string())?.len();
+    let dask_txt = match dask("spill", mib) {
+        Some(Ok(d)) => match d.spill {
+            Some(s) => format!(
+                "Dask {:.2} s ({:.1}× rask's time), its worker restarted {} times for memory, wrote {} MiB at {:.2} GB/s, read {} MiB at {:.2} GB/s",
+                d.secs,
+                d.secs / secs,
+                s.restarts,
+                (s.write_bytes as u64) >> 20,
+                s.write_bytes / s.write_secs.max(1e-9) / 1e9,
+                (s.read_bytes as u64) >> 20,
+                s.read_bytes / s.read_secs.max(1e-9) / 1e9,
+            ),
+            None => "Dask reported no spill figures".into(),
+        },
+        Some(Err(e)) => format!("Dask failed: {e}"),
+        None => "Dask skipped".into(),
+    };
     println!(
-        "spill: {mib} MiB through a worker limited to {limit}: wrote {} MiB to disk at {:.2} GB/s, read back {} MiB at {:.2} GB/s (encoding included); {dd}",
+        "spill: {mib} MiB through a worker limited to {limit}, gathered piece by piece: rask {secs:.2} s, worker lost {killed} times; wrote {} MiB to disk at {:.2} GB/s, read back {} MiB at {:.2} GB/s (encoding included); {dd}; {dask_txt}",
         w.bytes_written >> 20,
         gbs(w.bytes_written, w.write_time),
         w.bytes_read >> 20,
