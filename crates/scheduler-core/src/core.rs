@@ -477,6 +477,9 @@ struct Worker {
     last_heard_us: u64,
     /// Leaving gracefully: no new work; its unique results are being copied elsewhere.
     retiring: bool,
+    /// While retiring: the tasks whose results it holds (found once when it starts retiring,
+    /// plus those it finishes since), so each event checks these rather than every task.
+    holds: Vec<Tid>,
     /// Paused for memory: no new work until it resumes.
     paused: bool,
 }
@@ -681,6 +684,7 @@ impl<P: Clone> Core<P> {
                         avg_duration_us: 0.0,
                         last_heard_us: self.now_us,
                         retiring: false,
+                        holds: Vec::new(),
                         paused: false,
                     },
                 );
@@ -693,8 +697,15 @@ impl<P: Clone> Core<P> {
             }
             Event::WorkerDisconnected { worker, cause } => self.remove_worker(worker, cause),
             Event::WorkerRetiring { worker } => {
+                let holds: Vec<Tid> = self
+                    .live_ids()
+                    .filter(|t| matches!(&self.task(*t).state, State::Memory { who_has } if who_has.contains(&worker)))
+                    .collect();
                 if let Some(w) = self.workers.get_mut(&worker) {
-                    w.retiring = true;
+                    if !w.retiring {
+                        w.retiring = true;
+                        w.holds = holds;
+                    }
                 }
             }
             Event::DataAcquired { worker, key, nbytes } => self.acquired(worker, &key, nbytes),
@@ -765,11 +776,19 @@ impl<P: Clone> Core<P> {
     fn advance_retirements(&mut self) {
         let retiring: Vec<WorkerId> = self.workers.iter().filter(|(_, w)| w.retiring).map(|(id, _)| *id).collect();
         for wid in retiring {
-            let unique: Vec<Tid> = self
-                .live_ids()
+            let mut holds = self.workers.get_mut(&wid).map(|w| std::mem::take(&mut w.holds)).unwrap_or_default();
+            holds.retain(|t| {
+                self.exists(*t) && matches!(&self.task(*t).state, State::Memory { who_has } if who_has.contains(&wid))
+            });
+            let unique: Vec<Tid> = holds
+                .iter()
+                .copied()
                 .filter(|t| matches!(&self.task(*t).state, State::Memory { who_has } if who_has == &[wid]))
                 .filter(|t| self.needed(*t) && !self.unmovable.contains(t))
                 .collect();
+            if let Some(w) = self.workers.get_mut(&wid) {
+                w.holds = holds;
+            }
             let target = self
                 .workers
                 .iter()
@@ -811,6 +830,7 @@ impl<P: Clone> Core<P> {
                         who_has.push(wid);
                     }
                 }
+                self.note_held(wid, t);
             }
             // Not needed any more: the copy is garbage.
             _ => self.out.push(Command::Free { worker: wid, keys: vec![key.clone()] }),
@@ -818,6 +838,15 @@ impl<P: Clone> Core<P> {
     }
 
     // ----- small helpers -------------------------------------------------------------------
+
+    /// A retiring worker now holds `t`'s result (see [`Worker::holds`]).
+    fn note_held(&mut self, wid: WorkerId, t: Tid) {
+        if let Some(w) = self.workers.get_mut(&wid) {
+            if w.retiring {
+                w.holds.push(t);
+            }
+        }
+    }
 
     /// A copy of `t`'s dependents (or dependencies) in a recycled buffer; give it back with
     /// [`Self::recycle`].
@@ -1414,6 +1443,9 @@ impl<P: Clone> Core<P> {
             if !self.task(t).wanted_by.contains(&client) {
                 self.task_mut(t).wanted_by.push(client);
             }
+            for h in &holders {
+                self.note_held(*h, t);
+            }
             match &mut self.task_mut(t).state {
                 State::Memory { who_has } => {
                     for h in holders {
@@ -1481,6 +1513,7 @@ impl<P: Clone> Core<P> {
                                 who_has.push(wid);
                             }
                         }
+                        self.note_held(wid, t);
                     }
                     _ => self.out.push(Command::Free { worker: wid, keys: vec![key.clone()] }),
                 }
@@ -1489,6 +1522,7 @@ impl<P: Clone> Core<P> {
         };
         self.task_mut(t).nbytes = nbytes;
         self.set_finished(t, State::Memory { who_has: vec![wid] });
+        self.note_held(wid, t);
         self.notify_wanters(t);
         let dependents = self.neighbours(t, true);
         for &d in &dependents {
@@ -1903,6 +1937,12 @@ impl<P: Clone> Core<P> {
                 State::Memory { who_has } => {
                     if who_has.is_empty() || who_has.iter().any(|w| !self.workers.contains_key(w)) {
                         return fail(format!("{k}: in memory on no or unknown workers"));
+                    }
+                    let untracked = who_has
+                        .iter()
+                        .find(|w| self.workers.get(w).is_some_and(|w| w.retiring && !w.holds.contains(&t)));
+                    if let Some(w) = untracked {
+                        return fail(format!("{k}: held by retiring worker {w:?} without being in its list"));
                     }
                 }
                 State::Released | State::Erred(_) => {}
