@@ -52,8 +52,13 @@ pub struct WorkerConfig {
     pub nthreads: usize,
     /// Resources advertised.
     pub resources: Vec<(String, f64)>,
-    /// Memory limit in bytes (reported; enforced by the memory manager when it lands).
+    /// Memory limit in bytes: results are spilled and the worker paused to stay under it (see
+    /// the memory policy).
     pub memory_limit: Option<u64>,
+    /// Workers sharing this process (at least 1). Process memory is theirs together, so each
+    /// compares its share of it (resident bytes divided by this) with its limit: the process as
+    /// a whole is held to the sum of their limits.
+    pub workers_in_process: usize,
     /// Interface for the data port.
     pub host: String,
     /// The functions tasks may call.
@@ -86,6 +91,8 @@ pub(crate) struct DataStore {
     policy: SpillPolicy,
     /// Where spilled results go (created at the first spill).
     dir: PathBuf,
+    /// The file of each spilled result, and of each result read back since (kept until the
+    /// result is freed or replaced, so that spilling it again writes nothing).
     files: FxHashMap<Key, PathBuf>,
     next_file: u64,
     name: String,
@@ -141,6 +148,11 @@ impl DataStore {
     fn spill(&mut self, keys: Vec<Key>) {
         for k in keys {
             let Some(v) = self.mem.remove(&k) else { continue };
+            if self.files.contains_key(&k) {
+                // Read back earlier and unchanged since (values are immutable): its file is
+                // still there, so spilling it again costs no write.
+                continue;
+            }
             match self.write(&v) {
                 Ok(path) => {
                     self.files.insert(k, path);
@@ -200,14 +212,18 @@ impl DataStore {
             .map_err(|e| e.to_string())
             .and_then(|b| rask_protocol::wire::value_from_bytes(Bytes::from(b)).map_err(|e| e.to_string()));
         self.io.read_time += start.elapsed();
-        self.drop_file(key);
         self.policy.unspilled(key);
         match read {
             Ok(v) => {
-                self.insert(key.clone(), v.clone());
+                // Back in memory, its file kept: should it be spilled again, nothing needs
+                // writing (see `spill`).
+                self.mem.insert(key.clone(), v.clone());
+                let out = self.policy.stored(key, v.nbytes() as u64);
+                self.spill(out);
                 Some(v)
             }
             Err(e) => {
+                self.drop_file(key);
                 eprintln!("rask worker {}: spilled {key} is unreadable ({e}); it counts as lost", self.name);
                 None
             }
@@ -407,6 +423,8 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
 
     let peers = PeerPool::default();
     let fetch_limit = Arc::new(Semaphore::new(FETCH_CONCURRENCY));
+    // Whether the worker is paused for memory: fetches wait (a fetched input is more memory).
+    let (paused_tx, paused_rx) = tokio::sync::watch::channel(false);
     let mut waiting: FxHashMap<Key, Waiting> = FxHashMap::default();
     // input key -> tasks waiting for it
     let mut fetching: FxHashMap<Key, Vec<Key>> = FxHashMap::default();
@@ -440,6 +458,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 // Process memory (what tasks allocate counts too): spill more above 70% of
                 // the limit, pause above 80%.
                 if let Some(rss) = cfg.memory_limit.and(process_rss()) {
+                    let rss = rss / cfg.workers_in_process.max(1) as u64;
                     let mut held = lock(&store);
                     let out = held.policy.spill_for_rss(rss);
                     held.spill(out);
@@ -450,6 +469,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     if q.paused != pause {
                         q.paused = pause;
                         drop(q);
+                        paused_tx.send_replace(pause);
                         cv.notify_all();
                         if pause {
                             eprintln!("rask worker {}: paused: process memory {rss} bytes is over 80% of its limit", cfg.name);
@@ -526,10 +546,14 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 }
                                 for (addr, keys) in to_fetch {
                                     let (tx, peers, limit) = (tx.clone(), peers.clone(), Arc::clone(&fetch_limit));
+                                    let mut paused = paused_rx.clone();
                                     tokio::spawn(async move {
                                         let result = if addr.is_empty() {
                                             Err("no worker holds it".to_owned())
                                         } else {
+                                            // Nothing is fetched while paused (the sender lives
+                                            // as long as the worker, so this only ends unpaused).
+                                            let _ = paused.wait_for(|p| !*p).await;
                                             let _permit = limit.acquire().await;
                                             match tokio::time::timeout(
                                                 FETCH_TIMEOUT,
@@ -969,6 +993,20 @@ mod tests {
         assert!(dir.exists());
         assert_eq!(s.get(&Key::new("a")), Some(blob(400, 1)), "read back transparently");
         assert!(s.io.read >= 400 && s.io.written >= 400);
+        // Reading a back pushed b out (written); reading b back pushes a out again, whose file
+        // was kept: each value is written once however often it moves.
+        assert_eq!(s.files.len(), 2);
+        let once = s.io.written;
+        for _ in 0..3 {
+            assert_eq!(s.get(&Key::new("b")), Some(blob(400, 2)));
+            assert_eq!(s.get(&Key::new("a")), Some(blob(400, 1)));
+        }
+        assert_eq!(s.io.written, once, "no value is written twice");
+        assert!(s.io.read >= 6 * 400);
+        assert!(s.usage().0 <= 600, "still under the target");
+        // A new value under the same key replaces the old file.
+        s.insert(Key::new("a"), blob(300, 9));
+        assert_eq!(s.get(&Key::new("a")), Some(blob(300, 9)));
         s.remove(&Key::new("a"));
         s.remove(&Key::new("b"));
         assert_eq!(s.usage().0 + s.usage().1, 0);
