@@ -245,6 +245,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
                 nthreads,
                 resources: args.resources.iter().flatten().map(|(k, v)| (k.clone(), *v)).collect(),
                 memory_limit: args.memory_limit,
+                workers_in_process: args.nworkers as usize,
                 host: args.host.clone(),
                 registry: rask_ops::global(),
                 zero_work: args.zero_work,

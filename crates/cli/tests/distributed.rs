@@ -317,7 +317,8 @@ fn task_that_kills_its_worker_every_time_ends_as_killed_worker_and_the_rest_comp
 }
 
 /// A random graph with fan-in and fan-out (deterministic from `seed`): `n` additions over
-/// earlier results, every eighth waiting 10 ms first, so a run lasts long enough to be hit.
+/// earlier results, every sixteenth waiting 10 ms first, so a run lasts long enough to be hit
+/// (`n` + `n`/8 tasks).
 fn chaos_graph(seed: u64, n: usize) -> (rask_graph::Graph, Vec<rask_graph::TaskId>) {
     let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
     let mut rand = move |m: usize| {
@@ -336,7 +337,7 @@ fn chaos_graph(seed: u64, n: usize) -> (rask_graph::Graph, Vec<rask_graph::TaskI
                 }
             }
         }
-        if i % 8 == 7 {
+        if i % 16 == 15 {
             let z = format!("z{seed}-{i}");
             b.add(TaskSpec::new(
                 z.clone(),
@@ -395,7 +396,8 @@ fn chaos_random_graphs_give_exact_results_while_workers_are_killed() {
     };
     let oracle = rask_local::SyncScheduler::new(rask_local::LocalConfig::default());
     for run in 0..20u64 {
-        let (g, outs) = chaos_graph(run, 600);
+        let (g, outs) = chaos_graph(run, 2400);
+        assert!(g.len() >= 2500, "a few thousand tasks per run");
         let expected = rask_graph::Executor::run(&oracle, &g, &outs).expect("sync run");
         let got = c.compute(&g, &outs).expect("the cluster answers");
         assert_eq!(got, expected, "run {run}");

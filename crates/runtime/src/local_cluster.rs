@@ -49,6 +49,7 @@ pub fn run_worker_if_requested() {
         nthreads,
         resources,
         memory_limit: None,
+        workers_in_process: 1,
         host: "127.0.0.1".into(),
         registry: rask_ops::global(),
         zero_work: false,
