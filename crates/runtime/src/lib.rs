@@ -12,6 +12,7 @@ mod conn;
 mod local_cluster;
 mod memory;
 mod scheduler;
+mod store;
 mod worker;
 
 pub use client::{AsCompleted, BlockingClient, CallArg, Client, ClientError, Departed, RemoteFuture, WorkerMemory};

@@ -12,7 +12,6 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -29,7 +28,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::RuntimeError;
 use crate::conn::{Fetched, Outbox, PeerPool, dial, read_loop};
-use crate::memory::SpillPolicy;
+use crate::store::{DataStore, Store, lock, process_rss, remove_stale_spill_dirs};
 
 /// How long an idle executor thread polls for new work before sleeping.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(200);
@@ -81,218 +80,7 @@ pub enum WorkerExit {
     Stopped,
 }
 
-type Store = Arc<Mutex<DataStore>>;
 
-/// The results a worker holds: in memory, or — above [`crate::memory::SPILL_FRACTION`] of its
-/// memory limit, least recently used first — in files of its spill directory, read back
-/// transparently when a task or a peer needs them. The directory is removed with the store.
-pub(crate) struct DataStore {
-    mem: FxHashMap<Key, Value>,
-    policy: SpillPolicy,
-    /// Where spilled results go (created at the first spill).
-    dir: PathBuf,
-    /// The file of each spilled result, and of each result read back since (kept until the
-    /// result is freed or replaced, so that spilling it again writes nothing).
-    files: FxHashMap<Key, PathBuf>,
-    next_file: u64,
-    name: String,
-    /// Disk traffic so far: bytes written and read, and the time it took.
-    io: SpillIo,
-    /// Whether this store created its directory (it never reuses one it did not create).
-    dir_made: bool,
-    /// Bytes in memory when there is no limit (the policy is then not consulted at all).
-    unlimited_bytes: u64,
-}
-
-/// A worker's spill traffic since it started.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct SpillIo {
-    pub(crate) written: u64,
-    pub(crate) write_time: Duration,
-    pub(crate) read: u64,
-    pub(crate) read_time: Duration,
-}
-
-impl DataStore {
-    fn new(name: &str, memory_limit: Option<u64>) -> Self {
-        let dir = std::env::temp_dir().join(format!("rask-spill-{}-{}", std::process::id(), sanitize(name)));
-        DataStore {
-            mem: FxHashMap::default(),
-            policy: SpillPolicy::new(memory_limit),
-            dir,
-            files: FxHashMap::default(),
-            next_file: 0,
-            name: name.to_owned(),
-            io: SpillIo::default(),
-            dir_made: false,
-            unlimited_bytes: 0,
-        }
-    }
-
-    /// Holds `v` under `key` (replacing any earlier copy), then spills what the policy says.
-    fn insert(&mut self, key: Key, v: Value) {
-        let nbytes = v.nbytes() as u64;
-        if !self.policy.limited() {
-            self.unlimited_bytes += nbytes;
-            if let Some(old) = self.mem.insert(key, v) {
-                self.unlimited_bytes -= old.nbytes() as u64;
-            }
-            return;
-        }
-        self.drop_file(&key);
-        self.mem.insert(key.clone(), v);
-        let out = self.policy.stored(&key, nbytes);
-        self.spill(out);
-    }
-
-    fn spill(&mut self, keys: Vec<Key>) {
-        for k in keys {
-            let Some(v) = self.mem.remove(&k) else { continue };
-            if self.files.contains_key(&k) {
-                // Read back earlier and unchanged since (values are immutable): its file is
-                // still there, so spilling it again costs no write.
-                continue;
-            }
-            match self.write(&v) {
-                Ok(path) => {
-                    self.files.insert(k, path);
-                }
-                Err(e) => {
-                    // Better over the target than lost: keep it, and say why.
-                    eprintln!(
-                        "rask worker {}: cannot spill {k} to {}: {e}; keeping it in memory",
-                        self.name,
-                        self.dir.display()
-                    );
-                    self.policy.kept(&k, v.nbytes() as u64);
-                    self.mem.insert(k, v);
-                }
-            }
-        }
-    }
-
-    fn write(&mut self, v: &Value) -> Result<PathBuf, String> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let start = Instant::now();
-        let bytes = rask_protocol::wire::value_to_bytes(v).map_err(|e| e.to_string())?;
-        if !self.dir_made {
-            // Private to this user, and ours alone: a directory someone else prepared under
-            // the same name is refused rather than trusted.
-            std::fs::DirBuilder::new().mode(0o700).create(&self.dir).map_err(|e| e.to_string())?;
-            self.dir_made = true;
-        }
-        self.next_file += 1;
-        let path = self.dir.join(format!("{}.val", self.next_file));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| e.to_string())?;
-        f.write_all(&bytes).map_err(|e| e.to_string())?;
-        self.io.written += bytes.len() as u64;
-        self.io.write_time += start.elapsed();
-        Ok(path)
-    }
-
-    /// The value of `key`, read back from disk if it was spilled; `None` if not held (or its
-    /// file is unreadable, which is reported and treated as lost).
-    fn get(&mut self, key: &Key) -> Option<Value> {
-        if let Some(v) = self.mem.get(key) {
-            if self.policy.limited() {
-                self.policy.touched(key);
-            }
-            return Some(v.clone());
-        }
-        let path = self.files.get(key)?.clone();
-        let start = Instant::now();
-        let read = std::fs::read(&path)
-            .inspect(|b| self.io.read += b.len() as u64)
-            .map_err(|e| e.to_string())
-            .and_then(|b| rask_protocol::wire::value_from_bytes(Bytes::from(b)).map_err(|e| e.to_string()));
-        self.io.read_time += start.elapsed();
-        self.policy.unspilled(key);
-        match read {
-            Ok(v) => {
-                // Back in memory, its file kept: should it be spilled again, nothing needs
-                // writing (see `spill`).
-                self.mem.insert(key.clone(), v.clone());
-                let out = self.policy.stored(key, v.nbytes() as u64);
-                self.spill(out);
-                Some(v)
-            }
-            Err(e) => {
-                self.drop_file(key);
-                eprintln!("rask worker {}: spilled {key} is unreadable ({e}); it counts as lost", self.name);
-                None
-            }
-        }
-    }
-
-    fn remove(&mut self, key: &Key) {
-        let old = self.mem.remove(key);
-        if !self.policy.limited() {
-            self.unlimited_bytes -= old.map_or(0, |v| v.nbytes() as u64);
-            return;
-        }
-        self.drop_file(key);
-        self.policy.removed(key);
-    }
-
-    fn drop_file(&mut self, key: &Key) {
-        if let Some(path) = self.files.remove(key) {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-
-    /// (bytes in memory, bytes on disk).
-    fn usage(&self) -> (u64, u64, SpillIo) {
-        let managed = if self.policy.limited() { self.policy.managed() } else { self.unlimited_bytes };
-        (managed, self.policy.spilled(), self.io)
-    }
-}
-
-impl Drop for DataStore {
-    fn drop(&mut self) {
-        if self.dir_made {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// This process's resident memory in bytes (Linux; `None` elsewhere).
-fn process_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// A worker name as a file name component.
-fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
-}
-
-/// Spill directories of worker processes that no longer exist (killed before they could clean
-/// up) are removed when a worker starts.
-fn remove_stale_spill_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("rask-spill-") else { continue };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A task ready to run, with its inputs.
 struct Job {
@@ -366,7 +154,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     let local = listener.local_addr().map_err(|e| RuntimeError::Bind(cfg.host.clone(), e.to_string()))?;
     let data_address = format!("{}://{local}", rask_protocol::tls::scheme()?);
     remove_stale_spill_dirs();
-    let store: Store = Arc::new(Mutex::new(DataStore::new(&cfg.name, cfg.memory_limit)));
+    let store: Store = DataStore::start(&cfg.name, cfg.memory_limit);
     let server = tokio::spawn(data_server(listener, Arc::clone(&store)));
     let info = WorkerInfo {
         name: cfg.name.clone(),
@@ -460,7 +248,9 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 if let Some(rss) = cfg.memory_limit.and(process_rss()) {
                     let rss = rss / cfg.workers_in_process.max(1) as u64;
                     let mut held = lock(&store);
-                    let out = held.policy.spill_for_rss(rss);
+                    // Results whose files are being written are as good as gone.
+                    let in_flight = held.writing_bytes();
+                    let out = held.policy.spill_for_rss(rss.saturating_sub(in_flight));
                     held.spill(out);
                     let pause = held.policy.should_pause(rss);
                     drop(held);
@@ -971,61 +761,4 @@ async fn serve_peer(stream: TcpStream, store: &Store) -> Result<(), RuntimeError
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn blob(n: usize, seed: u8) -> Value {
-        Value::Bytes(Bytes::from(vec![seed; n]))
-    }
-
-    #[test]
-    fn store_spills_over_its_target_reads_back_and_cleans_up() {
-        let mut s = DataStore::new(&format!("unit-{}", std::process::id()), Some(1000)); // target 600 B
-        s.insert(Key::new("a"), blob(400, 1));
-        s.insert(Key::new("b"), blob(400, 2)); // a (least recently used) goes to disk
-        let (managed, spilled, _) = s.usage();
-        assert!(managed <= 600 && spilled >= 400, "{managed} {spilled}");
-        assert_eq!(s.files.len(), 1);
-        let dir = s.dir.clone();
-        assert!(dir.exists());
-        assert_eq!(s.get(&Key::new("a")), Some(blob(400, 1)), "read back transparently");
-        assert!(s.io.read >= 400 && s.io.written >= 400);
-        // Reading a back pushed b out (written); reading b back pushes a out again, whose file
-        // was kept: each value is written once however often it moves.
-        assert_eq!(s.files.len(), 2);
-        let once = s.io.written;
-        for _ in 0..3 {
-            assert_eq!(s.get(&Key::new("b")), Some(blob(400, 2)));
-            assert_eq!(s.get(&Key::new("a")), Some(blob(400, 1)));
-        }
-        assert_eq!(s.io.written, once, "no value is written twice");
-        assert!(s.io.read >= 6 * 400);
-        assert!(s.usage().0 <= 600, "still under the target");
-        // A new value under the same key replaces the old file.
-        s.insert(Key::new("a"), blob(300, 9));
-        assert_eq!(s.get(&Key::new("a")), Some(blob(300, 9)));
-        s.remove(&Key::new("a"));
-        s.remove(&Key::new("b"));
-        assert_eq!(s.usage().0 + s.usage().1, 0);
-        assert!(s.files.is_empty(), "freed values leave the disk");
-        drop(s);
-        assert!(!dir.exists(), "the spill directory goes with the store");
-    }
-
-    #[test]
-    fn store_without_a_limit_only_counts_bytes() {
-        let mut s = DataStore::new("unlimited", None);
-        s.insert(Key::new("a"), blob(400, 1));
-        s.insert(Key::new("a"), blob(100, 1)); // replaced
-        s.insert(Key::new("b"), blob(50, 2));
-        let size = |v: Value| v.nbytes() as u64;
-        assert_eq!(s.usage().0, size(blob(100, 1)) + size(blob(50, 2)));
-        assert_eq!(s.get(&Key::new("b")), Some(blob(50, 2)));
-        s.remove(&Key::new("a"));
-        assert_eq!((s.usage().0, s.usage().1), (size(blob(50, 2)), 0));
-        assert!(s.files.is_empty() && !s.dir_made);
-    }
 }
