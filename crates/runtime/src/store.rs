@@ -321,12 +321,8 @@ fn write_file(path: &std::path::Path, v: &Value) -> Result<u64, String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let bytes = rask_protocol::wire::value_to_bytes(v).map_err(|e| e.to_string())?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| e.to_string())?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| e.to_string())?;
     f.write_all(&bytes).map_err(|e| e.to_string())?;
     Ok(bytes.len() as u64)
 }

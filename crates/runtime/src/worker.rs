@@ -80,8 +80,6 @@ pub enum WorkerExit {
     Stopped,
 }
 
-
-
 /// A task ready to run, with its inputs.
 struct Job {
     key: Key,
