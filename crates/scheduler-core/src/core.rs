@@ -61,6 +61,9 @@ pub struct Config {
     pub steal_min_duration_us: f64,
     /// Work stealing: at most this many bytes of inputs may have to move with a stolen task.
     pub steal_max_input_bytes: u64,
+    /// Record every task state change for [`Core::take_transitions`] (dashboards, journals).
+    /// Off, it costs one predictable branch per change.
+    pub record_transitions: bool,
 }
 
 impl Default for Config {
@@ -77,8 +80,43 @@ impl Default for Config {
             max_input_failures: 3,
             steal_min_duration_us: 1000.0,
             steal_max_input_bytes: 16 << 20,
+            record_transitions: false,
         }
     }
+}
+
+/// A task's state as published to observers (dashboards, journals): the scheduler's states
+/// without the data they carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Only its spec is kept (not needed now, or lost and not yet needed again).
+    Released,
+    /// Some inputs are not finished.
+    Waiting,
+    /// Runnable, queued in the scheduler.
+    Queued,
+    /// Runnable, but no connected worker could run it.
+    NoWorker,
+    /// Sent to a worker.
+    Processing,
+    /// Its result is held by workers.
+    Memory,
+    /// Failed (itself or an input).
+    Erred,
+    /// Gone from the scheduler: nobody wants it any more.
+    Forgotten,
+}
+
+/// One task state change, recorded when [`Config::record_transitions`] is on. What caused it is
+/// the event being handled, which the caller knows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    /// The task.
+    pub key: Key,
+    /// Its new state.
+    pub phase: Phase,
+    /// The worker it was sent to (processing) or that first held its result (memory).
+    pub worker: Option<WorkerId>,
 }
 
 /// What a worker offers.
@@ -433,6 +471,18 @@ enum State {
 }
 
 impl State {
+    fn phase(&self) -> Phase {
+        match self {
+            State::Released => Phase::Released,
+            State::Waiting => Phase::Waiting,
+            State::Ready => Phase::Queued,
+            State::NoWorker => Phase::NoWorker,
+            State::Processing { .. } => Phase::Processing,
+            State::Memory { .. } => Phase::Memory,
+            State::Erred(_) => Phase::Erred,
+        }
+    }
+
     fn pending(&self) -> bool {
         matches!(self, State::Waiting | State::Ready | State::NoWorker | State::Processing { .. })
     }
@@ -487,6 +537,8 @@ struct Worker {
 /// The scheduler state. See the crate documentation.
 pub struct Core<P> {
     cfg: Config,
+    /// State changes since the last [`Core::take_transitions`] (when recording).
+    transitions: Vec<Transition>,
     tasks: Vec<Option<Task<P>>>,
     free_slots: Vec<u32>,
     by_key: FxHashMap<Key, Tid>,
@@ -526,6 +578,7 @@ impl<P: Clone> Core<P> {
     pub fn new(cfg: Config) -> Self {
         Core {
             cfg,
+            transitions: Vec::new(),
             tasks: Vec::new(),
             free_slots: Vec::new(),
             by_key: FxHashMap::default(),
@@ -578,6 +631,13 @@ impl<P: Clone> Core<P> {
         self.departures.iter()
     }
 
+    /// A key's state as observers see it (`None`: not known, i.e. forgotten or never seen).
+    #[must_use]
+    pub fn phase(&self, key: &str) -> Option<Phase> {
+        let t = *self.by_key.get(key)?;
+        Some(self.task(t).state.phase())
+    }
+
     /// Which workers hold a key's value.
     #[must_use]
     pub fn who_has(&self, key: &str) -> Vec<WorkerId> {
@@ -585,6 +645,12 @@ impl<P: Clone> Core<P> {
             Some(State::Memory { who_has }) => who_has.clone(),
             _ => Vec::new(),
         }
+    }
+
+    /// Moves the state changes recorded since the last call into `out` (nothing unless
+    /// [`Config::record_transitions`] is on), in the order they happened.
+    pub fn take_transitions(&mut self, out: &mut Vec<Transition>) {
+        out.append(&mut self.transitions);
     }
 
     /// Applies one event and returns the commands that follow from it.
@@ -839,6 +905,22 @@ impl<P: Clone> Core<P> {
 
     // ----- small helpers -------------------------------------------------------------------
 
+    /// Records `t`'s current state as a transition (when recording).
+    #[inline]
+    fn note(&mut self, t: Tid) {
+        if !self.cfg.record_transitions {
+            return;
+        }
+        let task = self.task(t);
+        let (phase, worker) = match &task.state {
+            State::Processing { on } => (Phase::Processing, Some(*on)),
+            State::Memory { who_has } => (Phase::Memory, who_has.first().copied()),
+            other => (other.phase(), None),
+        };
+        let key = task.key.clone();
+        self.transitions.push(Transition { key, phase, worker });
+    }
+
     /// A retiring worker now holds `t`'s result (see [`Worker::holds`]).
     fn note_held(&mut self, wid: WorkerId, t: Tid) {
         if let Some(w) = self.workers.get_mut(&wid) {
@@ -882,6 +964,7 @@ impl<P: Clone> Core<P> {
         let key = task.key.clone();
         let t = Self::place(&mut self.tasks, &mut self.free_slots, task);
         self.by_key.insert(key, t);
+        self.note(t);
         t
     }
 
@@ -1009,6 +1092,7 @@ impl<P: Clone> Core<P> {
             };
             let t = Self::place(&mut self.tasks, &mut self.free_slots, task);
             entry.insert(t);
+            self.note(t);
             if nt.wanted {
                 wanted.push(t);
             }
@@ -1042,6 +1126,7 @@ impl<P: Clone> Core<P> {
                 attempts: 0,
             });
             self.task_mut(t).state = State::Erred(err);
+            self.note(t);
         }
         if let Some(cycle) = self.find_cycle(&fresh) {
             for (t, _) in &fresh {
@@ -1053,6 +1138,7 @@ impl<P: Clone> Core<P> {
                     attempts: 0,
                 });
                 self.task_mut(*t).state = State::Erred(err);
+                self.note(*t);
             }
         }
         reused.extend(fresh.into_iter().map(|(t, _)| t));
@@ -1128,6 +1214,7 @@ impl<P: Clone> Core<P> {
                     attempts: 0,
                 });
                 self.task_mut(t).state = State::Erred(err);
+                self.note(t);
                 self.notify_wanters(t);
                 self.propagate_failure(t);
                 continue;
@@ -1148,6 +1235,7 @@ impl<P: Clone> Core<P> {
             let task = self.task_mut(t);
             task.waiting_on = waiting;
             task.state = State::Waiting;
+            self.note(t);
             if waiting == 0 {
                 self.inputs_done(t);
             }
@@ -1176,10 +1264,12 @@ impl<P: Clone> Core<P> {
     fn make_ready(&mut self, t: Tid) {
         if !self.can_ever_run(t) {
             self.task_mut(t).state = State::NoWorker;
+            self.note(t);
             self.no_worker.push(t);
             return;
         }
         self.task_mut(t).state = State::Ready;
+        self.note(t);
         let prio = self.task(t).prio;
         self.ready.push(Reverse((prio, t)));
     }
@@ -1305,6 +1395,7 @@ impl<P: Clone> Core<P> {
                 }
                 None if !self.can_ever_run(t) => {
                     self.task_mut(t).state = State::NoWorker;
+                    self.note(t);
                     self.no_worker.push(t);
                 }
                 None => skipped.push(Reverse((prio, t))),
@@ -1400,7 +1491,9 @@ impl<P: Clone> Core<P> {
         let task = self.task_mut(t);
         task.state = State::Processing { on: wid };
         let prio = task.prio;
-        if let Some(payload) = task.payload.clone() {
+        let payload = task.payload.clone();
+        self.note(t);
+        if let Some(payload) = payload {
             self.out.push(Command::Compute { worker: wid, key, payload, inputs, prio });
         }
     }
@@ -1457,6 +1550,7 @@ impl<P: Clone> Core<P> {
                 State::Released if !holders.is_empty() => {
                     self.task_mut(t).nbytes = nbytes;
                     self.task_mut(t).state = State::Memory { who_has: holders };
+                    self.note(t);
                     // Dependents waiting for it (a recomputation) can go on.
                     for d in self.task(t).dependents.clone() {
                         if self.task(d).state == State::Waiting {
@@ -1485,6 +1579,8 @@ impl<P: Clone> Core<P> {
     fn set_finished(&mut self, t: Tid, state: State) {
         let was_pending = self.task(t).state.pending();
         self.task_mut(t).state = state;
+        self.note(t);
+        self.note(t);
         if was_pending {
             let deps = self.neighbours(t, false);
             for &d in &deps {
@@ -1609,6 +1705,7 @@ impl<P: Clone> Core<P> {
     /// are told, and it is recomputed if still needed (scattered data fails as lost).
     fn lose(&mut self, t: Tid) {
         self.task_mut(t).state = State::Released;
+        self.note(t);
         self.tell_lost(t);
         let dependents = self.neighbours(t, true);
         for &d in &dependents {
@@ -1642,6 +1739,7 @@ impl<P: Clone> Core<P> {
             let task = self.task_mut(t);
             task.state = State::Waiting;
             task.waiting_on = unfinished;
+            self.note(t);
         }
     }
 
@@ -1695,6 +1793,7 @@ impl<P: Clone> Core<P> {
                 self.out.push(Command::Free { worker: w, keys: vec![key.clone()] });
             }
             self.task_mut(t).state = State::Released;
+            self.note(t);
         }
         self.maybe_forget(t);
     }
@@ -1723,6 +1822,9 @@ impl<P: Clone> Core<P> {
             self.set_finished(t, State::Released);
         }
         let task = self.tasks[t.0 as usize].take().expect("invariant: checked above");
+        if self.cfg.record_transitions {
+            self.transitions.push(Transition { key: task.key.clone(), phase: Phase::Forgotten, worker: None });
+        }
         self.free_slots.push(t.0);
         self.acquiring.remove(&t);
         self.unmovable.remove(&t);
@@ -1792,6 +1894,7 @@ impl<P: Clone> Core<P> {
         }
         for t in &lost {
             self.task_mut(*t).state = State::Released;
+            self.note(*t);
             self.tell_lost(*t);
             // Dependents that were waiting for inputs now wait for this one again.
             for d in self.task(*t).dependents.clone() {
@@ -1848,6 +1951,7 @@ impl<P: Clone> Core<P> {
             self.live_ids().filter(|t| self.task(*t).state == State::Ready && !self.can_ever_run(*t)).collect();
         for t in stuck {
             self.task_mut(t).state = State::NoWorker;
+            self.note(t);
             self.no_worker.push(t);
         }
     }

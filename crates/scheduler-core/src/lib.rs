@@ -45,5 +45,6 @@ mod core;
 mod tests;
 
 pub use crate::core::{
-    ClientId, Command, Config, Core, Departure, Event, LossCause, NewTask, Prio, Restrictions, WorkerId, WorkerSpec,
+    ClientId, Command, Config, Core, Departure, Event, LossCause, NewTask, Phase, Prio, Restrictions, Transition,
+    WorkerId, WorkerSpec,
 };

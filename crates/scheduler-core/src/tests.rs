@@ -7,7 +7,9 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use rask_graph::{FailureKind, Key, TaskError};
 
-use crate::{ClientId, Command, Config, Core, Event, LossCause, NewTask, Restrictions, WorkerId, WorkerSpec};
+use crate::{
+    ClientId, Command, Config, Core, Event, LossCause, NewTask, Phase, Restrictions, Transition, WorkerId, WorkerSpec,
+};
 
 const C1: ClientId = ClientId(1);
 const C2: ClientId = ClientId(2);
@@ -20,19 +22,36 @@ type P = &'static str;
 struct Env {
     core: Core<P>,
     log: Vec<Command<P>>,
+    /// Every key's state as the published transitions tell it (recording is on in tests).
+    phases: HashMap<Key, Phase>,
+    transitions: Vec<Transition>,
 }
 
 impl Env {
     fn new() -> Self {
-        Env { core: Core::new(Config::default()), log: Vec::new() }
+        Env::with(Config::default())
     }
     fn with(cfg: Config) -> Self {
-        Env { core: Core::new(cfg), log: Vec::new() }
+        let cfg = Config { record_transitions: true, ..cfg };
+        Env { core: Core::new(cfg), log: Vec::new(), phases: HashMap::new(), transitions: Vec::new() }
     }
     fn ev(&mut self, e: Event<P>) -> Vec<Command<P>> {
         let out = self.core.handle(e);
         if let Err(m) = self.core.validate() {
             panic!("invariant broken: {m}");
+        }
+        // Observers replaying the transitions see exactly the core's states.
+        self.core.take_transitions(&mut self.transitions);
+        for tr in self.transitions.drain(..) {
+            if tr.phase == Phase::Forgotten {
+                self.phases.remove(&tr.key);
+            } else {
+                self.phases.insert(tr.key, tr.phase);
+            }
+        }
+        assert_eq!(self.phases.len(), self.core.task_count(), "every known task was published");
+        for (k, phase) in &self.phases {
+            assert_eq!(self.core.phase(k.as_str()), Some(*phase), "published state of {k}");
         }
         self.log.extend(out.iter().cloned());
         out
