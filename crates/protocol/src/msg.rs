@@ -23,6 +23,12 @@ pub struct MemoryReport {
     pub read: u64,
     /// Microseconds spent reading and decoding them.
     pub read_us: u64,
+    /// The worker process's resident memory (bytes; shared by the workers of one process).
+    pub rss: u64,
+    /// CPU time the worker process has used so far (µs, all threads; shared likewise).
+    pub cpu_us: u64,
+    /// Bytes of inputs fetched from other workers so far.
+    pub fetched: u64,
 }
 
 /// Sent to the scheduler by clients and workers.

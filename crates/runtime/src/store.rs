@@ -335,6 +335,20 @@ pub(crate) fn process_rss() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU time this process has used so far, all threads, in microseconds (0 if unknown).
+pub(crate) fn process_cpu_us() -> u64 {
+    // /proc/self/stat fields 14 and 15 (utime, stime) in clock ticks; the command name (field
+    // 2) may hold spaces, so count from the closing parenthesis.
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0 };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // Fields after ")" start at field 3 (state): utime is field 14 → index 11.
+    let total = ticks(11) + ticks(12);
+    // USER_HZ is 100 on every Linux configuration that matters.
+    total * 10_000
+}
+
 /// A worker name as a file name component.
 fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()

@@ -28,7 +28,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::RuntimeError;
 use crate::conn::{Fetched, Outbox, PeerPool, dial, read_loop};
-use crate::store::{DataStore, Store, lock, process_rss, remove_stale_spill_dirs};
+use crate::store::{DataStore, Store, lock, process_cpu_us, process_rss, remove_stale_spill_dirs};
 
 /// How long an idle executor thread polls for new work before sleeping.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(200);
@@ -211,6 +211,8 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     let fetch_limit = Arc::new(Semaphore::new(FETCH_CONCURRENCY));
     // Whether the worker is paused for memory: fetches wait (a fetched input is more memory).
     let (paused_tx, paused_rx) = tokio::sync::watch::channel(false);
+    // Bytes of inputs fetched from peers so far (reported with the heartbeats).
+    let mut fetched_bytes = 0u64;
     let mut waiting: FxHashMap<Key, Waiting> = FxHashMap::default();
     // input key -> tasks waiting for it
     let mut fetching: FxHashMap<Key, Vec<Key>> = FxHashMap::default();
@@ -243,7 +245,8 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 // from within its TTL; any message counts).
                 // Process memory (what tasks allocate counts too): spill more above 70% of
                 // the limit, pause above 80%.
-                if let Some(rss) = cfg.memory_limit.and(process_rss()) {
+                let process_memory = process_rss();
+                if let Some(rss) = cfg.memory_limit.and(process_memory) {
                     let rss = rss / cfg.workers_in_process.max(1) as u64;
                     let mut held = lock(&store);
                     // Results whose files are being written are as good as gone.
@@ -273,6 +276,9 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     write_us: io.write_time.as_micros() as u64,
                     read: io.read,
                     read_us: io.read_time.as_micros() as u64,
+                    rss: process_memory.unwrap_or(0),
+                    cpu_us: process_cpu_us(),
+                    fetched: fetched_bytes,
                 };
                 to_scheduler.send(ToScheduler::Memory { report }, Vec::new());
                 continue;
@@ -406,7 +412,13 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
             }
             Inbox::Fetched { from, keys, result } => {
                 let got: FxHashMap<Key, Fetched> = match result {
-                    Ok(values) => values.into_iter().collect(),
+                    Ok(values) => {
+                        fetched_bytes += values
+                            .iter()
+                            .map(|(_, v)| v.as_ref().ok().and_then(Option::as_ref).map_or(0, |v| v.nbytes() as u64))
+                            .sum::<u64>();
+                        values.into_iter().collect()
+                    }
                     Err(e) => {
                         eprintln!("rask worker {}: fetching {} inputs failed: {e}", cfg.name, keys.len());
                         FxHashMap::default()
