@@ -9,6 +9,7 @@
 
 mod client;
 mod conn;
+pub mod feed;
 mod local_cluster;
 mod memory;
 mod scheduler;

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::RuntimeError;
 use crate::conn::{Outbox, read_loop};
+use crate::feed::{Cause, FeedEvent, FeedSender, GRAPH_FEED_LIMIT, TaskChange};
 
 /// What a worker runs for a task; opaque to the core.
 #[derive(Debug)]
@@ -39,11 +40,14 @@ pub struct SchedulerConfig {
     pub port: u16,
     /// Scheduling policy tunables.
     pub core: Config,
+    /// Where to publish what happens (task state changes, runs, workers) for observers such as
+    /// the dashboard; `None` publishes nothing and records nothing.
+    pub feed: Option<FeedSender>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { host: "127.0.0.1".into(), port: 8786, core: Config::default() }
+        SchedulerConfig { host: "127.0.0.1".into(), port: 8786, core: Config::default(), feed: None }
     }
 }
 
@@ -103,6 +107,8 @@ enum Peer {
         outbox: Outbox<FromScheduler>,
         /// Its latest memory report.
         memory: MemoryReport,
+        /// Its memory limit, if any.
+        memory_limit: Option<u64>,
     },
 }
 
@@ -123,8 +129,17 @@ pub async fn start_scheduler(cfg: SchedulerConfig) -> Result<SchedulerHandle, Ru
     let accept = tokio::spawn(accept_loop(listener, in_tx, next_id));
     let workers = Arc::new(AtomicUsize::new(0));
     let count = Arc::clone(&workers);
+    let mut core_cfg = cfg.core;
+    if let Some(feed) = &cfg.feed {
+        core_cfg.record_transitions = true;
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64);
+        let _ = feed.send(FeedEvent::Started { unix_ms, address: address.clone() });
+    }
+    let feed = cfg.feed;
     tokio::spawn(async move {
-        core_loop(cfg.core, in_rx, stop_rx, &count).await;
+        core_loop(core_cfg, in_rx, stop_rx, &count, feed).await;
         accept.abort();
         let _ = done_tx.send(());
     });
@@ -182,12 +197,20 @@ async fn core_loop(
     mut rx: mpsc::UnboundedReceiver<Inbound>,
     mut stop: oneshot::Receiver<String>,
     worker_count: &AtomicUsize,
+    feed: Option<FeedSender>,
 ) {
     let mut core: Core<Arc<Payload>> = Core::new(cfg);
     let mut peers: HashMap<u32, Peer> = HashMap::new();
     // Reused across events: the loop runs once per task event.
     let mut commands: Vec<Command<Arc<Payload>>> = Vec::new();
     let mut frees: HashMap<WorkerId, Vec<Key>> = HashMap::new();
+    // What this turn publishes (when a feed is attached).
+    let mut published: Vec<FeedEvent> = Vec::new();
+    // Published events go out every few milliseconds (and on each tick), not every turn: each
+    // send may wake the observer's thread, which costs this one a system call.
+    let mut last_sent = std::time::Instant::now();
+    let mut changes: Vec<TaskChange> = Vec::new();
+    let mut transitions = Vec::new();
     // The core's clock: microseconds since the scheduler started.
     let started = std::time::Instant::now();
     let now_us = move || started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
@@ -212,6 +235,7 @@ async fn core_loop(
             Inbound::Frame { id, .. } if matches!(peers.get(id), Some(Peer::Worker { .. })) => Some(*id),
             _ => None,
         };
+        let ticked = matches!(inbound, Inbound::Tick);
         let inbound = match inbound {
             Inbound::Tick => Inbound::TickAt(now_us()),
             other => other,
@@ -227,7 +251,8 @@ async fn core_loop(
                 .collect(),
             _ => Vec::new(),
         };
-        let mut events = translate(inbound, &mut peers, &core);
+        let publishing = feed.is_some();
+        let mut events = translate(inbound, &mut peers, &core, publishing.then_some((&mut published, now_us())));
         if let Some(id) = heard {
             events.push(Event::WorkerHeard { worker: WorkerId(id), at_us: now_us() });
         }
@@ -241,7 +266,19 @@ async fn core_loop(
         }
         worker_count.store(peers.values().filter(|p| matches!(p, Peer::Worker { .. })).count(), Ordering::Relaxed);
         for ev in events {
+            let cause = if publishing { Some(publish_event(&ev, &peers, now_us(), &mut published)) } else { None };
             core.handle_into(ev, &mut commands);
+            if let Some(cause) = cause {
+                core.take_transitions(&mut transitions);
+                changes.extend(transitions.drain(..).map(|t| TaskChange {
+                    task: t.task,
+                    key: t.key,
+                    phase: t.phase.into(),
+                    worker: t.worker.map(|w| w.0),
+                    duration_us: t.duration_us,
+                    cause,
+                }));
+            }
             for cmd in commands.drain(..) {
                 match cmd {
                     // One Free per worker per event, not one per key.
@@ -255,8 +292,16 @@ async fn core_loop(
                         if let Some(Peer::Worker { name, .. }) = peers.remove(&worker.0) {
                             eprintln!("rask scheduler: removed worker {name}: {cause}");
                         }
+                        if publishing {
+                            let at_us = now_us();
+                            published.push(FeedEvent::WorkerLeft { at_us, worker: worker.0, cause: cause.to_string() });
+                        }
                     }
                     Command::Retired { worker } => {
+                        if publishing {
+                            let (at_us, cause) = (now_us(), "retired gracefully (SIGTERM)".to_owned());
+                            published.push(FeedEvent::WorkerLeft { at_us, worker: worker.0, cause });
+                        }
                         if let Some(Peer::Worker { outbox, name, .. }) = peers.remove(&worker.0) {
                             eprintln!("rask scheduler: worker {name} retired; its results live on elsewhere");
                             let reason = "retired: its results were moved to other workers".to_owned();
@@ -277,6 +322,75 @@ async fn core_loop(
                 outbox.send(FromScheduler::GraphAccepted { tasks }, Vec::new());
             }
         }
+        if let Some(feed) = &feed {
+            if !changes.is_empty() {
+                // The next turn's list starts at this one's size: no regrowing it change by change.
+                let next = Vec::with_capacity(changes.len());
+                published.push(FeedEvent::Tasks { at_us: now_us(), changes: std::mem::replace(&mut changes, next) });
+            }
+            if ticked || published.len() >= 1024 || last_sent.elapsed() >= FEED_BATCH {
+                for e in published.drain(..) {
+                    let _ = feed.send(e);
+                }
+                last_sent = std::time::Instant::now();
+            }
+        }
+    }
+    if let Some(feed) = &feed {
+        for e in published.drain(..) {
+            let _ = feed.send(e);
+        }
+    }
+}
+
+/// How long published events may wait to be sent together.
+const FEED_BATCH: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// What an event publishes besides task state changes (runs, workers, graphs), and the cause
+/// the state changes it brings about are filed under.
+fn publish_event(ev: &Event<Arc<Payload>>, peers: &HashMap<u32, Peer>, now_us: u64, out: &mut Vec<FeedEvent>) -> Cause {
+    match ev {
+        Event::GraphPart { client, tasks } | Event::GraphSubmitted { client, tasks, .. } => {
+            if tasks.len() <= GRAPH_FEED_LIMIT {
+                out.push(FeedEvent::Graph { tasks: tasks.iter().map(|t| (t.key.clone(), t.deps.clone())).collect() });
+            }
+            Cause::Submitted { client: client.0 }
+        }
+        Event::TaskFinished { worker, .. } => Cause::Finished { worker: worker.0 },
+        Event::TaskFailed { worker, .. } => Cause::Failed { worker: worker.0 },
+        Event::InputsMissing { worker, .. } | Event::TaskDropped { worker, .. } => {
+            Cause::InputsMissing { worker: worker.0 }
+        }
+        Event::WorkerConnected { worker, spec } => {
+            let memory_limit = match peers.get(&worker.0) {
+                Some(Peer::Worker { memory_limit, .. }) => *memory_limit,
+                _ => None,
+            };
+            out.push(FeedEvent::WorkerJoined {
+                at_us: now_us,
+                worker: worker.0,
+                name: spec.name.to_string(),
+                address: spec.address.to_string(),
+                nthreads: spec.nthreads,
+                memory_limit,
+            });
+            Cause::WorkerJoined { worker: worker.0 }
+        }
+        Event::WorkerDisconnected { worker, cause } => {
+            out.push(FeedEvent::WorkerLeft { at_us: now_us, worker: worker.0, cause: cause.to_string() });
+            Cause::WorkerLeft { worker: worker.0 }
+        }
+        Event::WorkerHeard { worker, .. }
+        | Event::WorkerRetiring { worker }
+        | Event::WorkerPaused { worker, .. }
+        | Event::DataAcquired { worker, .. } => Cause::Worker { worker: worker.0 },
+        Event::ClientConnected { client }
+        | Event::ClientDisconnected { client }
+        | Event::KeysReleased { client, .. }
+        | Event::KeysCancelled { client, .. }
+        | Event::DataScattered { client, .. } => Cause::Client { client: client.0 },
+        Event::KeysFireAndForget { .. } => Cause::FireAndForget,
+        Event::AcquireFailed { .. } | Event::Tick { .. } => Cause::Tick,
     }
 }
 
@@ -286,7 +400,14 @@ fn debug_events() -> bool {
     *ON.get_or_init(|| std::env::var_os("RASK_DEBUG_EVENTS").is_some())
 }
 
-fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<Payload>>) -> Vec<Event<Arc<Payload>>> {
+/// Turns an inbound message into core events; memory reports are published to `feed` (the
+/// turn's list and the time) when there is one.
+fn translate(
+    inbound: Inbound,
+    peers: &mut HashMap<u32, Peer>,
+    core: &Core<Arc<Payload>>,
+    mut feed: Option<(&mut Vec<FeedEvent>, u64)>,
+) -> Vec<Event<Arc<Payload>>> {
     match inbound {
         Inbound::Tick => Vec::new(),
         Inbound::TickAt(now_us) => vec![Event::Tick { now_us }],
@@ -305,6 +426,7 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                         nthreads: info.nthreads,
                         outbox,
                         memory: MemoryReport::default(),
+                        memory_limit: info.memory_limit,
                     },
                 );
                 let spec = WorkerSpec {
@@ -361,6 +483,19 @@ fn translate(inbound: Inbound, peers: &mut HashMap<u32, Peer>, core: &Core<Arc<P
                         }
                     }
                     ToScheduler::Memory { report } if is_worker => {
+                        if let Some((out, at_us)) = &mut feed {
+                            out.push(FeedEvent::WorkerMemory {
+                                at_us: *at_us,
+                                worker: id,
+                                managed: report.managed,
+                                spilled: report.spilled,
+                                rss: report.rss,
+                                cpu_us: report.cpu_us,
+                                spill_written: report.written,
+                                spill_read: report.read,
+                                fetched: report.fetched,
+                            });
+                        }
                         if let Some(Peer::Worker { memory, .. }) = peers.get_mut(&id) {
                             *memory = report;
                         }

@@ -109,14 +109,22 @@ pub enum Phase {
 
 /// One task state change, recorded when [`Config::record_transitions`] is on. What caused it is
 /// the event being handled, which the caller knows.
+///
+/// Tasks are named by a serial number unique for the core's lifetime; the key comes with a
+/// task's first change only, so observers hash an integer per change instead of a string, and
+/// a key's reference count is not touched on every change from two threads.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transition {
-    /// The task.
-    pub key: Key,
+    /// The task's serial number.
+    pub task: u64,
+    /// Its key, on its first change.
+    pub key: Option<Key>,
     /// Its new state.
     pub phase: Phase,
     /// The worker it was sent to (processing) or that first held its result (memory).
     pub worker: Option<WorkerId>,
+    /// How long its run took, as the worker measured, when it just finished (memory).
+    pub duration_us: Option<u64>,
 }
 
 /// What a worker offers.
@@ -511,6 +519,9 @@ struct Task<P> {
     held: u32,
     /// Workers that died while (probably) running it, with why: its `KilledWorker` record.
     deaths: Option<Box<Deaths>>,
+    /// Unique for the core's lifetime (slots are reused; serials are not): names the task in
+    /// published transitions.
+    serial: u64,
 }
 
 /// Workers (by name) that died while a task was probably running on them, with why.
@@ -539,6 +550,8 @@ pub struct Core<P> {
     cfg: Config,
     /// State changes since the last [`Core::take_transitions`] (when recording).
     transitions: Vec<Transition>,
+    /// The last task serial given out.
+    serials: u64,
     tasks: Vec<Option<Task<P>>>,
     free_slots: Vec<u32>,
     by_key: FxHashMap<Key, Tid>,
@@ -579,6 +592,7 @@ impl<P: Clone> Core<P> {
         Core {
             cfg,
             transitions: Vec::new(),
+            serials: 0,
             tasks: Vec::new(),
             free_slots: Vec::new(),
             by_key: FxHashMap::default(),
@@ -908,6 +922,12 @@ impl<P: Clone> Core<P> {
     /// Records `t`'s current state as a transition (when recording).
     #[inline]
     fn note(&mut self, t: Tid) {
+        self.note_as(t, false);
+    }
+
+    /// [`Self::note`]; `first`: the task is new, and its key goes with the transition.
+    #[inline]
+    fn note_as(&mut self, t: Tid, first: bool) {
         if !self.cfg.record_transitions {
             return;
         }
@@ -917,8 +937,9 @@ impl<P: Clone> Core<P> {
             State::Memory { who_has } => (Phase::Memory, who_has.first().copied()),
             other => (other.phase(), None),
         };
-        let key = task.key.clone();
-        self.transitions.push(Transition { key, phase, worker });
+        let serial = task.serial;
+        let key = first.then(|| task.key.clone());
+        self.transitions.push(Transition { task: serial, key, phase, worker, duration_us: None });
     }
 
     /// A retiring worker now holds `t`'s result (see [`Worker::holds`]).
@@ -962,14 +983,16 @@ impl<P: Clone> Core<P> {
 
     fn alloc(&mut self, task: Task<P>) -> Tid {
         let key = task.key.clone();
-        let t = Self::place(&mut self.tasks, &mut self.free_slots, task);
+        let t = Self::place(&mut self.tasks, &mut self.free_slots, &mut self.serials, task);
         self.by_key.insert(key, t);
-        self.note(t);
+        self.note_as(t, true);
         t
     }
 
-    /// Stores a task in a free slot of the table (not yet in `by_key`).
-    fn place(tasks: &mut Vec<Option<Task<P>>>, free_slots: &mut Vec<u32>, task: Task<P>) -> Tid {
+    /// Stores a task in a free slot of the table (not yet in `by_key`), giving it its serial.
+    fn place(tasks: &mut Vec<Option<Task<P>>>, free_slots: &mut Vec<u32>, serials: &mut u64, mut task: Task<P>) -> Tid {
+        *serials += 1;
+        task.serial = *serials;
         match free_slots.pop() {
             Some(i) => {
                 tasks[i as usize] = Some(task);
@@ -1089,10 +1112,11 @@ impl<P: Clone> Core<P> {
                 steal_requested: false,
                 held: 0,
                 deaths: None,
+                serial: 0,
             };
-            let t = Self::place(&mut self.tasks, &mut self.free_slots, task);
+            let t = Self::place(&mut self.tasks, &mut self.free_slots, &mut self.serials, task);
             entry.insert(t);
-            self.note(t);
+            self.note_as(t, true);
             if nt.wanted {
                 wanted.push(t);
             }
@@ -1531,6 +1555,7 @@ impl<P: Clone> Core<P> {
                     steal_requested: false,
                     held: 0,
                     deaths: None,
+                    serial: 0,
                 }),
             };
             if !self.task(t).wanted_by.contains(&client) {
@@ -1617,7 +1642,12 @@ impl<P: Clone> Core<P> {
             }
         };
         self.task_mut(t).nbytes = nbytes;
+        let first_change = self.transitions.len();
         self.set_finished(t, State::Memory { who_has: vec![wid] });
+        // The first change recorded is this task's: it carries the run time.
+        if let Some(tr) = self.transitions.get_mut(first_change) {
+            tr.duration_us = Some(duration_us);
+        }
         self.note_held(wid, t);
         self.notify_wanters(t);
         let dependents = self.neighbours(t, true);
@@ -1823,7 +1853,14 @@ impl<P: Clone> Core<P> {
         }
         let task = self.tasks[t.0 as usize].take().expect("invariant: checked above");
         if self.cfg.record_transitions {
-            self.transitions.push(Transition { key: task.key.clone(), phase: Phase::Forgotten, worker: None });
+            let serial = task.serial;
+            self.transitions.push(Transition {
+                task: serial,
+                key: None,
+                phase: Phase::Forgotten,
+                worker: None,
+                duration_us: None,
+            });
         }
         self.free_slots.push(t.0);
         self.acquiring.remove(&t);

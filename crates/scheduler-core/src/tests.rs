@@ -22,8 +22,9 @@ type P = &'static str;
 struct Env {
     core: Core<P>,
     log: Vec<Command<P>>,
-    /// Every key's state as the published transitions tell it (recording is on in tests).
-    phases: HashMap<Key, Phase>,
+    /// Every task's key and state as the published transitions tell it (recording is on in
+    /// tests), by serial.
+    phases: HashMap<u64, (Key, Phase)>,
     transitions: Vec<Transition>,
 }
 
@@ -44,13 +45,20 @@ impl Env {
         self.core.take_transitions(&mut self.transitions);
         for tr in self.transitions.drain(..) {
             if tr.phase == Phase::Forgotten {
-                self.phases.remove(&tr.key);
-            } else {
-                self.phases.insert(tr.key, tr.phase);
+                assert!(self.phases.remove(&tr.task).is_some(), "forgot an unpublished task");
+                continue;
             }
+            if let Some(key) = tr.key {
+                assert!(!self.phases.contains_key(&tr.task), "a serial is given once");
+                self.phases.insert(tr.task, (key, tr.phase));
+            } else {
+                let known = self.phases.get_mut(&tr.task).expect("the key came with the first change");
+                known.1 = tr.phase;
+            }
+            assert!(tr.duration_us.is_none() || tr.phase == Phase::Memory, "only finished runs have a duration");
         }
         assert_eq!(self.phases.len(), self.core.task_count(), "every known task was published");
-        for (k, phase) in &self.phases {
+        for (k, phase) in self.phases.values() {
             assert_eq!(self.core.phase(k.as_str()), Some(*phase), "published state of {k}");
         }
         self.log.extend(out.iter().cloned());
