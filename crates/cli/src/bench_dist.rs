@@ -25,7 +25,7 @@ pub(crate) struct DistArgs {
     #[arg(long, default_value_t = 3)]
     repeat: u32,
     /// Run only these parts (for profiling one of them); all by default.
-    #[arg(long, value_delimiter = ',', value_parser = ["merge", "tree", "chain", "map", "transfer", "loss", "spill", "zero", "intake"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["merge", "tree", "chain", "map", "transfer", "loss", "spill", "zero", "intake", "dashboard"])]
     only: Vec<String>,
 }
 
@@ -72,8 +72,19 @@ impl BenchCluster {
     }
 
     fn start_with(exe: &std::path::Path, workers: usize, extra: &[&str]) -> Result<Self, String> {
+        Self::start_full(exe, &["--dashboard-port", "0"], workers, extra)
+    }
+
+    /// `scheduler_args`: e.g. the dashboard's port (off unless given).
+    fn start_full(
+        exe: &std::path::Path,
+        scheduler_args: &[&str],
+        workers: usize,
+        extra: &[&str],
+    ) -> Result<Self, String> {
         let mut scheduler = Command::new(exe)
             .args(["scheduler", "--port", "0"])
+            .args(scheduler_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -309,6 +320,9 @@ pub(crate) fn distributed(a: &DistArgs) -> Result<(), String> {
     if want("zero") || want("intake") {
         zero_work(&exe, a, &want)?;
     }
+    if want("dashboard") {
+        dashboard_cost(&exe, tree_d, a.repeat.max(1))?;
+    }
     if let Some(s) = script {
         let _ = std::fs::remove_file(s);
     }
@@ -492,6 +506,69 @@ fn worker_loss(exe: &std::path::Path, n: u64, dask: &DaskRun<'_>) -> Result<(), 
         "worker loss: {n} tasks of 20 ms and their sum on 2 supervised workers: rask {base:.2} s undisturbed, {hit:.2} s with one worker SIGKILLed halfway (+{:.2} s); {dask_txt}",
         hit - base
     );
+    Ok(())
+}
+
+/// What the dashboard costs the scheduler: tree-`depth` on a cluster without a dashboard, one
+/// with the dashboard, and one with the dashboard and a journal, runs alternating so all see
+/// the same machine; the fastest of `repeat` runs each.
+fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32) -> Result<(), String> {
+    let free_port = || -> Result<String, String> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port()
+            .to_string())
+    };
+    let (port_a, port_b) = (free_port()?, free_port()?);
+    let journal = std::env::temp_dir().join(format!("rask-bench-journal-{}.jsonl", std::process::id()));
+    let journal_arg = journal.to_string_lossy().into_owned();
+    let configs: [&[&str]; 3] = [
+        &["--dashboard-port", "0"],
+        &["--dashboard-port", &port_a],
+        &["--dashboard-port", &port_b, "--journal", &journal_arg],
+    ];
+    let mut clusters = Vec::new();
+    for args in configs {
+        let c = BenchCluster::start_full(exe, args, 2, &["--no-nanny"])?;
+        let client = c.client()?;
+        clusters.push((c, client));
+    }
+    let (g, outs, expected) = workload("tree", depth)?;
+    let (warm, warm_outs, _) = workload("tree", 11)?;
+    for (_, c) in &clusters {
+        c.compute(&warm, &warm_outs).map_err(|e| e.to_string())?;
+    }
+    let run = |c: &BlockingClient| -> Result<f64, String> {
+        let t0 = Instant::now();
+        let got = c.compute(&g, &outs).map_err(|e| e.to_string())?;
+        let secs = t0.elapsed().as_secs_f64();
+        let got: Vec<Value> = got.into_iter().collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+        if got != expected {
+            return Err("dashboard: wrong result".into());
+        }
+        Ok(secs)
+    };
+    let mut best = [f64::MAX; 3];
+    for _ in 0..repeat {
+        for (b, (_, c)) in best.iter_mut().zip(&clusters) {
+            *b = b.min(run(c)?);
+        }
+    }
+    let tasks = g.len() as f64;
+    let journal_bytes = std::fs::metadata(&journal).map_or(0, |m| m.len());
+    let runs = f64::from(repeat + 1) * tasks;
+    println!(
+        "dashboard: tree-{depth} at {:.0} tasks/s without the dashboard, {:.0} with it ({:+.1}%), {:.0} with it and a journal ({:+.1}%; {:.0} journal bytes per task)",
+        tasks / best[0],
+        tasks / best[1],
+        (best[0] / best[1] - 1.0) * 100.0,
+        tasks / best[2],
+        (best[0] / best[2] - 1.0) * 100.0,
+        journal_bytes as f64 / runs,
+    );
+    drop(clusters);
+    let _ = std::fs::remove_file(&journal);
     Ok(())
 }
 

@@ -33,6 +33,50 @@ pub(crate) struct SchedulerArgs {
     worker_ttl: f64,
     #[command(flatten)]
     tls: crate::security::TlsArgs,
+    /// Port of the web dashboard, on the scheduler's --host [default: 8787, or any free port
+    /// when that one is taken; printed]. 0 turns it off.
+    #[arg(long, value_name = "PORT")]
+    dashboard_port: Option<u16>,
+    /// Write every published event (task state changes, runs, workers) to this file, one JSON
+    /// object per line; `rask dashboard --replay FILE` shows it after the run.
+    #[arg(long, value_name = "FILE")]
+    journal: Option<PathBuf>,
+}
+
+/// The dashboard's default port (Dask's).
+const DASHBOARD_PORT: u16 = 8787;
+
+/// Starts the dashboard (and journal) the scheduler arguments ask for; `None` when neither is
+/// wanted. Returns the feed to attach to the scheduler.
+fn start_dashboard(
+    args: &SchedulerArgs,
+) -> Result<Option<(rask_dashboard::Dashboard, rask_runtime::feed::FeedSender)>, String> {
+    let port = args.dashboard_port.unwrap_or(DASHBOARD_PORT);
+    if port == 0 && args.journal.is_none() {
+        return Ok(None);
+    }
+    let ip: std::net::IpAddr = match args.host.parse() {
+        Ok(ip) => ip,
+        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(args.host.as_str(), 0))
+            .ok()
+            .and_then(|mut a| a.next())
+            .map(|a| a.ip())
+            .ok_or_else(|| format!("cannot resolve --host {}", args.host))?,
+    };
+    let attempt = |listen: Option<std::net::SocketAddr>| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let cfg = rask_dashboard::DashboardConfig { listen, journal: args.journal.clone() };
+        rask_dashboard::start(&cfg, rx).map(|d| (d, tx))
+    };
+    let listen = (port != 0).then(|| std::net::SocketAddr::new(ip, port));
+    match attempt(listen) {
+        Ok(d) => Ok(Some(d)),
+        // The default port is busy (another scheduler on this machine): any port will do.
+        Err(rask_dashboard::DashboardError::Bind(..)) if args.dashboard_port.is_none() => {
+            attempt(Some(std::net::SocketAddr::new(ip, 0))).map(Some).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Arguments of `rask worker`.
@@ -113,9 +157,17 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
+    let dashboard = match start_dashboard(args) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("rask scheduler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     rt.block_on(async {
         let mut cfg = SchedulerConfig { host: args.host.clone(), port: args.port, ..SchedulerConfig::default() };
         cfg.core.worker_ttl_us = (args.worker_ttl > 0.0).then_some((args.worker_ttl * 1e6) as u64);
+        cfg.feed = dashboard.as_ref().map(|(_, feed)| feed.clone());
         let handle = match start_scheduler(cfg).await {
             Ok(h) => h,
             Err(e) => {
@@ -133,9 +185,19 @@ pub(crate) fn scheduler(args: &SchedulerArgs) -> ExitCode {
             }
         }
         eprintln!("rask scheduler: listening at {}", handle.address);
+        let dashboard = dashboard.map(|(d, _)| d);
+        if let Some(a) = dashboard.as_ref().and_then(|d| d.address) {
+            eprintln!("rask scheduler: dashboard at http://{a}/");
+        }
         let sig = signalled().await;
         eprintln!("rask scheduler: received {sig}, shutting down");
         handle.shutdown(&format!("the scheduler received {sig}")).await;
+        if let Some(d) = &dashboard {
+            // The feed closed with the scheduler: the journal is complete once flushed.
+            if let Err(e) = d.finish(std::time::Duration::from_secs(10)) {
+                eprintln!("rask scheduler: {e}");
+            }
+        }
         if let Some(f) = &args.scheduler_file {
             let _ = std::fs::remove_file(f);
         }

@@ -6,6 +6,7 @@
 mod bench;
 mod bench_dist;
 mod cluster;
+mod dashboard;
 mod nanny;
 mod run;
 mod security;
@@ -41,6 +42,8 @@ enum Command {
     Scheduler(cluster::SchedulerArgs),
     /// Start workers connected to a scheduler.
     Worker(cluster::WorkerArgs),
+    /// Serve the dashboard of a finished run from its journal (`rask scheduler --journal`).
+    Dashboard(dashboard::DashboardArgs),
     /// Write a development TLS certificate set (a CA and a node certificate) to a directory.
     DevCerts(security::DevCertsArgs),
 }
@@ -56,5 +59,6 @@ fn main() -> ExitCode {
         Command::Scheduler(args) => cluster::scheduler(&args),
         Command::Worker(args) => cluster::worker(&args),
         Command::DevCerts(args) => security::dev_certs(&args),
+        Command::Dashboard(args) => dashboard::dashboard(&args),
     }
 }

@@ -1137,3 +1137,177 @@ fn idle_worker_steals_a_queued_slow_task_from_a_busy_one() {
     assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A minimal HTTP/1.1 GET (the test's own client: one request per connection): status and body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the dashboard");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("request");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    (code, body.to_owned())
+}
+
+/// Reads a child's standard error until a line contains `marker`; returns the text after it.
+fn wait_for_line(child: &mut Child, marker: &str) -> String {
+    let err = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if let Some((_, rest)) = line.split_once(marker.as_str()) {
+                let _ = tx.send(rest.trim().to_owned());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20)).expect("the line appears")
+}
+
+#[test]
+fn dashboard_serves_live_state_and_metrics_and_its_journal_replays_to_the_same_counts() {
+    let dir = scratch("dashboard");
+    let journal = dir.join("run.jsonl");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let mut scheduler = Command::new(RASK)
+        .args(["scheduler", "--port", "0", "--dashboard-port", &port.to_string()])
+        .arg("--journal")
+        .arg(&journal)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start scheduler");
+    let mut line = String::new();
+    BufReader::new(scheduler.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
+    let url = wait_for_line(&mut scheduler, "dashboard at http://");
+    let web = url.trim_end_matches('/').to_owned();
+    assert_eq!(web, format!("127.0.0.1:{port}"));
+    let mut cluster = Cluster { address: line.trim().to_owned(), scheduler, workers: Vec::new(), env: Vec::new() };
+    cluster.worker(&["--name", "dash-a", "--nthreads", "2"], &[]);
+    cluster.worker(&["--name", "dash-b", "--nthreads", "1"], &[]);
+    let o = rask(&["run", &example("pipeline.json"), "--json", "--scheduler", &cluster.address]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+
+    assert_eq!(http_get(&web, "/health"), (200, "ok\n".to_owned()));
+    // The run is over once its results are back; the feed may lag by a turn.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status: serde_json::Value = loop {
+        let (code, body) = http_get(&web, "/api/status");
+        assert_eq!(code, 200);
+        let s: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+        let live: u64 = s["counts"].as_object().expect("counts").values().map(|v| v.as_u64().expect("n")).sum();
+        if live == 0 && s["completed"].as_u64() >= Some(17) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the dashboard never showed the finished run: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let names: Vec<&str> =
+        status["workers"].as_array().expect("workers").iter().map(|w| w["name"].as_str().expect("name")).collect();
+    let mut names = names;
+    names.sort_unstable();
+    assert_eq!(names, ["dash-a", "dash-b"], "the workers table lists every worker");
+    let raw = status["prefixes"].as_array().expect("prefixes").iter().find(|p| p["name"] == "raw").expect("prefix raw");
+    assert_eq!(raw["done"], 1, "{raw}");
+
+    // /metrics, read by a Prometheus text-format parser.
+    let (code, metrics) = http_get(&web, "/metrics");
+    assert_eq!(code, 200);
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text");
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("no sample {name} {label:?} in\n{metrics}"))
+    };
+    assert_eq!(value("rask_tasks_completed_total", None), status["completed"].as_f64().expect("completed"));
+    assert_eq!(value("rask_workers", None), 2.0);
+    assert_eq!(value("rask_tasks", Some(("state", "processing"))), 0.0);
+    assert!(value("rask_worker_cpu_percent", Some(("worker", "dash-a"))) >= 0.0);
+    assert!(value("rask_worker_memory_unmanaged_bytes", Some(("worker", "dash-b"))) > 0.0, "memory reports arrive");
+
+    // A task's story, a worker's page, the graph, the stream, live events and the page itself.
+    let (code, body) = http_get(&web, "/api/task?key=raw");
+    assert_eq!(code, 200, "{body}");
+    let story: serde_json::Value = serde_json::from_str(&body).expect("story JSON");
+    let phases: Vec<&str> =
+        story["story"].as_array().expect("story").iter().map(|e| e["phase"].as_str().expect("phase")).collect();
+    assert!(
+        phases.starts_with(&["released", "waiting"]) && phases.contains(&"processing") && phases.contains(&"memory"),
+        "{phases:?}"
+    );
+    assert_eq!(story["story"][0]["cause"]["by"], "submitted");
+    assert_eq!(http_get(&web, "/api/task?key=nonesuch").0, 404);
+    let (code, body) = http_get(&web, "/api/worker?name=dash-b");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"nthreads\":1"), "{body}");
+    let (_, body) = http_get(&web, "/api/graph");
+    let graph: serde_json::Value = serde_json::from_str(&body).expect("graph JSON");
+    assert!(graph["nodes"].as_array().expect("nodes").iter().any(|n| n["key"] == "count" && n["deps"][0] == "raw"));
+    let (_, body) = http_get(&web, "/api/stream?after=0");
+    let runs: serde_json::Value = serde_json::from_str(&body).expect("stream JSON");
+    assert!(runs["items"].as_array().expect("items").len() >= 17);
+    let (code, page) = http_get(&web, "/");
+    assert!(code == 200 && page.contains("<canvas") && page.contains("EventSource"), "the page is served");
+    {
+        let mut s = std::net::TcpStream::connect(&web).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        write!(s, "GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+        let mut got = String::new();
+        let mut buf = [0u8; 4096];
+        while !got.contains("event: update") {
+            let n = s.read(&mut buf).expect("server-sent events");
+            assert!(n > 0, "the event stream closed: {got}");
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(got.contains("text/event-stream"), "{got}");
+    }
+
+    // Stop the scheduler: the journal is complete, and replaying it shows the same run.
+    signal(cluster.scheduler.id(), libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.scheduler.try_wait().expect("poll").is_none() {
+        assert!(Instant::now() < deadline, "the scheduler did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut replay = Command::new(RASK)
+        .args(["dashboard", "--port", "0", "--replay"])
+        .arg(&journal)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start replay");
+    let mut line = String::new();
+    BufReader::new(replay.stdout.take().expect("stdout")).read_line(&mut line).expect("replay address");
+    let replay_web = line.trim().trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let (code, body) = http_get(&replay_web, "/api/status");
+    let _ = replay.kill();
+    let _ = replay.wait();
+    assert_eq!(code, 200);
+    let replayed: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    for field in ["counts", "completed", "failed", "prefixes"] {
+        assert_eq!(replayed[field], status[field], "replayed {field}");
+    }
+    let report = dir.join("report.html");
+    let o = rask(&["dashboard", "--replay", &journal.to_string_lossy(), "--report", &report.to_string_lossy()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let html = std::fs::read_to_string(&report).expect("report");
+    assert!(
+        html.contains("\"completed\":") && !html.contains("/*REPORT_DATA*/null"),
+        "the report has its data built in"
+    );
+    let o = rask(&["dashboard", "--replay", &example("pipeline.json")]);
+    assert_eq!(o.status.code(), Some(2), "a file that is not a journal is refused");
+    assert!(text(&o.stderr).contains("line 1"), "{}", text(&o.stderr));
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}

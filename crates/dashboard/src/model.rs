@@ -1,0 +1,762 @@
+//! What the dashboard knows: the scheduler's published events folded into counts, per-prefix
+//! progress, a task stream, workers and a bounded story of state changes. Pure: events in,
+//! snapshots out — the live feed and a replayed journal go through the same code, so a replay
+//! shows exactly what the live dashboard showed.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use rask_graph::{FxHashMap, Key};
+use rask_runtime::feed::{Cause, FeedEvent, Phase, TaskChange};
+use serde::Serialize;
+
+/// State changes kept for task stories (the oldest are dropped first).
+const STORY_LIMIT: usize = 200_000;
+/// Task runs kept for the task stream.
+const STREAM_LIMIT: usize = 20_000;
+/// Memory samples kept per worker (for the report's memory-over-time chart).
+const MEMORY_HISTORY: usize = 2_000;
+/// Window over which throughput is measured.
+const THROUGHPUT_WINDOW_US: u64 = 2_000_000;
+
+/// The task prefix Dask groups by: the key without trailing `-NUMBER` or `-hexhash` parts
+/// (`"inc-12"` → `"inc"`, `"tree-14-1234"` → `"tree"`).
+#[must_use]
+pub fn prefix_of(key: &str) -> &str {
+    let mut end = key.len();
+    while let Some(i) = key[..end].rfind(['-', '_']) {
+        let part = &key[i + 1..end];
+        let numeric = !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+        let hashy = part.len() >= 8 && part.bytes().all(|b| b.is_ascii_hexdigit());
+        if (numeric || hashy) && i > 0 {
+            end = i;
+        } else {
+            break;
+        }
+    }
+    &key[..end]
+}
+
+/// One task the scheduler still knows.
+struct TaskRec {
+    key: Key,
+    phase: Phase,
+    /// Its result was computed (and not lost since): released or forgotten now means done.
+    finished: bool,
+    prefix: u32,
+    /// Where it is processing, while it is.
+    worker: Option<u32>,
+}
+
+/// Progress of one task prefix.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct PrefixProgress {
+    /// The prefix.
+    pub name: Arc<str>,
+    /// Not runnable yet, queued, or released for now.
+    pub waiting: u64,
+    /// Running on a worker.
+    pub processing: u64,
+    /// Result in memory.
+    pub memory: u64,
+    /// Failed.
+    pub erred: u64,
+    /// Finished and since released (done with).
+    pub done: u64,
+    /// Mean run time of its finished runs (µs).
+    pub mean_duration_us: u64,
+    #[serde(skip)]
+    runs: u64,
+    #[serde(skip)]
+    total_duration_us: u64,
+}
+
+impl PrefixProgress {
+    /// The count a task in `phase` belongs to; `finished`: its result was computed, so once
+    /// released or forgotten it is done.
+    fn slot(&mut self, phase: Phase, finished: bool) -> Option<&mut u64> {
+        match phase {
+            Phase::Released | Phase::Forgotten if finished => Some(&mut self.done),
+            Phase::Released | Phase::Waiting | Phase::Queued | Phase::NoWorker => Some(&mut self.waiting),
+            Phase::Processing => Some(&mut self.processing),
+            Phase::Memory => Some(&mut self.memory),
+            Phase::Erred => Some(&mut self.erred),
+            Phase::Forgotten => None,
+        }
+    }
+}
+
+/// A worker, present or departed.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WorkerView {
+    /// Its id in the feed.
+    pub id: u32,
+    /// Its name.
+    pub name: String,
+    /// Its data address.
+    pub address: String,
+    /// Threads.
+    pub nthreads: u32,
+    /// Memory limit (bytes), if any.
+    pub memory_limit: Option<u64>,
+    /// Bytes of results in memory.
+    pub managed: u64,
+    /// Bytes of results on disk.
+    pub spilled: u64,
+    /// Process memory not accounted for by results (`rss - managed`).
+    pub unmanaged: u64,
+    /// Process resident memory.
+    pub rss: u64,
+    /// CPU use over its last report interval, percent of one core.
+    pub cpu_percent: f64,
+    /// Tasks processing there now.
+    pub processing: u64,
+    /// Tasks it ran.
+    pub ran: u64,
+    /// Bytes written to / read from spill files, fetched from peers (totals).
+    pub spill_written: u64,
+    /// See `spill_written`.
+    pub spill_read: u64,
+    /// See `spill_written`.
+    pub fetched: u64,
+    /// When it joined (µs since the scheduler started).
+    pub joined_us: u64,
+    /// When it left and why, if it did.
+    pub left: Option<(u64, String)>,
+    #[serde(skip)]
+    cpu_sample: Option<(u64, u64)>,
+    #[serde(skip)]
+    lanes: Vec<u64>,
+}
+
+/// One run in the task stream.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Run {
+    /// Order of arrival (for incremental fetches).
+    pub seq: u64,
+    /// The task.
+    pub key: Key,
+    /// Its prefix.
+    pub prefix: Arc<str>,
+    /// The worker's id.
+    pub worker: u32,
+    /// The worker thread lane it is drawn in.
+    pub lane: u32,
+    /// Start (µs since the scheduler started).
+    pub start_us: u64,
+    /// Run time (µs).
+    pub duration_us: u64,
+    /// Whether it succeeded.
+    pub ok: bool,
+}
+
+/// One entry of a task's story.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StoryEntry {
+    /// When (µs since the scheduler started).
+    pub at_us: u64,
+    /// The task's serial number.
+    pub task: u64,
+    /// Its new state.
+    pub phase: Phase,
+    /// The worker involved, if any.
+    pub worker: Option<u32>,
+    /// What caused it.
+    pub cause: Cause,
+}
+
+/// A memory sample.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct MemorySample {
+    /// When.
+    pub at_us: u64,
+    /// Results in memory.
+    pub managed: u64,
+    /// Results on disk.
+    pub spilled: u64,
+    /// Process memory.
+    pub rss: u64,
+}
+
+/// Everything the status page shows.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Status {
+    /// The scheduler's address.
+    pub address: String,
+    /// When it started (ms since the Unix epoch).
+    pub started_unix_ms: u64,
+    /// The latest event's time (µs since the start).
+    pub now_us: u64,
+    /// Tasks the scheduler knows, by state.
+    pub counts: BTreeMap<&'static str, u64>,
+    /// Tasks finished (successfully) so far.
+    pub completed: u64,
+    /// Tasks failed so far.
+    pub failed: u64,
+    /// Tasks finished per second over the last two seconds of events.
+    pub throughput: f64,
+    /// Progress by task prefix, in order of first appearance.
+    pub prefixes: Vec<PrefixProgress>,
+    /// Workers, present and departed, in order of joining.
+    pub workers: Vec<WorkerView>,
+    /// The sequence number of the latest task run.
+    pub stream_seq: u64,
+}
+
+/// A task of the graph view: its key, its inputs and its state's name.
+pub type GraphNode = (Key, Vec<Key>, &'static str);
+
+/// The dashboard's state.
+#[derive(Default)]
+pub struct Model {
+    address: String,
+    started_unix_ms: u64,
+    now_us: u64,
+    tasks: FxHashMap<u64, TaskRec>,
+    /// Serials of recently forgotten tasks, to find their stories by key.
+    forgotten: VecDeque<(u64, Key)>,
+    prefixes: Vec<PrefixProgress>,
+    prefix_ids: HashMap<String, u32>,
+    completed: u64,
+    failed: u64,
+    story: VecDeque<StoryEntry>,
+    stream: VecDeque<Run>,
+    stream_seq: u64,
+    workers: BTreeMap<u32, WorkerView>,
+    memory: BTreeMap<u32, VecDeque<MemorySample>>,
+    finishes: VecDeque<u64>,
+    graph: Vec<(Key, Vec<Key>)>,
+    graph_truncated: bool,
+    /// Bumped by every event, so observers can tell whether anything changed.
+    version: u64,
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Released => "released",
+        Phase::Waiting => "waiting",
+        Phase::Queued => "queued",
+        Phase::NoWorker => "no-worker",
+        Phase::Processing => "processing",
+        Phase::Memory => "memory",
+        Phase::Erred => "erred",
+        Phase::Forgotten => "forgotten",
+    }
+}
+
+const LIVE_PHASES: [Phase; 7] =
+    [Phase::Released, Phase::Waiting, Phase::Queued, Phase::NoWorker, Phase::Processing, Phase::Memory, Phase::Erred];
+
+impl Model {
+    /// An empty model.
+    #[must_use]
+    pub fn new() -> Self {
+        Model::default()
+    }
+
+    /// Changes with every event applied.
+    #[must_use]
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn prefix_id(&mut self, key: &str) -> u32 {
+        let p = prefix_of(key);
+        if let Some(id) = self.prefix_ids.get(p) {
+            return *id;
+        }
+        let id = self.prefixes.len() as u32;
+        self.prefixes.push(PrefixProgress { name: Arc::from(p), ..PrefixProgress::default() });
+        self.prefix_ids.insert(p.to_owned(), id);
+        id
+    }
+
+    /// Folds one published event in.
+    pub fn apply(&mut self, event: FeedEvent) {
+        self.version += 1;
+        match event {
+            FeedEvent::Started { unix_ms, address } => {
+                self.started_unix_ms = unix_ms;
+                self.address = address;
+            }
+            FeedEvent::Tasks { at_us, changes } => {
+                self.now_us = self.now_us.max(at_us);
+                for c in changes {
+                    self.change(at_us, c);
+                }
+            }
+            FeedEvent::Graph { tasks } => {
+                let room = rask_runtime::feed::GRAPH_FEED_LIMIT.saturating_sub(self.graph.len());
+                if tasks.len() > room {
+                    self.graph_truncated = true;
+                }
+                self.graph.extend(tasks.into_iter().take(room));
+            }
+            FeedEvent::WorkerJoined { at_us, worker, name, address, nthreads, memory_limit } => {
+                self.now_us = self.now_us.max(at_us);
+                self.workers.insert(
+                    worker,
+                    WorkerView {
+                        id: worker,
+                        name,
+                        address,
+                        nthreads,
+                        memory_limit,
+                        managed: 0,
+                        spilled: 0,
+                        unmanaged: 0,
+                        rss: 0,
+                        cpu_percent: 0.0,
+                        processing: 0,
+                        ran: 0,
+                        spill_written: 0,
+                        spill_read: 0,
+                        fetched: 0,
+                        joined_us: at_us,
+                        left: None,
+                        cpu_sample: None,
+                        lanes: vec![0; nthreads.max(1) as usize],
+                    },
+                );
+            }
+            FeedEvent::WorkerLeft { at_us, worker, cause } => {
+                self.now_us = self.now_us.max(at_us);
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.left.get_or_insert((at_us, cause));
+                    w.processing = 0;
+                }
+            }
+            FeedEvent::WorkerMemory {
+                at_us,
+                worker,
+                managed,
+                spilled,
+                rss,
+                cpu_us,
+                spill_written,
+                spill_read,
+                fetched,
+            } => {
+                self.now_us = self.now_us.max(at_us);
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    if let Some((t0, c0)) = w.cpu_sample {
+                        if at_us > t0 {
+                            w.cpu_percent = cpu_us.saturating_sub(c0) as f64 * 100.0 / (at_us - t0) as f64;
+                        }
+                    }
+                    w.cpu_sample = Some((at_us, cpu_us));
+                    w.managed = managed;
+                    w.spilled = spilled;
+                    w.rss = rss;
+                    w.unmanaged = rss.saturating_sub(managed);
+                    w.spill_written = spill_written;
+                    w.spill_read = spill_read;
+                    w.fetched = fetched;
+                }
+                let h = self.memory.entry(worker).or_default();
+                h.push_back(MemorySample { at_us, managed, spilled, rss });
+                if h.len() > MEMORY_HISTORY {
+                    h.pop_front();
+                }
+            }
+        }
+    }
+
+    fn change(&mut self, at_us: u64, c: TaskChange) {
+        let TaskChange { task, key, phase, worker, duration_us, cause } = c;
+        // The key is not cloned per change: its reference count lives on the scheduler's side.
+        let (old_phase, old_finished, prefix, old_worker) = match (self.tasks.get(&task), &key) {
+            (Some(t), _) => (Some(t.phase), t.finished, t.prefix, t.worker),
+            (None, Some(key)) => (None, false, self.prefix_id(key.as_str()), None),
+            // A change for a task whose first change was never seen (a journal cut short at
+            // its start): nothing to attach it to.
+            (None, None) => return,
+        };
+        // Computed results stay done when released; running it again (lost data) undoes that.
+        let finished = match phase {
+            Phase::Memory => true,
+            Phase::Waiting | Phase::Queued | Phase::NoWorker | Phase::Processing | Phase::Erred => false,
+            Phase::Released | Phase::Forgotten => old_finished,
+        };
+        let p = &mut self.prefixes[prefix as usize];
+        if let Some(slot) = old_phase.and_then(|o| p.slot(o, old_finished)) {
+            *slot = slot.saturating_sub(1);
+        }
+        if let Some(slot) = p.slot(phase, finished) {
+            *slot += 1;
+        }
+        // Runs for the task stream: a finished run comes with its time, a failure with its worker.
+        let run = match (phase, duration_us, cause) {
+            (Phase::Memory, Some(d), _) => Some((worker, at_us.saturating_sub(d), d, true)),
+            (Phase::Erred, _, Cause::Failed { worker }) => Some((Some(worker), at_us, 0, false)),
+            _ => None,
+        };
+        if let Some((Some(w), start_us, duration_us, ok)) = run {
+            if ok {
+                p.runs += 1;
+                p.total_duration_us += duration_us;
+                p.mean_duration_us = p.total_duration_us / p.runs;
+                self.completed += 1;
+                self.finishes.push_back(at_us);
+            } else {
+                self.failed += 1;
+            }
+            let prefix_name = Arc::clone(&p.name);
+            let lane = match self.workers.get_mut(&w) {
+                Some(wv) => {
+                    wv.ran += 1;
+                    lane_for(&mut wv.lanes, start_us, duration_us)
+                }
+                None => 0,
+            };
+            self.stream_seq += 1;
+            let seq = self.stream_seq;
+            let key = match (&key, self.tasks.get(&task)) {
+                (Some(k), _) => k.clone(),
+                (None, Some(t)) => t.key.clone(),
+                (None, None) => return,
+            };
+            self.stream.push_back(Run { seq, key, prefix: prefix_name, worker: w, lane, start_us, duration_us, ok });
+            if self.stream.len() > STREAM_LIMIT {
+                self.stream.pop_front();
+            }
+        }
+        if old_phase == Some(Phase::Processing) {
+            if let Some(w) = old_worker.and_then(|w| self.workers.get_mut(&w)) {
+                w.processing = w.processing.saturating_sub(1);
+            }
+        }
+        let processing_on = (phase == Phase::Processing).then_some(worker).flatten();
+        if let Some(w) = processing_on.and_then(|w| self.workers.get_mut(&w)) {
+            w.processing += 1;
+        }
+        self.story.push_back(StoryEntry { at_us, task, phase, worker, cause });
+        if self.story.len() > STORY_LIMIT {
+            self.story.pop_front();
+        }
+        if phase == Phase::Forgotten {
+            let Some(gone) = self.tasks.remove(&task) else { return };
+            self.forgotten.push_back((task, gone.key));
+            if self.forgotten.len() > STORY_LIMIT / 4 {
+                self.forgotten.pop_front();
+            }
+        } else {
+            match self.tasks.entry(task) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let t = e.get_mut();
+                    t.phase = phase;
+                    t.finished = finished;
+                    t.worker = processing_on;
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    if let Some(key) = key {
+                        e.insert(TaskRec { key, phase, finished, prefix, worker: processing_on });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tasks known, by state.
+    #[must_use]
+    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
+        let mut counts: BTreeMap<&'static str, u64> = LIVE_PHASES.iter().map(|p| (phase_name(*p), 0)).collect();
+        for t in self.tasks.values() {
+            *counts.entry(phase_name(t.phase)).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Finished tasks per second over the last two seconds of events.
+    fn throughput(&mut self) -> f64 {
+        let since = self.now_us.saturating_sub(THROUGHPUT_WINDOW_US);
+        while self.finishes.front().is_some_and(|t| *t < since) {
+            self.finishes.pop_front();
+        }
+        self.finishes.len() as f64 / (THROUGHPUT_WINDOW_US as f64 / 1e6)
+    }
+
+    /// The status snapshot.
+    pub fn status(&mut self) -> Status {
+        Status {
+            address: self.address.clone(),
+            started_unix_ms: self.started_unix_ms,
+            now_us: self.now_us,
+            counts: self.counts(),
+            completed: self.completed,
+            failed: self.failed,
+            throughput: self.throughput(),
+            prefixes: self.prefixes.clone(),
+            workers: self.workers.values().cloned().collect(),
+            stream_seq: self.stream_seq,
+        }
+    }
+
+    /// Task runs after `seq`, oldest first, at most `limit`.
+    #[must_use]
+    pub fn stream_after(&self, seq: u64, limit: usize) -> Vec<Run> {
+        let start = self.stream.partition_point(|r| r.seq <= seq);
+        self.stream.range(start..).take(limit).cloned().collect()
+    }
+
+    /// A task's current state (`None`: not known now) and its recorded story, oldest first
+    /// (the latest task of that key, if the key was used more than once).
+    #[must_use]
+    pub fn story(&self, key: &str) -> (Option<Phase>, Vec<StoryEntry>) {
+        let live = self.tasks.iter().find(|(_, t)| t.key.as_str() == key).map(|(s, t)| (*s, Some(t.phase)));
+        let found =
+            live.or_else(|| self.forgotten.iter().rev().find(|(_, k)| k.as_str() == key).map(|(s, _)| (*s, None)));
+        let Some((serial, now)) = found else { return (None, Vec::new()) };
+        (now, self.story.iter().filter(|e| e.task == serial).cloned().collect())
+    }
+
+    /// A worker by name (the latest of that name), with its memory history and recent runs.
+    #[must_use]
+    pub fn worker(&self, name: &str) -> Option<(WorkerView, Vec<MemorySample>, Vec<Run>)> {
+        let w = self.workers.values().rev().find(|w| w.name == name)?;
+        let memory = self.memory.get(&w.id).map(|h| h.iter().copied().collect()).unwrap_or_default();
+        let runs: Vec<Run> = self.stream.iter().rev().filter(|r| r.worker == w.id).take(200).cloned().collect();
+        Some((w.clone(), memory, runs))
+    }
+
+    /// The current computation's tasks with their inputs and states (graphs up to the feed's
+    /// limit), and whether it was cut short.
+    #[must_use]
+    pub fn graph(&self) -> (Vec<GraphNode>, bool) {
+        let live: HashMap<&str, Phase> = self.tasks.values().map(|t| (t.key.as_str(), t.phase)).collect();
+        let nodes = self
+            .graph
+            .iter()
+            .map(|(k, deps)| {
+                let phase = live.get(k.as_str()).map_or("forgotten", |p| phase_name(*p));
+                (k.clone(), deps.clone(), phase)
+            })
+            .collect();
+        (nodes, self.graph_truncated)
+    }
+
+    /// Memory samples of every worker, for the report.
+    #[must_use]
+    pub fn memory_history(&self) -> BTreeMap<u32, Vec<MemorySample>> {
+        self.memory.iter().map(|(w, h)| (*w, h.iter().copied().collect())).collect()
+    }
+
+    /// The Prometheus text exposition of the counters and gauges.
+    pub fn metrics(&mut self) -> String {
+        use std::fmt::Write;
+        fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        }
+        let status = self.status();
+        let mut out = String::new();
+        family(&mut out, "rask_tasks", "gauge", "Tasks the scheduler knows, by state.");
+        for (state, n) in &status.counts {
+            let _ = writeln!(out, "rask_tasks{{state=\"{state}\"}} {n}");
+        }
+        let scalars: [(&str, &str, &str, String); 4] = [
+            ("rask_tasks_completed_total", "counter", "Tasks finished successfully.", status.completed.to_string()),
+            ("rask_tasks_failed_total", "counter", "Task runs that failed.", status.failed.to_string()),
+            (
+                "rask_throughput_tasks_per_second",
+                "gauge",
+                "Tasks finished per second over the last two seconds.",
+                status.throughput.to_string(),
+            ),
+            (
+                "rask_workers",
+                "gauge",
+                "Workers connected.",
+                status.workers.iter().filter(|w| w.left.is_none()).count().to_string(),
+            ),
+        ];
+        for (name, kind, help, value) in scalars {
+            family(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        type Field = fn(&WorkerView) -> String;
+        let per_worker: [(&str, &str, &str, Field); 8] = [
+            ("rask_worker_memory_managed_bytes", "gauge", "Bytes of results in memory.", |w| w.managed.to_string()),
+            ("rask_worker_memory_spilled_bytes", "gauge", "Bytes of results on disk.", |w| w.spilled.to_string()),
+            ("rask_worker_memory_unmanaged_bytes", "gauge", "Process memory besides results.", |w| {
+                w.unmanaged.to_string()
+            }),
+            ("rask_worker_cpu_percent", "gauge", "CPU use, percent of one core.", |w| format!("{:.1}", w.cpu_percent)),
+            ("rask_worker_processing_tasks", "gauge", "Tasks processing on the worker.", |w| w.processing.to_string()),
+            ("rask_worker_transfer_bytes_total", "counter", "Bytes fetched from other workers.", |w| {
+                w.fetched.to_string()
+            }),
+            ("rask_worker_spill_written_bytes_total", "counter", "Bytes written to spill files.", |w| {
+                w.spill_written.to_string()
+            }),
+            ("rask_worker_spill_read_bytes_total", "counter", "Bytes read back from spill files.", |w| {
+                w.spill_read.to_string()
+            }),
+        ];
+        for (name, kind, help, field) in per_worker {
+            family(&mut out, name, kind, help);
+            for w in status.workers.iter().filter(|w| w.left.is_none()) {
+                let _ = writeln!(out, "{name}{{worker=\"{}\"}} {}", escape_label(&w.name), field(w));
+            }
+        }
+        out
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The first lane free at `start` (else the one that frees first), marked busy until the end.
+fn lane_for(lanes: &mut [u64], start: u64, duration: u64) -> u32 {
+    let i = lanes
+        .iter()
+        .position(|busy_until| *busy_until <= start)
+        .unwrap_or_else(|| lanes.iter().enumerate().min_by_key(|(_, b)| **b).map_or(0, |(i, _)| i));
+    if let Some(l) = lanes.get_mut(i) {
+        *l = start + duration;
+    }
+    i as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A change of task `task` (named `key` on its first change).
+    fn change(task: u64, key: Option<&str>, phase: Phase, worker: Option<u32>) -> TaskChange {
+        TaskChange { task, key: key.map(Key::new), phase, worker, duration_us: None, cause: Cause::Tick }
+    }
+
+    fn joined(m: &mut Model, worker: u32, name: &str, nthreads: u32) {
+        m.apply(FeedEvent::WorkerJoined {
+            at_us: 0,
+            worker,
+            name: name.into(),
+            address: "tcp://x:1".into(),
+            nthreads,
+            memory_limit: None,
+        });
+    }
+
+    #[test]
+    fn prefixes_drop_numeric_and_hash_suffixes() {
+        assert_eq!(prefix_of("inc-12"), "inc");
+        assert_eq!(prefix_of("tree-14-1234"), "tree");
+        assert_eq!(prefix_of("load-parquet-0a1b2c3d4e5f"), "load-parquet");
+        assert_eq!(prefix_of("total"), "total");
+        assert_eq!(prefix_of("-1"), "-1");
+    }
+
+    #[test]
+    fn progress_counts_follow_the_task_states_and_runs_fill_the_stream() {
+        let mut m = Model::new();
+        joined(&mut m, 1, "w1", 2);
+        m.apply(FeedEvent::Tasks {
+            at_us: 10,
+            changes: vec![
+                change(1, Some("inc-1"), Phase::Waiting, None),
+                change(2, Some("inc-2"), Phase::Waiting, None),
+                change(3, Some("sum"), Phase::Waiting, None),
+                change(1, None, Phase::Processing, Some(1)),
+            ],
+        });
+        let s = m.status();
+        assert_eq!(
+            s.prefixes[0],
+            PrefixProgress { name: Arc::from("inc"), waiting: 1, processing: 1, ..Default::default() }
+        );
+        assert_eq!(s.workers[0].processing, 1);
+        let finished = TaskChange { duration_us: Some(5), ..change(1, None, Phase::Memory, Some(1)) };
+        m.apply(FeedEvent::Tasks {
+            at_us: 20,
+            changes: vec![finished, change(1, None, Phase::Released, None), change(1, None, Phase::Forgotten, None)],
+        });
+        let s = m.status();
+        assert_eq!((s.prefixes[0].waiting, s.prefixes[0].processing, s.prefixes[0].done), (1, 0, 1));
+        assert_eq!(s.prefixes[0].mean_duration_us, 5);
+        assert_eq!(s.workers[0].processing, 0);
+        assert_eq!(s.counts["waiting"], 2);
+        assert_eq!(s.completed, 1);
+        let runs = m.stream_after(0, 10);
+        assert_eq!((runs.len(), runs[0].start_us, runs[0].duration_us, runs[0].key.as_str()), (1, 15, 5, "inc-1"));
+        let (now, story) = m.story("inc-1");
+        assert_eq!(now, None, "forgotten");
+        let phases: Vec<Phase> = story.iter().map(|e| e.phase).collect();
+        assert_eq!(phases, [Phase::Waiting, Phase::Processing, Phase::Memory, Phase::Released, Phase::Forgotten]);
+        // A failure is a failed run on its worker.
+        let failed = TaskChange { cause: Cause::Failed { worker: 1 }, ..change(2, None, Phase::Erred, None) };
+        m.apply(FeedEvent::Tasks { at_us: 30, changes: vec![failed] });
+        let s = m.status();
+        assert_eq!((s.failed, s.prefixes[0].erred, s.prefixes[0].waiting), (1, 1, 0));
+        assert!(!m.stream_after(1, 10)[0].ok);
+    }
+
+    #[test]
+    fn a_lost_result_computed_again_is_no_longer_done() {
+        let mut m = Model::new();
+        joined(&mut m, 1, "w1", 1);
+        let done = TaskChange { duration_us: Some(1), ..change(1, Some("x-1"), Phase::Memory, Some(1)) };
+        m.apply(FeedEvent::Tasks { at_us: 5, changes: vec![done, change(1, None, Phase::Released, None)] });
+        assert_eq!(m.status().prefixes[0].done, 1);
+        m.apply(FeedEvent::Tasks { at_us: 6, changes: vec![change(1, None, Phase::Waiting, None)] });
+        let p = &m.status().prefixes[0];
+        assert_eq!((p.done, p.waiting), (0, 1));
+    }
+
+    #[test]
+    fn overlapping_runs_get_separate_lanes() {
+        let mut lanes = vec![0, 0];
+        assert_eq!(lane_for(&mut lanes, 0, 10), 0);
+        assert_eq!(lane_for(&mut lanes, 5, 10), 1);
+        assert_eq!(lane_for(&mut lanes, 12, 1), 0);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing probe: cargo test --release -p rask-dashboard -- --ignored --nocapture"]
+    fn apply_cost_per_task() {
+        let keys: Vec<Key> = (0..65536).map(|i| Key::from(format!("tree-{}-{i}", i % 16))).collect();
+        let mut m = Model::new();
+        m.apply(FeedEvent::WorkerJoined {
+            at_us: 0,
+            worker: 1,
+            name: "w".into(),
+            address: "a".into(),
+            nthreads: 1,
+            memory_limit: None,
+        });
+        let t0 = std::time::Instant::now();
+        let mut serial = 0u64;
+        for round in 0..4u64 {
+            for chunk in keys.chunks(512) {
+                let mut changes = Vec::new();
+                for k in chunk {
+                    serial += 1;
+                    let c = |phase, key: Option<Key>, d| TaskChange {
+                        task: serial,
+                        key,
+                        phase,
+                        worker: Some(1),
+                        duration_us: d,
+                        cause: Cause::Tick,
+                    };
+                    changes.push(c(Phase::Released, Some(k.clone()), None));
+                    for p in [Phase::Waiting, Phase::Queued, Phase::Processing] {
+                        changes.push(c(p, None, None));
+                    }
+                    changes.push(c(Phase::Memory, None, Some(1)));
+                    changes.push(c(Phase::Released, None, None));
+                    changes.push(c(Phase::Forgotten, None, None));
+                }
+                m.apply(FeedEvent::Tasks { at_us: round, changes });
+            }
+        }
+        let per = t0.elapsed().as_nanos() as f64 / (4.0 * 65536.0);
+        eprintln!("apply: {per:.0} ns per task (7 changes, one run)");
+    }
+}
