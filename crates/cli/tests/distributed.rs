@@ -1311,3 +1311,237 @@ fn dashboard_serves_live_state_and_metrics_and_its_journal_replays_to_the_same_c
     drop(cluster);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// One HTTP/1.1 request with an optional JSON body (the test's own client): status and body
+/// (chunked bodies are reassembled).
+fn http(addr: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let payload = body.map(ToString::to_string).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    )
+    .expect("request");
+    // Read the head, then exactly the body it announces (servers may keep the connection open).
+    let mut reader = BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).expect("response head") == 0 || line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    let lower = head.to_ascii_lowercase();
+    let length =
+        lower.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+    let mut body = Vec::new();
+    if let Some(n) = length {
+        body.resize(n, 0);
+        reader.read_exact(&mut body).expect("response body");
+    } else if lower.contains("transfer-encoding: chunked") {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).expect("chunk size");
+            let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+            let mut chunk = vec![0u8; n + 2];
+            reader.read_exact(&mut chunk).expect("chunk");
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        let _ = reader.read_to_end(&mut body);
+    }
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A WebDriver session on a headless Chromium, through `chromedriver`; ended on drop.
+struct Browser {
+    driver: Child,
+    addr: String,
+    session: String,
+}
+
+impl Browser {
+    /// `None` when Chromium is not installed, unless `.ci/run` (which installs it and sets
+    /// `RASK_REQUIRE_BROWSER`) or CI runs the test: there, its absence is a failure.
+    fn start() -> Option<Browser> {
+        let found = Command::new("chromedriver").arg("--version").output().is_ok_and(|o| o.status.success());
+        if !found {
+            let required = std::env::var_os("RASK_REQUIRE_BROWSER").is_some() || std::env::var_os("CI").is_some();
+            assert!(!required, "chromium and chromedriver are missing (.ci/run installs them)");
+            eprintln!(
+                "SKIPPED: no chromedriver on this machine (install chromium and chromium-driver to run this test)"
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let caps = serde_json::json!({ "capabilities": { "alwaysMatch": { "goog:chromeOptions": {
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"]
+        } } } });
+        let mut b = Browser { driver, addr, session: String::new() };
+        let (code, body) = http(&b.addr, "POST", "/session", Some(&caps));
+        assert_eq!(code, 200, "new session: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("session JSON");
+        b.session = v["value"]["sessionId"].as_str().expect("session id").to_owned();
+        Some(b)
+    }
+
+    fn call(&self, method: &str, what: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+        let path = format!("/session/{}/{what}", self.session);
+        let (code, text) = http(&self.addr, method, &path, body.as_ref());
+        assert_eq!(code, 200, "{method} {what}: {text}");
+        serde_json::from_str::<serde_json::Value>(&text).expect("WebDriver JSON")["value"].take()
+    }
+
+    fn open(&self, url: &str) {
+        self.call("POST", "url", Some(serde_json::json!({ "url": url })));
+    }
+
+    /// Runs `script` (a function body) in the page and returns its result.
+    fn eval(&self, script: &str) -> serde_json::Value {
+        self.call("POST", "execute/sync", Some(serde_json::json!({ "script": script, "args": [] })))
+    }
+
+    /// Polls `script` until `ok` accepts its result (bounded).
+    fn until(&self, script: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.eval(script);
+            if ok(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "the page never showed what was expected; last: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = http(&self.addr, "DELETE", &format!("/session/{}", self.session), None);
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[test]
+fn dashboard_in_a_headless_browser_updates_live_and_its_replay_shows_the_same_counts() {
+    let Some(browser) = Browser::start() else { return };
+    let dir = scratch("browser");
+    let journal = dir.join("run.jsonl");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let mut scheduler = Command::new(RASK)
+        .args(["scheduler", "--port", "0", "--dashboard-port", &port.to_string()])
+        .arg("--journal")
+        .arg(&journal)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start scheduler");
+    let mut line = String::new();
+    BufReader::new(scheduler.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
+    let mut cluster = Cluster { address: line.trim().to_owned(), scheduler, workers: Vec::new(), env: Vec::new() };
+    cluster.worker(&["--name", "page-a", "--nthreads", "1"], &[]);
+    cluster.worker(&["--name", "page-b", "--nthreads", "1"], &[]);
+    let web = format!("127.0.0.1:{port}");
+    browser.open(&format!("http://{web}/"));
+    // The workers table lists every worker.
+    browser.open(&format!("http://{web}/#/workers"));
+    browser.until("return document.querySelectorAll('tr.worker').length", |v| v == 2);
+    browser.open(&format!("http://{web}/"));
+
+    // 60 tasks of 100 ms on two one-thread workers: about 3 s to watch.
+    let address = cluster.address.clone();
+    let run = std::thread::spawn(move || {
+        let c = BlockingClient::connect(&address).expect("client");
+        let mut b = GraphBuilder::new();
+        for i in 0..60 {
+            b.add(TaskSpec::new(
+                format!("nap-{i}"),
+                "sleep",
+                vec![ArgSpec::Lit(Value::Int(100)), ArgSpec::Lit(Value::Int(i))],
+            ));
+        }
+        let g = b.build().expect("graph");
+        let outs = g.sinks();
+        c.compute(&g, &outs).expect("run").len()
+    });
+    let probe = "return { completed: Number((document.getElementById('completed') || {}).textContent || 0), \
+                 runs: runs.length, prefixes: document.querySelectorAll('tr.prefix').length, \
+                 processing: Number(((document.getElementById('count-processing') || {}).textContent || '0').replace(/\\D/g, '')) }";
+    let early = browser.until(probe, |v| v["completed"].as_u64().is_some_and(|n| (1..40).contains(&n)));
+    assert_eq!(early["prefixes"], 1, "one task prefix, with its progress bar: {early}");
+    let later = browser.until(probe, |v| v["completed"].as_u64() > early["completed"].as_u64());
+    assert!(later["runs"].as_u64() > early["runs"].as_u64(), "the task stream grows live: {early} then {later}");
+
+    // A screenshot of the status page during the run, inspected for content.
+    let shot = browser.call("GET", "screenshot", None);
+    use base64::Engine;
+    let png_bytes = base64::engine::general_purpose::STANDARD.decode(shot.as_str().expect("base64")).expect("PNG data");
+    std::fs::write(dir.join("dashboard.png"), &png_bytes).expect("save the screenshot");
+    // RASK_SCREENSHOT=FILE keeps a copy (the README's picture comes from here).
+    if let Some(keep) = std::env::var_os("RASK_SCREENSHOT") {
+        std::fs::write(keep, &png_bytes).expect("copy the screenshot");
+    }
+    let decoder = png::Decoder::new(std::io::Cursor::new(&png_bytes));
+    let mut reader = decoder.read_info().expect("PNG header");
+    let mut pixels = vec![0u8; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut pixels).expect("PNG frame");
+    let channels = info.color_type.samples();
+    let mut colors = std::collections::HashSet::new();
+    for px in pixels[..info.buffer_size()].chunks(channels) {
+        colors.insert(px[..3.min(channels)].to_vec());
+    }
+    assert!(colors.len() > 20, "the screenshot is not blank: {} colours", colors.len());
+
+    assert_eq!(run.join().expect("run thread"), 60);
+    let done = browser.until(probe, |v| v["completed"] == 60);
+
+    // The replayed journal shows the same final counts.
+    let (_, live) = http(&web, "GET", "/api/status", None);
+    let live: serde_json::Value = serde_json::from_str(&live).expect("status");
+    signal(cluster.scheduler.id(), libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.scheduler.try_wait().expect("poll").is_none() {
+        assert!(Instant::now() < deadline, "the scheduler did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut replay = Command::new(RASK)
+        .args(["dashboard", "--port", "0", "--replay"])
+        .arg(&journal)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("replay");
+    let mut url = String::new();
+    BufReader::new(replay.stdout.take().expect("stdout")).read_line(&mut url).expect("replay URL");
+    browser.open(url.trim());
+    let replayed = browser.until(probe, |v| v["completed"] == done["completed"]);
+    let _ = replay.kill();
+    let _ = replay.wait();
+    assert_eq!(replayed["prefixes"], done["prefixes"]);
+    let counts = browser.eval("return status.counts");
+    assert_eq!(counts, live["counts"], "the replay's counts by state are the live run's");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}
