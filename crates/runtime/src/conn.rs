@@ -175,6 +175,8 @@ impl PeerPool {
             None => dial(address, &Role::Peer).await?.0,
         };
         write_frame(&mut stream, &[request], blobs).await?;
+        // TLS keeps the end of a write in its session buffer until flushed.
+        tokio::io::AsyncWriteExt::flush(&mut stream).await?;
         let mut frames = Vec::new();
         // An answer may span several frames, but not without bound.
         let mut frames_left = 64usize;

@@ -728,6 +728,7 @@ async fn serve_peer(stream: TcpStream, store: &Store) -> Result<(), RuntimeError
                     }
                 }
                 write_frame(&mut stream, &[PeerMsg::Stored { keys }], &[]).await?;
+                flush(&mut stream).await?;
                 continue;
             }
             let PeerMsg::GetData { keys } = m else { continue };
@@ -767,8 +768,14 @@ async fn serve_peer(stream: TcpStream, store: &Store) -> Result<(), RuntimeError
                 let more = i < last;
                 let unsendable = if more { Vec::new() } else { std::mem::take(&mut unsendable) };
                 write_frame(&mut stream, &[PeerMsg::Data { values: f.values, unsendable, more }], &f.blobs).await?;
+                flush(&mut stream).await?;
             }
         }
     }
     Ok(())
+}
+
+/// Flushes a peer connection: TLS holds the end of a write in its session buffer until then.
+async fn flush(stream: &mut rask_protocol::tls::Stream) -> Result<(), RuntimeError> {
+    tokio::io::AsyncWriteExt::flush(stream).await.map_err(|e| RuntimeError::Protocol(e.into()))
 }
