@@ -557,7 +557,8 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32) -> Result<(), 
     }
     let tasks = g.len() as f64;
     let journal_bytes = std::fs::metadata(&journal).map_or(0, |m| m.len());
-    let runs = f64::from(repeat + 1) * tasks;
+    // The journalled cluster ran the warm-up once and the tree `repeat` times.
+    let runs = f64::from(repeat) * tasks + warm.len() as f64;
     println!(
         "dashboard: tree-{depth} at {:.0} tasks/s without the dashboard, {:.0} with it ({:+.1}%), {:.0} with it and a journal ({:+.1}%; {:.0} journal bytes per task)",
         tasks / best[0],

@@ -37,6 +37,10 @@ pub(crate) struct SchedulerArgs {
     /// when that one is taken; printed]. 0 turns it off.
     #[arg(long, value_name = "PORT")]
     dashboard_port: Option<u16>,
+    /// Interface of the dashboard [default: the scheduler's --host; 127.0.0.1 when the cluster
+    /// uses TLS or a token, since the dashboard itself has neither].
+    #[arg(long, value_name = "HOST")]
+    dashboard_host: Option<String>,
     /// Write every published event (task state changes, runs, workers) to this file, one JSON
     /// object per line; `rask dashboard --replay FILE` shows it after the run.
     #[arg(long, value_name = "FILE")]
@@ -55,13 +59,22 @@ fn start_dashboard(
     if port == 0 && args.journal.is_none() {
         return Ok(None);
     }
-    let ip: std::net::IpAddr = match args.host.parse() {
+    // A secured cluster keeps its dashboard (plain HTTP, no authentication) on this machine
+    // unless told otherwise.
+    let secured = rask_protocol::handshake::process_token().is_some()
+        || rask_protocol::tls::process_tls().map_err(|e| e.to_string())?.is_some();
+    let host = match (&args.dashboard_host, secured) {
+        (Some(h), _) => h.as_str(),
+        (None, true) => "127.0.0.1",
+        (None, false) => args.host.as_str(),
+    };
+    let ip: std::net::IpAddr = match host.parse() {
         Ok(ip) => ip,
-        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(args.host.as_str(), 0))
+        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(host, 0))
             .ok()
             .and_then(|mut a| a.next())
             .map(|a| a.ip())
-            .ok_or_else(|| format!("cannot resolve --host {}", args.host))?,
+            .ok_or_else(|| format!("cannot resolve the dashboard's host {host}"))?,
     };
     let attempt = |listen: Option<std::net::SocketAddr>| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -16,6 +16,10 @@ const STORY_LIMIT: usize = 200_000;
 const STREAM_LIMIT: usize = 20_000;
 /// Memory samples kept per worker (for the report's memory-over-time chart).
 const MEMORY_HISTORY: usize = 2_000;
+/// Task prefixes tracked; tasks of later ones count under [`OTHER_PREFIX`].
+const MAX_PREFIXES: usize = 500;
+/// The prefix of tasks beyond [`MAX_PREFIXES`].
+const OTHER_PREFIX: &str = "(other)";
 /// Window over which throughput is measured.
 const THROUGHPUT_WINDOW_US: u64 = 2_000_000;
 
@@ -46,6 +50,105 @@ struct TaskRec {
     prefix: u32,
     /// Where it is processing, while it is.
     worker: Option<u32>,
+}
+
+/// Live tasks by serial number. Serials are handed out in order and tasks mostly finish in
+/// order, so a window indexed by serial holds them (no hashing; neighbours are adjacent in
+/// memory, which matters at a few hundred thousand changes a second). Tasks that outlive the
+/// window's front by far move to a map, so one long-lived task cannot pin a window of
+/// everything submitted after it.
+#[derive(Default)]
+struct TaskTable {
+    /// Serial of `window[0]`.
+    base: u64,
+    window: VecDeque<Option<TaskRec>>,
+    /// Live tasks in `window`.
+    in_window: usize,
+    /// Stragglers from before `base`.
+    old: FxHashMap<u64, TaskRec>,
+}
+
+impl TaskTable {
+    /// The window is compacted into `old` beyond this length when mostly empty.
+    const SPAN: usize = 1 << 16;
+
+    fn len(&self) -> usize {
+        self.in_window + self.old.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn index(&self, serial: u64) -> Option<usize> {
+        serial.checked_sub(self.base).map(|i| i as usize).filter(|i| *i < self.window.len())
+    }
+
+    fn get(&self, serial: u64) -> Option<&TaskRec> {
+        match self.index(serial) {
+            Some(i) => self.window[i].as_ref(),
+            None => self.old.get(&serial),
+        }
+    }
+
+    fn get_mut(&mut self, serial: u64) -> Option<&mut TaskRec> {
+        match self.index(serial) {
+            Some(i) => self.window[i].as_mut(),
+            None => self.old.get_mut(&serial),
+        }
+    }
+
+    fn insert(&mut self, serial: u64, rec: TaskRec) {
+        if self.window.is_empty() {
+            self.base = serial;
+        }
+        if serial < self.base {
+            self.old.insert(serial, rec);
+            return;
+        }
+        let i = (serial - self.base) as usize;
+        if i >= self.window.len() {
+            self.window.resize_with(i + 1, || None);
+        }
+        if self.window[i].replace(rec).is_none() {
+            self.in_window += 1;
+        }
+    }
+
+    fn remove(&mut self, serial: u64) -> Option<TaskRec> {
+        let gone = match self.index(serial) {
+            Some(i) => {
+                let gone = self.window[i].take();
+                if gone.is_some() {
+                    self.in_window -= 1;
+                }
+                gone
+            }
+            None => self.old.remove(&serial),
+        };
+        while matches!(self.window.front(), Some(None)) {
+            self.window.pop_front();
+            self.base += 1;
+        }
+        while self.window.len() > Self::SPAN && self.window.len() > 4 * self.in_window {
+            if let Some(Some(rec)) = self.window.pop_front() {
+                self.in_window -= 1;
+                self.old.insert(self.base, rec);
+            }
+            self.base += 1;
+        }
+        gone
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &TaskRec)> {
+        let base = self.base;
+        let window = self.window.iter().enumerate().filter_map(move |(i, r)| r.as_ref().map(|r| (base + i as u64, r)));
+        window.chain(self.old.iter().map(|(s, r)| (*s, r)))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &TaskRec> {
+        self.iter().map(|(_, r)| r)
+    }
 }
 
 /// Progress of one task prefix.
@@ -212,7 +315,7 @@ pub struct Model {
     address: String,
     started_unix_ms: u64,
     now_us: u64,
-    tasks: FxHashMap<u64, TaskRec>,
+    tasks: TaskTable,
     /// Serials of recently forgotten tasks, to find their stories by key.
     forgotten: VecDeque<(u64, Key)>,
     prefixes: Vec<PrefixProgress>,
@@ -261,9 +364,16 @@ impl Model {
     }
 
     fn prefix_id(&mut self, key: &str) -> u32 {
-        let p = prefix_of(key);
+        let mut p = prefix_of(key);
         if let Some(id) = self.prefix_ids.get(p) {
             return *id;
+        }
+        // Keys that do not group (no numbered suffix) would make a prefix per task.
+        if self.prefixes.len() >= MAX_PREFIXES {
+            p = OTHER_PREFIX;
+            if let Some(id) = self.prefix_ids.get(p) {
+                return *id;
+            }
         }
         let id = self.prefixes.len() as u32;
         self.prefixes.push(PrefixProgress { name: Arc::from(p), ..PrefixProgress::default() });
@@ -286,6 +396,11 @@ impl Model {
                 }
             }
             FeedEvent::Graph { tasks } => {
+                // Nothing left of the previous computation: the new one gets the graph view.
+                if self.tasks.is_empty() {
+                    self.graph.clear();
+                    self.graph_truncated = false;
+                }
                 let room = rask_runtime::feed::GRAPH_FEED_LIMIT.saturating_sub(self.graph.len());
                 if tasks.len() > room {
                     self.graph_truncated = true;
@@ -365,7 +480,7 @@ impl Model {
     fn change(&mut self, at_us: u64, c: TaskChange) {
         let TaskChange { task, key, phase, worker, duration_us, cause } = c;
         // The key is not cloned per change: its reference count lives on the scheduler's side.
-        let (old_phase, old_finished, prefix, old_worker) = match (self.tasks.get(&task), &key) {
+        let (old_phase, old_finished, prefix, old_worker) = match (self.tasks.get(task), &key) {
             (Some(t), _) => (Some(t.phase), t.finished, t.prefix, t.worker),
             (None, Some(key)) => (None, false, self.prefix_id(key.as_str()), None),
             // A change for a task whose first change was never seen (a journal cut short at
@@ -388,7 +503,7 @@ impl Model {
         // Runs for the task stream: a finished run comes with its time, a failure with its worker.
         let run = match (phase, duration_us, cause) {
             (Phase::Memory, Some(d), _) => Some((worker, at_us.saturating_sub(d), d, true)),
-            (Phase::Erred, _, Cause::Failed { worker }) => Some((Some(worker), at_us, 0, false)),
+            (Phase::Erred, Some(_), _) => Some((worker, at_us, 0, false)),
             _ => None,
         };
         if let Some((Some(w), start_us, duration_us, ok)) = run {
@@ -398,6 +513,10 @@ impl Model {
                 p.mean_duration_us = p.total_duration_us / p.runs;
                 self.completed += 1;
                 self.finishes.push_back(at_us);
+                let since = at_us.saturating_sub(THROUGHPUT_WINDOW_US);
+                while self.finishes.front().is_some_and(|t| *t < since) {
+                    self.finishes.pop_front();
+                }
             } else {
                 self.failed += 1;
             }
@@ -411,7 +530,7 @@ impl Model {
             };
             self.stream_seq += 1;
             let seq = self.stream_seq;
-            let key = match (&key, self.tasks.get(&task)) {
+            let key = match (&key, self.tasks.get(task)) {
                 (Some(k), _) => k.clone(),
                 (None, Some(t)) => t.key.clone(),
                 (None, None) => return,
@@ -435,22 +554,21 @@ impl Model {
             self.story.pop_front();
         }
         if phase == Phase::Forgotten {
-            let Some(gone) = self.tasks.remove(&task) else { return };
+            let Some(gone) = self.tasks.remove(task) else { return };
             self.forgotten.push_back((task, gone.key));
             if self.forgotten.len() > STORY_LIMIT / 4 {
                 self.forgotten.pop_front();
             }
         } else {
-            match self.tasks.entry(task) {
-                std::collections::hash_map::Entry::Occupied(mut e) => {
-                    let t = e.get_mut();
+            match self.tasks.get_mut(task) {
+                Some(t) => {
                     t.phase = phase;
                     t.finished = finished;
                     t.worker = processing_on;
                 }
-                std::collections::hash_map::Entry::Vacant(e) => {
+                None => {
                     if let Some(key) = key {
-                        e.insert(TaskRec { key, phase, finished, prefix, worker: processing_on });
+                        self.tasks.insert(task, TaskRec { key, phase, finished, prefix, worker: processing_on });
                     }
                 }
             }
@@ -503,7 +621,7 @@ impl Model {
     /// (the latest task of that key, if the key was used more than once).
     #[must_use]
     pub fn story(&self, key: &str) -> (Option<Phase>, Vec<StoryEntry>) {
-        let live = self.tasks.iter().find(|(_, t)| t.key.as_str() == key).map(|(s, t)| (*s, Some(t.phase)));
+        let live = self.tasks.iter().find(|(_, t)| t.key.as_str() == key).map(|(s, t)| (s, Some(t.phase)));
         let found =
             live.or_else(|| self.forgotten.iter().rev().find(|(_, k)| k.as_str() == key).map(|(s, _)| (*s, None)));
         let Some((serial, now)) = found else { return (None, Vec::new()) };
@@ -685,10 +803,17 @@ mod tests {
         let phases: Vec<Phase> = story.iter().map(|e| e.phase).collect();
         assert_eq!(phases, [Phase::Waiting, Phase::Processing, Phase::Memory, Phase::Released, Phase::Forgotten]);
         // A failure is a failed run on its worker.
-        let failed = TaskChange { cause: Cause::Failed { worker: 1 }, ..change(2, None, Phase::Erred, None) };
-        m.apply(FeedEvent::Tasks { at_us: 30, changes: vec![failed] });
+        let failed = TaskChange {
+            cause: Cause::Failed { worker: 1 },
+            duration_us: Some(0),
+            ..change(2, None, Phase::Erred, Some(1))
+        };
+        // A task that fails because its input did never ran: not a run.
+        let inherited = TaskChange { cause: Cause::Failed { worker: 1 }, ..change(3, None, Phase::Erred, None) };
+        m.apply(FeedEvent::Tasks { at_us: 30, changes: vec![failed, inherited] });
         let s = m.status();
         assert_eq!((s.failed, s.prefixes[0].erred, s.prefixes[0].waiting), (1, 1, 0));
+        assert_eq!((s.prefixes[1].name.as_ref(), s.prefixes[1].erred), ("sum", 1));
         assert!(!m.stream_after(1, 10)[0].ok);
     }
 
@@ -702,6 +827,41 @@ mod tests {
         m.apply(FeedEvent::Tasks { at_us: 6, changes: vec![change(1, None, Phase::Waiting, None)] });
         let p = &m.status().prefixes[0];
         assert_eq!((p.done, p.waiting), (0, 1));
+    }
+
+    #[test]
+    fn keys_that_do_not_group_share_one_prefix_beyond_the_cap() {
+        let mut m = Model::new();
+        let changes = (0..MAX_PREFIXES as u64 + 10)
+            .map(|i| change(i + 1, Some(&format!("k{i}x")), Phase::Waiting, None))
+            .collect();
+        m.apply(FeedEvent::Tasks { at_us: 1, changes });
+        let s = m.status();
+        assert_eq!(s.prefixes.len(), MAX_PREFIXES + 1);
+        assert_eq!((s.prefixes[MAX_PREFIXES].name.as_ref(), s.prefixes[MAX_PREFIXES].waiting), (OTHER_PREFIX, 10));
+    }
+
+    fn rec(key: &str) -> TaskRec {
+        TaskRec { key: Key::new(key), phase: Phase::Waiting, finished: false, prefix: 0, worker: None }
+    }
+
+    #[test]
+    fn the_task_table_keeps_stragglers_without_pinning_its_window() {
+        let mut t = TaskTable::default();
+        for s in 1..=200_000u64 {
+            t.insert(s, rec(&format!("k{s}")));
+        }
+        // All but the first finish: the window moves past it, and it moves to the map.
+        for s in 2..=200_000u64 {
+            assert!(t.remove(s).is_some());
+        }
+        assert_eq!(t.len(), 1);
+        assert!(t.window.len() <= TaskTable::SPAN, "window {}", t.window.len());
+        assert_eq!(t.get(1).map(|r| r.key.as_str()), Some("k1"));
+        t.insert(200_001, rec("late"));
+        assert_eq!(t.iter().map(|(s, _)| s).collect::<Vec<_>>().len(), 2);
+        assert!(t.remove(1).is_some() && t.remove(200_001).is_some() && t.is_empty());
+        assert!(t.remove(7).is_none());
     }
 
     #[test]

@@ -481,22 +481,20 @@ pub async fn accept_with(tcp: TcpStream, who: &str, tls: Option<Tls>) -> Result<
     match (tls, speaks_tls) {
         (None, false) => Ok(Stream::Plain(tcp)),
         (None, true) => {
-            // Answered in plaintext, which the peer's TLS layer reports as such; its hello is
-            // read first so that closing does not reset the connection before that.
+            // Answered in plaintext, which the peer's TLS layer reports as such. Its hello (one
+            // TLS record: a 5-byte header with the length, then the body) is read first, within
+            // the handshake deadline, so that closing does not reset the connection before the
+            // peer reads the answer.
             let mut tcp = tcp;
-            let mut sink = [0u8; 4096];
-            let mut left = 64 * 1024usize;
-            while let Ok(Ok(n @ 1..)) = tokio::time::timeout(
-                std::time::Duration::from_millis(50),
-                tokio::io::AsyncReadExt::read(&mut tcp, &mut sink),
-            )
-            .await
-            {
-                left = left.saturating_sub(n);
-                if left == 0 {
-                    break;
-                }
-            }
+            let drain = async {
+                use tokio::io::AsyncReadExt;
+                let mut header = [0u8; 5];
+                tcp.read_exact(&mut header).await?;
+                let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+                let mut body = vec![0u8; len];
+                tcp.read_exact(&mut body).await.map(|_| ())
+            };
+            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, drain).await;
             let reason = format!("refused by {who}: it has no TLS configured");
             crate::handshake::send_refusal(&mut tcp, &reason).await;
             Err(ProtocolError::Tls(format!(

@@ -114,8 +114,9 @@ pub struct TaskChange {
     /// The worker it went to (processing) or that first holds its result (memory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<u32>,
-    /// How long its run took (µs, as the worker measured) when it just finished: with the
-    /// change's time, this places the run in the task stream.
+    /// Set when this change ends a run: the run time (µs, as the worker measured) for a
+    /// finished run, which with the change's time places it in the task stream; 0 for a failed
+    /// run (erred, with `worker` the worker it failed on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_us: Option<u64>,
     /// Why.

@@ -114,9 +114,11 @@ impl SpillPolicy {
     /// Whether a worker using `rss` bytes should be paused: above [`PAUSE_FRACTION`] of the
     /// limit while it still holds results in memory. With everything already on disk, the
     /// excess is the process itself or a running task; pausing could then only wait forever,
-    /// so the worker runs on (and its supervisor restarts it above 95%).
-    pub(crate) fn should_pause(&self, rss: u64) -> bool {
-        !self.lru.is_empty() && self.limit.is_some_and(|l| rss as f64 > l as f64 * PAUSE_FRACTION)
+    /// so the worker runs on (and its supervisor restarts it above 95%). `writing`: bytes of
+    /// results chosen for disk whose files are still being written — memory that will come back,
+    /// so the worker pauses while it waits for them too.
+    pub(crate) fn should_pause(&self, rss: u64, writing: u64) -> bool {
+        (!self.lru.is_empty() || writing > 0) && self.limit.is_some_and(|l| rss as f64 > l as f64 * PAUSE_FRACTION)
     }
 
     /// A result that could not be written to disk stays in memory (over the target, rather
@@ -193,15 +195,17 @@ mod tests {
         }
         // 500 managed plus 350 allocated by a task: 150 bytes must go (two results).
         assert_eq!(p.spill_for_rss(850), [k(0), k(1)]);
-        assert!(p.should_pause(850) && !p.should_pause(700));
+        assert!(p.should_pause(850, 0) && !p.should_pause(700, 0));
         assert!(p.spill_for_rss(650).is_empty());
-        assert!(!SpillPolicy::new(None).should_pause(u64::MAX));
+        assert!(!SpillPolicy::new(None).should_pause(u64::MAX, 1));
         // Everything on disk: pausing cannot help any more.
         assert_eq!(p.spill_for_rss(5000).len(), 3);
-        assert!(!p.should_pause(5000));
+        assert!(!p.should_pause(5000, 0));
+        // ... unless results are still on their way to disk.
+        assert!(p.should_pause(5000, 100));
         // Nor does a result that could not be written: it is not offered again.
         p.kept(&k(9), 900);
-        assert!(!p.should_pause(5000) && p.spill_for_rss(5000).is_empty());
+        assert!(!p.should_pause(5000, 0) && p.spill_for_rss(5000).is_empty());
         assert_eq!(p.managed(), 900);
     }
 

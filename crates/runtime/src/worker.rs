@@ -253,7 +253,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     let in_flight = held.writing_bytes();
                     let out = held.policy.spill_for_rss(rss.saturating_sub(in_flight));
                     held.spill(out);
-                    let pause = held.policy.should_pause(rss);
+                    let pause = held.policy.should_pause(rss, held.writing_bytes());
                     drop(held);
                     let (m, cv) = &*queue;
                     let mut q = lock(m);

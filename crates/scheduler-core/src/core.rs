@@ -62,7 +62,8 @@ pub struct Config {
     /// Work stealing: at most this many bytes of inputs may have to move with a stolen task.
     pub steal_max_input_bytes: u64,
     /// Record every task state change for [`Core::take_transitions`] (dashboards, journals).
-    /// Off, it costs one predictable branch per change.
+    /// Off, it costs one predictable branch per change. On, the caller must take the changes
+    /// after every event, or they accumulate.
     pub record_transitions: bool,
 }
 
@@ -121,9 +122,11 @@ pub struct Transition {
     pub key: Option<Key>,
     /// Its new state.
     pub phase: Phase,
-    /// The worker it was sent to (processing) or that first held its result (memory).
+    /// The worker it was sent to (processing), that first held its result (memory), or whose
+    /// run of it failed (erred).
     pub worker: Option<WorkerId>,
-    /// How long its run took, as the worker measured, when it just finished (memory).
+    /// Set when this change ends a run on a worker: the run time the worker measured (memory),
+    /// or 0 for a failed run (erred). Tasks that fail because an input did never ran: unset.
     pub duration_us: Option<u64>,
 }
 
@@ -1605,7 +1608,6 @@ impl<P: Clone> Core<P> {
         let was_pending = self.task(t).state.pending();
         self.task_mut(t).state = state;
         self.note(t);
-        self.note(t);
         if was_pending {
             let deps = self.neighbours(t, false);
             for &d in &deps {
@@ -1671,7 +1673,13 @@ impl<P: Clone> Core<P> {
         if !was_assigned || self.task(t).state != (State::Processing { on: wid }) {
             return;
         }
+        let first_change = self.transitions.len();
         self.set_finished(t, State::Erred(error));
+        // The first change recorded is this task's: it ended a run on `wid` (time unknown).
+        if let Some(tr) = self.transitions.get_mut(first_change) {
+            tr.worker = Some(wid);
+            tr.duration_us = Some(0);
+        }
         self.notify_wanters(t);
         self.propagate_failure(t);
         self.release_inputs(t);

@@ -53,9 +53,13 @@ impl Env {
                 self.phases.insert(tr.task, (key, tr.phase));
             } else {
                 let known = self.phases.get_mut(&tr.task).expect("the key came with the first change");
+                assert_ne!(known.1, tr.phase, "{}: a change to the state it already had", known.0);
                 known.1 = tr.phase;
             }
-            assert!(tr.duration_us.is_none() || tr.phase == Phase::Memory, "only finished runs have a duration");
+            assert!(
+                tr.duration_us.is_none() || matches!(tr.phase, Phase::Memory | Phase::Erred),
+                "only the end of a run has a duration"
+            );
         }
         assert_eq!(self.phases.len(), self.core.task_count(), "every known task was published");
         for (k, phase) in self.phases.values() {
