@@ -47,8 +47,7 @@ pub(crate) struct SchedulerArgs {
     journal: Option<PathBuf>,
 }
 
-/// The dashboard's default port (Dask's).
-const DASHBOARD_PORT: u16 = 8787;
+use crate::dashboard::DASHBOARD_PORT;
 
 /// Starts the dashboard (and journal) the scheduler arguments ask for; `None` when neither is
 /// wanted. Returns the feed to attach to the scheduler.
@@ -76,20 +75,8 @@ fn start_dashboard(
             .map(|a| a.ip())
             .ok_or_else(|| format!("cannot resolve the dashboard's host {host}"))?,
     };
-    let attempt = |listen: Option<std::net::SocketAddr>| {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let cfg = rask_dashboard::DashboardConfig { listen, journal: args.journal.clone() };
-        rask_dashboard::start(&cfg, rx).map(|d| (d, tx))
-    };
     let listen = (port != 0).then(|| std::net::SocketAddr::new(ip, port));
-    match attempt(listen) {
-        Ok(d) => Ok(Some(d)),
-        // The default port is busy (another scheduler on this machine): any port will do.
-        Err(rask_dashboard::DashboardError::Bind(..)) if args.dashboard_port.is_none() => {
-            attempt(Some(std::net::SocketAddr::new(ip, 0))).map(Some).map_err(|e| e.to_string())
-        }
-        Err(e) => Err(e.to_string()),
-    }
+    crate::dashboard::observe(listen, args.dashboard_port.is_none(), args.journal.clone()).map(Some)
 }
 
 /// Arguments of `rask worker`.

@@ -3,6 +3,32 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The dashboard's default port (Dask's).
+pub(crate) const DASHBOARD_PORT: u16 = 8787;
+
+/// Starts a dashboard (serving on `listen`, if given) and/or a journal, fed by the returned
+/// sender. `any_port_if_busy`: the port was not chosen by the user, so when it is taken (another
+/// scheduler on this machine) any free port will do.
+pub(crate) fn observe(
+    listen: Option<std::net::SocketAddr>,
+    any_port_if_busy: bool,
+    journal: Option<PathBuf>,
+) -> Result<(rask_dashboard::Dashboard, rask_runtime::feed::FeedSender), String> {
+    let attempt = |listen: Option<std::net::SocketAddr>| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let cfg = rask_dashboard::DashboardConfig { listen, journal: journal.clone() };
+        rask_dashboard::start(&cfg, rx).map(|d| (d, tx))
+    };
+    match attempt(listen) {
+        Ok(d) => Ok(d),
+        Err(rask_dashboard::DashboardError::Bind(..)) if any_port_if_busy => {
+            let any = listen.map(|a| std::net::SocketAddr::new(a.ip(), 0));
+            attempt(any).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Arguments of `rask dashboard`.
 #[derive(clap::Args)]
 pub(crate) struct DashboardArgs {

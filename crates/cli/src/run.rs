@@ -34,6 +34,18 @@ pub(crate) struct RunArgs {
     /// TLS for `--scheduler` (all three flags, or the `RASK_TLS_*` variables).
     #[command(flatten)]
     tls: crate::security::TlsArgs,
+    /// Show the run in the web dashboard (URL printed; port 8787, or any free port when taken).
+    /// The embedded cluster is then a scheduler in this process with worker processes, like
+    /// `LocalCluster`, so that it has the scheduler's feed.
+    #[arg(long, conflicts_with = "scheduler")]
+    dashboard: bool,
+    /// Port for `--dashboard`.
+    #[arg(long, value_name = "PORT", requires = "dashboard")]
+    dashboard_port: Option<u16>,
+    /// Write a standalone HTML performance report of the run to FILE (task stream, per-prefix
+    /// timings, worker memory over time; it opens offline). Runs like `--dashboard`.
+    #[arg(long, value_name = "FILE", conflicts_with = "scheduler")]
+    report: Option<PathBuf>,
     /// Workers of the embedded cluster (named local-0, local-1, ...).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     workers: u32,
@@ -156,6 +168,9 @@ pub(crate) fn run(args: &RunArgs) -> ExitCode {
         }
         return run_on_cluster(addr, &w, args.json);
     }
+    if args.dashboard || args.report.is_some() {
+        return run_observed(args, &w);
+    }
     if args.tls.given() {
         eprintln!("rask: --tls-cert, --tls-key and --tls-ca are for a cluster: give --scheduler too");
         return ExitCode::from(2);
@@ -181,6 +196,67 @@ pub(crate) fn run(args: &RunArgs) -> ExitCode {
         }
     };
     report(&w, &results, args.json, start.elapsed())
+}
+
+/// Runs a workflow on an embedded cluster with the scheduler's feed attached: a live dashboard
+/// and/or a report written after the run. Exit 3 when the cluster cannot start.
+fn run_observed(args: &RunArgs, w: &Workflow) -> ExitCode {
+    let port = args.dashboard_port.unwrap_or(crate::dashboard::DASHBOARD_PORT);
+    let listen =
+        (args.dashboard && port != 0).then(|| std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)));
+    let (dashboard, feed) = match crate::dashboard::observe(listen, args.dashboard_port.is_none(), None) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("rask: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(a) = dashboard.address {
+        eprintln!("rask: dashboard at http://{a}/");
+    }
+    let threads = args
+        .threads_per_worker
+        .map_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get), |n| n as usize);
+    let cfg = rask_runtime::LocalClusterConfig {
+        n_workers: args.workers as usize,
+        threads_per_worker: threads,
+        resources: args.resources.iter().flatten().map(|(k, v)| (k.clone(), *v)).collect(),
+        feed: Some(feed),
+        ..rask_runtime::LocalClusterConfig::default()
+    };
+    let start = Instant::now();
+    let results = match rask_runtime::LocalCluster::start(&cfg) {
+        Ok(cluster) => match cluster.client().and_then(|c| c.run(&w.graph, &w.outputs)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("rask: the embedded cluster could not be used: {e}");
+                return ExitCode::from(3);
+            }
+        },
+        Err(e) => {
+            eprintln!("rask: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let elapsed = start.elapsed();
+    // The cluster is gone (its scheduler stopped): the feed is complete once drained.
+    drop(cfg);
+    if let Err(e) = dashboard.finish(std::time::Duration::from_secs(10)) {
+        eprintln!("rask: {e}");
+    }
+    if let Some(path) = &args.report {
+        let html = {
+            let model = dashboard.model();
+            let mut model = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            rask_dashboard::report(&mut model)
+        };
+        if let Err(e) = std::fs::write(path, html) {
+            eprintln!("rask: cannot write the report {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        eprintln!("rask: report written to {}", path.display());
+    }
+    report(w, &results, args.json, elapsed)
 }
 
 /// Runs a workflow on a running cluster; exit 3 when the cluster cannot be used.

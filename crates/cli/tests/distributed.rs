@@ -1166,6 +1166,27 @@ fn wait_for_line(child: &mut Child, marker: &str) -> String {
     rx.recv_timeout(Duration::from_secs(20)).expect("the line appears")
 }
 
+/// Stops the cluster's scheduler with SIGTERM (which completes its journal) and serves the
+/// journal with `rask dashboard --replay`: the replay process and its URL.
+fn stop_and_replay(cluster: &mut Cluster, journal: &Path) -> (Child, String) {
+    signal(cluster.scheduler.id(), libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.scheduler.try_wait().expect("poll").is_none() {
+        assert!(Instant::now() < deadline, "the scheduler did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut replay = Command::new(RASK)
+        .args(["dashboard", "--port", "0", "--replay"])
+        .arg(journal)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start replay");
+    let mut url = String::new();
+    BufReader::new(replay.stdout.take().expect("stdout")).read_line(&mut url).expect("replay URL");
+    (replay, url.trim().to_owned())
+}
+
 #[test]
 fn dashboard_serves_live_state_and_metrics_and_its_journal_replays_to_the_same_counts() {
     let dir = scratch("dashboard");
@@ -1273,22 +1294,8 @@ fn dashboard_serves_live_state_and_metrics_and_its_journal_replays_to_the_same_c
     }
 
     // Stop the scheduler: the journal is complete, and replaying it shows the same run.
-    signal(cluster.scheduler.id(), libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cluster.scheduler.try_wait().expect("poll").is_none() {
-        assert!(Instant::now() < deadline, "the scheduler did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut replay = Command::new(RASK)
-        .args(["dashboard", "--port", "0", "--replay"])
-        .arg(&journal)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start replay");
-    let mut line = String::new();
-    BufReader::new(replay.stdout.take().expect("stdout")).read_line(&mut line).expect("replay address");
-    let replay_web = line.trim().trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let (mut replay, url) = stop_and_replay(&mut cluster, &journal);
+    let replay_web = url.trim_start_matches("http://").trim_end_matches('/').to_owned();
     let (code, body) = http_get(&replay_web, "/api/status");
     let _ = replay.kill();
     let _ = replay.wait();
@@ -1304,6 +1311,25 @@ fn dashboard_serves_live_state_and_metrics_and_its_journal_replays_to_the_same_c
     assert!(
         html.contains("\"completed\":") && !html.contains("/*REPORT_DATA*/null"),
         "the report has its data built in"
+    );
+    // `rask run --report`: the embedded run, identical results, and a report of it.
+    let run_report = dir.join("run-report.html");
+    let o = rask(&[
+        "run",
+        &example("pipeline.json"),
+        "--json",
+        "--workers",
+        "2",
+        "--report",
+        &run_report.to_string_lossy(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let local = rask(&["run", &example("pipeline.json"), "--json"]);
+    assert_eq!(text(&o.stdout), text(&local.stdout), "observed or not, the same results");
+    let html = std::fs::read_to_string(&run_report).expect("run report");
+    assert!(
+        html.contains("\"name\":\"raw\"") && html.contains("\"memory\":{\""),
+        "the report has the run's prefixes and memory"
     );
     let o = rask(&["dashboard", "--replay", &example("pipeline.json")]);
     assert_eq!(o.status.code(), Some(2), "a file that is not a journal is refused");
@@ -1520,22 +1546,8 @@ fn dashboard_in_a_headless_browser_updates_live_and_its_replay_shows_the_same_co
     // The replayed journal shows the same final counts.
     let (_, live) = http(&web, "GET", "/api/status", None);
     let live: serde_json::Value = serde_json::from_str(&live).expect("status");
-    signal(cluster.scheduler.id(), libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cluster.scheduler.try_wait().expect("poll").is_none() {
-        assert!(Instant::now() < deadline, "the scheduler did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut replay = Command::new(RASK)
-        .args(["dashboard", "--port", "0", "--replay"])
-        .arg(&journal)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("replay");
-    let mut url = String::new();
-    BufReader::new(replay.stdout.take().expect("stdout")).read_line(&mut url).expect("replay URL");
-    browser.open(url.trim());
+    let (mut replay, url) = stop_and_replay(&mut cluster, &journal);
+    browser.open(&url);
     let replayed = browser.until(probe, |v| v["completed"] == done["completed"]);
     let _ = replay.kill();
     let _ = replay.wait();

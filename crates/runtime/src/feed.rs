@@ -11,7 +11,9 @@
 use rask_graph::Key;
 use serde::{Deserialize, Serialize};
 
-/// A task's state as observers see it (the scheduler's states without their data).
+/// A task's state as observers see it (the scheduler's states without their data). It mirrors
+/// `rask_scheduler_core::Phase`, which stays free of serde (the core knows no formats); this
+/// one is the published, serialised form.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {

@@ -86,6 +86,8 @@ pub struct LocalClusterConfig {
     pub program: Option<PathBuf>,
     /// How long to wait for every worker to join.
     pub startup_timeout: Duration,
+    /// Where the scheduler publishes what happens (for a dashboard or a journal), if anywhere.
+    pub feed: Option<crate::feed::FeedSender>,
 }
 
 impl Default for LocalClusterConfig {
@@ -96,6 +98,7 @@ impl Default for LocalClusterConfig {
             resources: Vec::new(),
             program: None,
             startup_timeout: Duration::from_secs(30),
+            feed: None,
         }
     }
 }
@@ -148,7 +151,7 @@ impl LocalCluster {
             .enable_all()
             .build()
             .map_err(|e| LocalClusterError::Scheduler(e.to_string()))?;
-        let sched_cfg = SchedulerConfig { port: 0, ..SchedulerConfig::default() };
+        let sched_cfg = SchedulerConfig { port: 0, feed: cfg.feed.clone(), ..SchedulerConfig::default() };
         let handle =
             rt.block_on(start_scheduler(sched_cfg)).map_err(|e| LocalClusterError::Scheduler(e.to_string()))?;
         let address = handle.address.clone();
