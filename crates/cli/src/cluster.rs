@@ -116,6 +116,11 @@ pub(crate) struct WorkerArgs {
     /// restarted when they crash (the default, like Dask's nanny).
     #[arg(long)]
     no_nanny: bool,
+    /// Serve each worker's `/metrics` (Prometheus text: memory, CPU, spill and transfer bytes,
+    /// tasks) and `/health` over HTTP on this port of --host; with --nworkers K, ports P to
+    /// P+K-1. 0: any free port (printed). Off unless given.
+    #[arg(long, value_name = "PORT")]
+    metrics_port: Option<u16>,
     /// The cluster's shared token (else the `RASK_TOKEN` environment variable); also required
     /// from peers fetching data from this worker.
     #[arg(long, value_name = "TOKEN", value_parser = crate::run::token_arg)]
@@ -223,6 +228,25 @@ fn read_scheduler_file(path: &Path, deadline: Instant) -> Result<String, String>
 }
 
 /// The `rask worker ... --no-nanny` arguments of each supervised worker process.
+/// Starts a worker's metrics server on `host:port`: the figures it shows, and where it serves.
+fn serve_metrics(
+    host: &str,
+    port: u16,
+) -> Result<(Arc<std::sync::Mutex<rask_runtime::WorkerStats>>, std::net::SocketAddr), String> {
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("cannot resolve --host {host}"))?;
+    let stats = Arc::new(std::sync::Mutex::new(rask_runtime::WorkerStats::default()));
+    let at = rask_dashboard::worker_metrics::serve(addr, Arc::clone(&stats)).map_err(|e| e.to_string())?;
+    Ok((stats, at))
+}
+
+/// The metrics port of the `i`-th worker when the first gets `base` (0: any free port for all).
+fn metrics_port(base: u16, i: u32) -> u16 {
+    if base == 0 { 0 } else { base.saturating_add(u16::try_from(i).unwrap_or(u16::MAX)) }
+}
+
 fn child_commands(args: &WorkerArgs, address: &str) -> Vec<(String, Vec<String>)> {
     let base = args.name.clone().unwrap_or_else(|| format!("worker-{}", std::process::id()));
     (0..args.nworkers)
@@ -243,6 +267,9 @@ fn child_commands(args: &WorkerArgs, address: &str) -> Vec<(String, Vec<String>)
             }
             if args.zero_work {
                 a.push("--zero-work".into());
+            }
+            if let Some(p) = args.metrics_port {
+                a.extend(["--metrics-port".into(), metrics_port(p, i).to_string()]);
             }
             (name, a)
         })
@@ -301,8 +328,22 @@ pub(crate) fn worker(args: &WorkerArgs) -> ExitCode {
         let mut tasks = Vec::new();
         for i in 0..args.nworkers {
             let name = if args.nworkers == 1 { base.clone() } else { format!("{base}-{i}") };
+            let stats = match args.metrics_port {
+                Some(p) => match serve_metrics(&args.host, metrics_port(p, i)) {
+                    Ok((stats, at)) => {
+                        eprintln!("rask worker {name}: metrics at http://{at}/metrics");
+                        Some(stats)
+                    }
+                    Err(e) => {
+                        eprintln!("rask worker {name}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => None,
+            };
             let cfg = WorkerConfig {
                 scheduler: address.clone(),
+                stats,
                 name,
                 nthreads,
                 resources: args.resources.iter().flatten().map(|(k, v)| (k.clone(), *v)).collect(),

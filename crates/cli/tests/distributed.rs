@@ -1557,3 +1557,48 @@ fn dashboard_in_a_headless_browser_updates_live_and_its_replay_shows_the_same_co
     drop(cluster);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn worker_serves_its_own_metrics_and_health() {
+    let mut cluster = Cluster::start();
+    let mut worker = Command::new(RASK)
+        .args(["worker", &cluster.address, "--no-nanny", "--name", "metered", "--nthreads", "1", "--metrics-port", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start worker");
+    let url = wait_for_line(&mut worker, "metrics at http://");
+    cluster.workers.push(worker);
+    let web = url.trim_end_matches("/metrics").to_owned();
+    assert_eq!(http_get(&web, "/health"), (200, "ok\n".to_owned()));
+    let o = rask(&["run", &example("pipeline.json"), "--json", "--scheduler", &cluster.address]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    // The figures follow the worker's heartbeats (a few a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, metrics) = http_get(&web, "/metrics");
+        assert_eq!(code, 200);
+        let scrape =
+            prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text");
+        let value = |name: &str| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name && s.labels.get("worker") == Some("metered"))
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+                    _ => f64::NAN,
+                })
+                .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+        };
+        if value("rask_worker_tasks_finished_total") >= 17.0 {
+            assert!(value("rask_worker_memory_rss_bytes") > 0.0);
+            assert!(value("rask_worker_cpu_seconds_total") > 0.0);
+            assert_eq!(value("rask_worker_paused"), 0.0);
+            assert_eq!(value("rask_worker_tasks_failed_total"), 0.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker's metrics never showed its tasks:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -9,10 +9,12 @@
 //! memory and CPU per worker, counts by state, workers table, graph view, task and worker
 //! pages; scripts and styles inline, no network access needed), `/api/*` the JSON behind it,
 //! `/api/events` server-sent events for live updates, `/report` a standalone copy with the data
-//! built in, `/health`, and `/metrics` in the Prometheus text format.
+//! built in, `/health`, and `/metrics` in the Prometheus text format. Workers serve their own
+//! `/metrics` and `/health` too ([`worker_metrics`]).
 
 mod http;
 pub mod model;
+pub mod worker_metrics;
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;

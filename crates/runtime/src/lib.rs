@@ -22,7 +22,7 @@ pub use local_cluster::{
     run_worker_if_requested,
 };
 pub use scheduler::{SchedulerConfig, SchedulerHandle, start_scheduler};
-pub use worker::{WorkerConfig, WorkerExit, run_worker};
+pub use worker::{WorkerConfig, WorkerExit, WorkerStats, run_worker};
 
 /// Securing a cluster from a program: every connection this process makes or accepts uses the
 /// token and TLS set here (the `rask` commands' `--token` and `--tls-*` flags do the same).

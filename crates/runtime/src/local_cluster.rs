@@ -54,6 +54,7 @@ pub fn run_worker_if_requested() {
         registry: rask_ops::global(),
         zero_work: false,
         restarted_after: None,
+        stats: None,
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -67,6 +67,26 @@ pub struct WorkerConfig {
     pub zero_work: bool,
     /// How this worker's previous process ended, when a supervisor restarted it.
     pub restarted_after: Option<String>,
+    /// Where to keep this worker's figures up to date (a few times a second), for a metrics
+    /// endpoint; `None`: nowhere.
+    pub stats: Option<Arc<Mutex<WorkerStats>>>,
+}
+
+/// A worker's figures, as its metrics endpoint shows them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerStats {
+    /// Its name.
+    pub name: String,
+    /// The latest memory report (also its heartbeat).
+    pub memory: MemoryReport,
+    /// Tasks it finished.
+    pub tasks_finished: u64,
+    /// Tasks that failed on it.
+    pub tasks_failed: u64,
+    /// Tasks assigned to it and not finished yet (running, queued or waiting for inputs).
+    pub tasks_assigned: u64,
+    /// Whether it is paused for memory.
+    pub paused: bool,
 }
 
 /// How a worker's run ended.
@@ -213,6 +233,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     let (paused_tx, paused_rx) = tokio::sync::watch::channel(false);
     // Bytes of inputs fetched from peers so far (reported with the heartbeats).
     let mut fetched_bytes = 0u64;
+    let (mut tasks_finished, mut tasks_failed) = (0u64, 0u64);
     let mut waiting: FxHashMap<Key, Waiting> = FxHashMap::default();
     // input key -> tasks waiting for it
     let mut fetching: FxHashMap<Key, Vec<Key>> = FxHashMap::default();
@@ -280,6 +301,16 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     cpu_us: process_cpu_us(),
                     fetched: fetched_bytes,
                 };
+                if let Some(stats) = &cfg.stats {
+                    let paused = lock(&queue.0).paused;
+                    let mut s = lock(stats);
+                    s.name.clone_from(&cfg.name);
+                    s.memory = report;
+                    s.tasks_finished = tasks_finished;
+                    s.tasks_failed = tasks_failed;
+                    s.tasks_assigned = (queued.len() + waiting.len()) as u64;
+                    s.paused = paused;
+                }
                 to_scheduler.send(ToScheduler::Memory { report }, Vec::new());
                 continue;
             }
@@ -509,11 +540,13 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 release_replicas(&mut replicas, used);
                 match result {
                     Ok(v) => {
+                        tasks_finished += 1;
                         let nbytes = v.nbytes() as u64;
                         lock(&store).insert(key.clone(), v);
                         to_scheduler.send(ToScheduler::TaskFinished { key, nbytes, duration_us }, Vec::new());
                     }
                     Err(e) => {
+                        tasks_failed += 1;
                         to_scheduler.send(ToScheduler::TaskFailed { key, error: WireError::from(&e) }, Vec::new());
                     }
                 }
