@@ -40,6 +40,10 @@ pub(crate) struct DataStore {
     writing: FxHashMap<Key, (u64, Value)>,
     /// Their bytes (still in process memory).
     writing_bytes: u64,
+    /// Results taken back from `writing` because they were needed, with the number of the
+    /// write still in flight: spilled again before it lands, they wait for it instead of
+    /// starting another; once it lands, its file is theirs.
+    rescued: FxHashMap<Key, u64>,
     /// The writer thread's queue; `None`: files are written on the spot (tests).
     writer: Option<std::sync::mpsc::Sender<SpillJob>>,
     next_file: u64,
@@ -80,6 +84,7 @@ impl DataStore {
             files: FxHashMap::default(),
             writing: FxHashMap::default(),
             writing_bytes: 0,
+            rescued: FxHashMap::default(),
             writer: None,
             next_file: 0,
             name: name.to_owned(),
@@ -130,6 +135,12 @@ impl DataStore {
             if self.files.contains_key(&k) {
                 // Read back earlier and unchanged since (values are immutable): its file is
                 // still there, so spilling it again costs no write.
+                continue;
+            }
+            if let Some(id) = self.rescued.remove(&k) {
+                // Its write is still in flight: wait for that one.
+                self.writing_bytes += v.nbytes() as u64;
+                self.writing.insert(k, (id, v));
                 continue;
             }
             let path = match self.next_path() {
@@ -189,7 +200,23 @@ impl DataStore {
     fn written(&mut self, job: SpillJob, result: Result<u64, String>, took: Duration) {
         let current = self.writing.get(&job.key).is_some_and(|(id, _)| *id == job.id);
         if !current {
-            let _ = std::fs::remove_file(&job.path);
+            let rescued = self.rescued.get(&job.key) == Some(&job.id);
+            match (rescued, result) {
+                // Needed again while being written: the value stays in memory, and the file,
+                // now complete, is kept for its next spill.
+                (true, Ok(bytes)) => {
+                    self.rescued.remove(&job.key);
+                    self.io.written += bytes;
+                    self.io.write_time += took;
+                    self.files.insert(job.key, job.path);
+                }
+                _ => {
+                    if rescued {
+                        self.rescued.remove(&job.key);
+                    }
+                    let _ = std::fs::remove_file(&job.path);
+                }
+            }
             return;
         }
         self.writing.remove(&job.key);
@@ -216,8 +243,10 @@ impl DataStore {
             }
             return Some(v.clone());
         }
-        if let Some((_, v)) = self.writing.remove(key) {
-            // On its way to disk and needed again: it stays (the write lands as garbage).
+        if let Some((id, v)) = self.writing.remove(key) {
+            // On its way to disk and needed again: it stays in memory, and the write in flight
+            // becomes the file of its next spill (see `rescued`).
+            self.rescued.insert(key.clone(), id);
             self.writing_bytes -= v.nbytes() as u64;
             self.policy.unspilled(key);
             self.back_in_memory(key, v.clone());
@@ -266,6 +295,7 @@ impl DataStore {
     /// Drops `key`'s file and any write of it in flight (which then lands as garbage).
     fn forget_copies(&mut self, key: &Key) {
         self.drop_file(key);
+        self.rescued.remove(key);
         if let Some((_, v)) = self.writing.remove(key) {
             self.writing_bytes -= v.nbytes() as u64;
         }
@@ -424,6 +454,46 @@ mod tests {
         s.remove(&Key::new("a"));
         assert_eq!((s.usage().0, s.usage().1), (size(blob(50, 2)), 0));
         assert!(s.files.is_empty() && !s.dir_made);
+    }
+
+    /// A store whose writer queue the test drains by hand, to order writes against reads.
+    fn store_with_manual_writer(name: &str, limit: u64) -> (DataStore, std::sync::mpsc::Receiver<SpillJob>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut s = DataStore::new(&format!("{name}-{}", std::process::id()), Some(limit));
+        s.writer = Some(tx);
+        (s, rx)
+    }
+
+    fn land(s: &mut DataStore, job: SpillJob) {
+        let result = write_file(&job.path, &job.value);
+        s.written(job, result, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_result_needed_while_its_file_is_written_is_written_once() {
+        let (mut s, jobs) = store_with_manual_writer("rescue", 1000); // target 600 B
+        s.insert(Key::new("a"), blob(400, 1));
+        s.insert(Key::new("b"), blob(400, 2)); // a is queued for writing
+        let first = jobs.try_recv().expect("a's write");
+        assert_eq!(s.get(&Key::new("a")), Some(blob(400, 1)), "served while in flight");
+        // Reading a pushed b out (queued); reading b pushes a out again: no second write of a.
+        let b_job = jobs.try_recv().expect("b's write");
+        assert_eq!(s.get(&Key::new("b")), Some(blob(400, 2)));
+        assert!(jobs.try_recv().is_err(), "a waits for its write in flight");
+        land(&mut s, first);
+        land(&mut s, b_job);
+        assert!(s.files.contains_key(&Key::new("a")), "the landed write is a's file");
+        assert_eq!(s.get(&Key::new("a")), Some(blob(400, 1)), "read back from that file");
+        // Freed while in flight: the landing write removes its file.
+        s.insert(Key::new("c"), blob(400, 3));
+        while let Ok(job) = jobs.try_recv() {
+            let path = job.path.clone();
+            s.remove(&job.key.clone());
+            land(&mut s, job);
+            assert!(!path.exists(), "a write of a freed result leaves no file");
+        }
+        let (managed, spilled, _) = s.usage();
+        assert!(managed <= 600, "{managed} {spilled}");
     }
 
     /// Waits (bounded) until the writer thread has written everything queued.
