@@ -45,6 +45,11 @@ impl SpillPolicy {
         SpillPolicy { limit, target: limit.map(|l| (l as f64 * SPILL_FRACTION) as u64), ..SpillPolicy::default() }
     }
 
+    /// The memory limit, if any.
+    pub(crate) fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
     /// Whether there is a limit (without one, nothing is tracked per result: the store only
     /// counts bytes, at no cost per task).
     pub(crate) fn limited(&self) -> bool {

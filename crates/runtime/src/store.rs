@@ -151,8 +151,13 @@ impl DataStore {
                 }
             };
             let id = self.next_file;
+            // Back-pressure: with a whole memory limit's worth of results already waiting for
+            // the disk, this one is written here, so the queue cannot outgrow the memory it is
+            // meant to give back.
+            let nbytes = v.nbytes() as u64;
+            let backlog = self.policy.limit().is_some_and(|l| self.writing_bytes + nbytes > l);
             match &self.writer {
-                Some(tx) => {
+                Some(tx) if !backlog => {
                     self.writing_bytes += v.nbytes() as u64;
                     self.writing.insert(k.clone(), (id, v.clone()));
                     if let Err(std::sync::mpsc::SendError(job)) = tx.send(SpillJob { key: k, id, value: v, path }) {
@@ -163,7 +168,7 @@ impl DataStore {
                         self.written(job, result, started.elapsed());
                     }
                 }
-                None => {
+                _ => {
                     let started = Instant::now();
                     let result = write_file(&path, &v);
                     self.writing_bytes += v.nbytes() as u64;
@@ -494,6 +499,24 @@ mod tests {
         }
         let (managed, spilled, _) = s.usage();
         assert!(managed <= 600, "{managed} {spilled}");
+    }
+
+    #[test]
+    fn a_backlog_of_a_whole_limit_is_written_on_the_spot() {
+        let (mut s, jobs) = store_with_manual_writer("backlog", 1000); // target 600 B
+        for i in 0..6u8 {
+            s.insert(Key::from(format!("k{i}")), blob(300, i));
+        }
+        // Nothing lands: the queue holds at most the limit's worth, the rest went to disk here.
+        let queued: Vec<SpillJob> = jobs.try_iter().collect();
+        assert!(s.writing_bytes() <= 1000, "{} bytes waiting", s.writing_bytes());
+        assert!(!queued.is_empty() && !s.files.is_empty(), "{} queued, {} written", queued.len(), s.files.len());
+        for i in 0..6u8 {
+            assert_eq!(s.get(&Key::from(format!("k{i}"))), Some(blob(300, i)));
+        }
+        for job in queued {
+            land(&mut s, job);
+        }
     }
 
     /// Waits (bounded) until the writer thread has written everything queued.
