@@ -316,6 +316,9 @@ pub struct Model {
     started_unix_ms: u64,
     now_us: u64,
     tasks: TaskTable,
+    /// Live tasks by state, in the order of [`LIVE_PHASES`] (kept with every change, so a
+    /// snapshot does not walk every task).
+    by_phase: [u64; LIVE_PHASES.len()],
     /// Serials of recently forgotten tasks, to find their stories by key.
     forgotten: VecDeque<(u64, Key)>,
     prefixes: Vec<PrefixProgress>,
@@ -345,6 +348,11 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::Erred => "erred",
         Phase::Forgotten => "forgotten",
     }
+}
+
+/// Where `phase` is in [`LIVE_PHASES`] (`None`: forgotten).
+fn live_index(phase: Phase) -> Option<usize> {
+    LIVE_PHASES.iter().position(|p| *p == phase)
 }
 
 const LIVE_PHASES: [Phase; 7] =
@@ -493,6 +501,13 @@ impl Model {
             Phase::Waiting | Phase::Queued | Phase::NoWorker | Phase::Processing | Phase::Erred => false,
             Phase::Released | Phase::Forgotten => old_finished,
         };
+        if let Some(i) = old_phase.and_then(live_index) {
+            self.by_phase[i] = self.by_phase[i].saturating_sub(1);
+        }
+        // A task is kept (and counted) unless it is forgotten.
+        if let Some(i) = live_index(phase) {
+            self.by_phase[i] += 1;
+        }
         let p = &mut self.prefixes[prefix as usize];
         if let Some(slot) = old_phase.and_then(|o| p.slot(o, old_finished)) {
             *slot = slot.saturating_sub(1);
@@ -578,11 +593,7 @@ impl Model {
     /// Tasks known, by state.
     #[must_use]
     pub fn counts(&self) -> BTreeMap<&'static str, u64> {
-        let mut counts: BTreeMap<&'static str, u64> = LIVE_PHASES.iter().map(|p| (phase_name(*p), 0)).collect();
-        for t in self.tasks.values() {
-            *counts.entry(phase_name(t.phase)).or_default() += 1;
-        }
-        counts
+        LIVE_PHASES.iter().zip(self.by_phase).map(|(p, n)| (phase_name(*p), n)).collect()
     }
 
     /// Finished tasks per second over the last two seconds of events.
@@ -721,7 +732,7 @@ impl Model {
 }
 
 /// Escapes a Prometheus label value.
-fn escape_label(v: &str) -> String {
+pub(crate) fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
@@ -795,6 +806,10 @@ mod tests {
         assert_eq!(s.prefixes[0].mean_duration_us, 5);
         assert_eq!(s.workers[0].processing, 0);
         assert_eq!(s.counts["waiting"], 2);
+        let recount = |m: &Model, phase: Phase| m.tasks.values().filter(|t| t.phase == phase).count() as u64;
+        for phase in LIVE_PHASES {
+            assert_eq!(s.counts[phase_name(phase)], recount(&m, phase), "{phase:?} counted as it changed");
+        }
         assert_eq!(s.completed, 1);
         let runs = m.stream_after(0, 10);
         assert_eq!((runs.len(), runs[0].start_us, runs[0].duration_us, runs[0].key.as_str()), (1, 15, 5, "inc-1"));

@@ -16,7 +16,7 @@ use crate::DashboardError;
 /// The Prometheus text of one worker's figures.
 #[must_use]
 pub fn render(s: &WorkerStats) -> String {
-    let label = s.name.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let label = crate::model::escape_label(&s.name);
     let m = &s.memory;
     let rows: [(&str, &str, &str, String); 12] = [
         ("rask_worker_memory_managed_bytes", "gauge", "Bytes of results in memory.", m.managed.to_string()),
