@@ -67,15 +67,7 @@ fn start_dashboard(
         (None, true) => "127.0.0.1",
         (None, false) => args.host.as_str(),
     };
-    let ip: std::net::IpAddr = match host.parse() {
-        Ok(ip) => ip,
-        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(host, 0))
-            .ok()
-            .and_then(|mut a| a.next())
-            .map(|a| a.ip())
-            .ok_or_else(|| format!("cannot resolve the dashboard's host {host}"))?,
-    };
-    let listen = (port != 0).then(|| std::net::SocketAddr::new(ip, port));
+    let listen = if port == 0 { None } else { Some(crate::dashboard::resolve(host, port)?) };
     crate::dashboard::observe(listen, args.dashboard_port.is_none(), args.journal.clone()).map(Some)
 }
 
@@ -233,10 +225,7 @@ fn serve_metrics(
     host: &str,
     port: u16,
 ) -> Result<(Arc<std::sync::Mutex<rask_runtime::WorkerStats>>, std::net::SocketAddr), String> {
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| format!("cannot resolve --host {host}"))?;
+    let addr = crate::dashboard::resolve(host, port)?;
     let stats = Arc::new(std::sync::Mutex::new(rask_runtime::WorkerStats::default()));
     let at = rask_dashboard::worker_metrics::serve(addr, Arc::clone(&stats)).map_err(|e| e.to_string())?;
     Ok((stats, at))

@@ -6,6 +6,17 @@ use std::process::ExitCode;
 /// The dashboard's default port (Dask's).
 pub(crate) const DASHBOARD_PORT: u16 = 8787;
 
+/// The address of `host:port` (a name or an IP literal), for the HTTP listeners.
+///
+/// # Errors
+/// Naming the host, when it does not resolve.
+pub(crate) fn resolve(host: &str, port: u16) -> Result<std::net::SocketAddr, String> {
+    match std::net::ToSocketAddrs::to_socket_addrs(&(host, port)) {
+        Ok(mut a) => a.next().ok_or_else(|| format!("cannot resolve {host}: no address")),
+        Err(e) => Err(format!("cannot resolve {host}: {e}")),
+    }
+}
+
 /// Starts a dashboard (serving on `listen`, if given) and/or a journal, fed by the returned
 /// sender. `any_port_if_busy`: the port was not chosen by the user, so when it is taken (another
 /// scheduler on this machine) any free port will do.
@@ -63,16 +74,10 @@ pub(crate) fn dashboard(args: &DashboardArgs) -> ExitCode {
             }
         };
     }
-    let addr = match std::net::ToSocketAddrs::to_socket_addrs(&(args.host.as_str(), args.port)) {
-        Ok(mut a) => match a.next() {
-            Some(a) => a,
-            None => {
-                eprintln!("rask dashboard: cannot resolve {}", args.host);
-                return ExitCode::from(2);
-            }
-        },
+    let addr = match resolve(&args.host, args.port) {
+        Ok(a) => a,
         Err(e) => {
-            eprintln!("rask dashboard: cannot resolve {}: {e}", args.host);
+            eprintln!("rask dashboard: {e}");
             return ExitCode::from(2);
         }
     };

@@ -927,7 +927,7 @@ fn mismatched_version_is_refused_and_the_scheduler_keeps_serving() {
 #[test]
 fn unreachable_scheduler_exits_3_and_worker_gives_up_with_a_message() {
     // A port nobody listens on: bind and close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = free_port();
     let addr = format!("tcp://127.0.0.1:{port}");
     let o = rask(&["run", &example("hello.json"), "--scheduler", &addr]);
     assert_eq!(o.status.code(), Some(3));
@@ -1138,17 +1138,35 @@ fn idle_worker_steals_a_queued_slow_task_from_a_busy_one() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A minimal HTTP/1.1 GET (the test's own client: one request per connection): status and body.
+/// A GET with the test's own HTTP client ([`http`]): status and body.
 fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the dashboard");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("request");
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status code");
-    (code, body.to_owned())
+    http(addr, "GET", path, None)
+}
+
+/// A free port on loopback (bound, then released for the process under test).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A scheduler with its dashboard on a free port and a journal in `journal`; its standard error
+/// is read up to the line announcing the dashboard. The cluster (no workers yet) and the
+/// dashboard's `HOST:PORT`.
+fn observed_cluster(journal: &Path) -> (Cluster, String) {
+    let port = free_port();
+    let mut scheduler = Command::new(RASK)
+        .args(["scheduler", "--port", "0", "--dashboard-port", &port.to_string()])
+        .arg("--journal")
+        .arg(journal)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start scheduler");
+    let mut line = String::new();
+    BufReader::new(scheduler.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
+    let url = wait_for_line(&mut scheduler, "dashboard at http://");
+    let web = url.trim_end_matches('/').to_owned();
+    assert_eq!(web, format!("127.0.0.1:{port}"));
+    (Cluster { address: line.trim().to_owned(), scheduler, workers: Vec::new(), env: Vec::new() }, web)
 }
 
 /// Reads a child's standard error until a line contains `marker`; returns the text after it.
@@ -1191,21 +1209,7 @@ fn stop_and_replay(cluster: &mut Cluster, journal: &Path) -> (Child, String) {
 fn dashboard_serves_live_state_and_metrics_and_its_journal_replays_to_the_same_counts() {
     let dir = scratch("dashboard");
     let journal = dir.join("run.jsonl");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let mut scheduler = Command::new(RASK)
-        .args(["scheduler", "--port", "0", "--dashboard-port", &port.to_string()])
-        .arg("--journal")
-        .arg(&journal)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start scheduler");
-    let mut line = String::new();
-    BufReader::new(scheduler.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
-    let url = wait_for_line(&mut scheduler, "dashboard at http://");
-    let web = url.trim_end_matches('/').to_owned();
-    assert_eq!(web, format!("127.0.0.1:{port}"));
-    let mut cluster = Cluster { address: line.trim().to_owned(), scheduler, workers: Vec::new(), env: Vec::new() };
+    let (mut cluster, web) = observed_cluster(&journal);
     cluster.worker(&["--name", "dash-a", "--nthreads", "2"], &[]);
     cluster.worker(&["--name", "dash-b", "--nthreads", "1"], &[]);
     let o = rask(&["run", &example("pipeline.json"), "--json", "--scheduler", &cluster.address]);
@@ -1406,7 +1410,7 @@ impl Browser {
             );
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let port = free_port();
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -1475,21 +1479,9 @@ fn dashboard_in_a_headless_browser_updates_live_and_its_replay_shows_the_same_co
     let Some(browser) = Browser::start() else { return };
     let dir = scratch("browser");
     let journal = dir.join("run.jsonl");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let mut scheduler = Command::new(RASK)
-        .args(["scheduler", "--port", "0", "--dashboard-port", &port.to_string()])
-        .arg("--journal")
-        .arg(&journal)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start scheduler");
-    let mut line = String::new();
-    BufReader::new(scheduler.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
-    let mut cluster = Cluster { address: line.trim().to_owned(), scheduler, workers: Vec::new(), env: Vec::new() };
+    let (mut cluster, web) = observed_cluster(&journal);
     cluster.worker(&["--name", "page-a", "--nthreads", "1"], &[]);
     cluster.worker(&["--name", "page-b", "--nthreads", "1"], &[]);
-    let web = format!("127.0.0.1:{port}");
     browser.open(&format!("http://{web}/"));
     // The workers table lists every worker.
     browser.open(&format!("http://{web}/#/workers"));
