@@ -193,7 +193,7 @@ mod tests {
     /// data with an out-of-band blob), encoded as `write_frame` sends it (without the length).
     fn sample_bodies() -> Vec<(u8, Vec<u8>)> {
         use crate::msg::{FromScheduler, PeerMsg, ToScheduler};
-        use crate::wire::{WireArg, WireBody, WireCall, WireTask, WireValue};
+        use crate::wire::{WireArg, WireBody, WireCall, WireDep, WireTask, WireTicket, WireValue};
         use rask_graph::Key;
         let call = WireCall {
             op: "add".into(),
@@ -204,7 +204,7 @@ mod tests {
         };
         let task = WireTask {
             key: Key::new("b"),
-            deps: vec![Key::new("a")],
+            deps: vec![WireDep::Key(Key::new("a")), WireDep::Position(0)],
             body: WireBody::Call(call.clone()),
             annotations: None,
             order: 3,
@@ -228,6 +228,7 @@ mod tests {
                 retries: 1,
                 timeout_us: Some(5),
                 priority: (0, 1, 2),
+                ticket: WireTicket { slot: 7, serial: 300 },
             }];
             rt.block_on(write_frame(buf, &m, &[])).expect("encodes");
         });

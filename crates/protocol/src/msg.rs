@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use rask_graph::Key;
 
-use crate::wire::{WireBody, WireError, WireTask, WireValue};
+use crate::wire::{WireBody, WireError, WireTask, WireTicket, WireValue};
 
 /// How a worker's memory is used, and its spill traffic since it started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +78,8 @@ pub enum ToScheduler {
     TaskFinished {
         /// The task.
         key: Key,
+        /// The ticket of its `Compute`.
+        ticket: WireTicket,
         /// Size of the value.
         nbytes: u64,
         /// Run time in microseconds (for scheduling estimates).
@@ -196,6 +198,8 @@ pub enum FromScheduler {
         timeout_us: Option<u64>,
         /// Lower runs first on the worker.
         priority: (i64, u64, u32),
+        /// To echo in `TaskFinished`.
+        ticket: WireTicket,
     },
     /// To a worker: give these tasks back if they have not started (work stealing); answered
     /// with `TaskDropped` for each task given back.

@@ -232,13 +232,33 @@ pub struct WireAnnotations {
     pub timeout_us: Option<u64>,
 }
 
+/// An input of a submitted task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireDep {
+    /// A task named by its key (submitted earlier, or anywhere in this message).
+    Key(Key),
+    /// The task at this position in the same message's task list: a varint instead of a key
+    /// to encode, decode and look up, for every edge inside a submitted graph (or part).
+    Position(u32),
+}
+
+/// Names one assignment of a task to a worker, which echoes it when the task finishes so the
+/// scheduler finds the task without hashing its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireTicket {
+    /// The task's slot in the scheduler.
+    pub slot: u32,
+    /// The task's serial number (tells a reused slot apart).
+    pub serial: u64,
+}
+
 /// A task as a client submits it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WireTask {
     /// Unique key.
     pub key: Key,
-    /// Keys of the tasks it needs (data and ordering), in argument order, each once.
-    pub deps: Vec<Key>,
+    /// The tasks it needs (data and ordering), in argument order, each once.
+    pub deps: Vec<WireDep>,
     /// What to run.
     pub body: WireBody,
     /// Non-default annotations (boxed: most tasks have none, and a million-task submission
@@ -335,31 +355,52 @@ pub fn graph_to_wire(g: &Graph, rank: &[u32]) -> Vec<WireTask> {
     tasks_to_wire(g, rank, g.ids(), &[])
 }
 
+/// Where each task of a message sits in it, by task id (`u32::MAX`: not in it), for naming
+/// inputs by position.
+fn positions(g: &Graph, ids: &[TaskId]) -> Vec<u32> {
+    let mut at = vec![u32::MAX; g.len()];
+    for (i, t) in ids.iter().enumerate() {
+        at[t.idx()] = i as u32;
+    }
+    at
+}
+
 /// Converts some of a graph's tasks to their wire form (one part of a submission sent in
-/// parts); `rank` is each task's order position in the whole graph, `wanted` (by task id;
-/// may be shorter) flags the tasks the client holds futures for.
+/// parts, or one message); `rank` is each task's order position in the whole graph, `wanted`
+/// (by task id; may be shorter) flags the tasks the client holds futures for. Inputs among
+/// the converted tasks are named by their position in the returned list, others by key.
 pub fn tasks_to_wire(g: &Graph, rank: &[u32], ids: impl Iterator<Item = TaskId>, wanted: &[bool]) -> Vec<WireTask> {
-    ids.map(|t: TaskId| {
-        let task = g.task(t);
-        let call = |c: &rask_graph::Call| WireCall {
-            op: g.op_name(c.op).to_owned(),
-            args: c.args.iter().map(|a| arg_to_wire(g, a)).collect(),
-        };
-        let body = match &task.body {
-            Body::Call(c) => WireBody::Call(call(c)),
-            Body::Chain(links) => WireBody::Chain(links.iter().map(|l| (l.key.clone(), call(&l.call))).collect()),
-        };
-        let annotations = task.annotations.as_deref().map(|a| Box::new(annotations_to_wire(a)));
-        WireTask {
-            key: g.key(t).clone(),
-            deps: g.deps(t).iter().map(|d| g.key(*d).clone()).collect(),
-            body,
-            annotations,
-            order: rank.get(t.idx()).copied().unwrap_or(0),
-            wanted: wanted.get(t.idx()).copied().unwrap_or(false),
-        }
-    })
-    .collect()
+    let ids: Vec<TaskId> = ids.collect();
+    let at = positions(g, &ids);
+    ids.into_iter()
+        .map(|t: TaskId| {
+            let task = g.task(t);
+            let call = |c: &rask_graph::Call| WireCall {
+                op: g.op_name(c.op).to_owned(),
+                args: c.args.iter().map(|a| arg_to_wire(g, a)).collect(),
+            };
+            let body = match &task.body {
+                Body::Call(c) => WireBody::Call(call(c)),
+                Body::Chain(links) => WireBody::Chain(links.iter().map(|l| (l.key.clone(), call(&l.call))).collect()),
+            };
+            let annotations = task.annotations.as_deref().map(|a| Box::new(annotations_to_wire(a)));
+            WireTask {
+                key: g.key(t).clone(),
+                deps: g
+                    .deps(t)
+                    .iter()
+                    .map(|d| match at[d.idx()] {
+                        u32::MAX => WireDep::Key(g.key(*d).clone()),
+                        i => WireDep::Position(i),
+                    })
+                    .collect(),
+                body,
+                annotations,
+                order: rank.get(t.idx()).copied().unwrap_or(0),
+                wanted: wanted.get(t.idx()).copied().unwrap_or(false),
+            }
+        })
+        .collect()
 }
 
 /// Annotations to their wire form.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rask_graph::{ArgSpec, Executor, FxHashMap, Graph, Key, TaskError, TaskId, TaskResult, TaskSpec, Value};
 use rask_protocol::handshake::Role;
 use rask_protocol::msg::{FromScheduler, ToScheduler};
-use rask_protocol::wire::{WireTask, graph_to_wire, tasks_to_wire};
+use rask_protocol::wire::{WireTask, tasks_to_wire};
 use tokio::sync::watch;
 
 use crate::conn::{Outbox, PeerPool, dial, read_loop};
@@ -448,12 +448,12 @@ impl Client {
         let called: std::collections::HashSet<&str> = keys.iter().map(Key::as_str).collect();
         let placeholders: std::collections::HashSet<&str> =
             graph.ids().map(|t| graph.key(t).as_str()).filter(|k| !called.contains(k)).collect();
-        // Every task left is one of the calls, and wanted (flagged, not listed again).
-        let tasks = graph_to_wire(&graph, &rank)
-            .into_iter()
-            .filter(|t| !placeholders.contains(t.key.as_str()))
-            .map(|t| WireTask { wanted: true, ..t })
-            .collect();
+        // Every task left is one of the calls, and wanted (flagged, not listed again); the
+        // placeholders are left out before conversion, so inputs are named by their position
+        // among the tasks actually sent.
+        let ids = graph.ids().filter(|t| !placeholders.contains(graph.key(*t).as_str()));
+        let tasks =
+            tasks_to_wire(&graph, &rank, ids, &[]).into_iter().map(|t| WireTask { wanted: true, ..t }).collect();
         let wanted = Vec::new();
         self.inner.state().submitted += 1;
         let _one_at_a_time = self.inner.submitting.lock().unwrap_or_else(PoisonError::into_inner);

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use rask_graph::{Key, TaskError};
 use rask_protocol::handshake::{self, Role, Welcome};
 use rask_protocol::msg::{FromScheduler, MemoryReport, ToScheduler};
-use rask_protocol::wire::{WireBody, WireError, WireTask};
+use rask_protocol::wire::{WireBody, WireDep, WireError, WireTask, WireTicket};
 use rask_scheduler_core::{
-    ClientId, Command, Config, Core, Event, LossCause, NewTask, Restrictions, WorkerId, WorkerSpec,
+    ClientId, Command, Config, Core, Dep, Event, LossCause, NewTask, Restrictions, Ticket, WorkerId, WorkerSpec,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +22,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::RuntimeError;
 use crate::conn::{Outbox, read_loop};
 use crate::feed::{Cause, FeedEvent, FeedSender, GRAPH_FEED_LIMIT, TaskChange};
+
+/// Connected peers by connection id (integer keys: the cheap hash).
+type Peers = rask_graph::FxHashMap<u32, Peer>;
 
 /// What a worker runs for a task; opaque to the core.
 #[derive(Debug)]
@@ -200,10 +203,10 @@ async fn core_loop(
     feed: Option<FeedSender>,
 ) {
     let mut core: Core<Arc<Payload>> = Core::new(cfg);
-    let mut peers: HashMap<u32, Peer> = HashMap::new();
+    let mut peers: Peers = Peers::default();
     // Reused across events: the loop runs once per task event.
     let mut commands: Vec<Command<Arc<Payload>>> = Vec::new();
-    let mut frees: HashMap<WorkerId, Vec<Key>> = HashMap::new();
+    let mut frees: Vec<(WorkerId, Vec<Key>)> = Vec::new();
     // What this turn publishes (when a feed is attached).
     let mut published: Vec<FeedEvent> = Vec::new();
     // Published events go out every few milliseconds (and on each tick), not every turn: each
@@ -281,10 +284,11 @@ async fn core_loop(
             }
             for cmd in commands.drain(..) {
                 match cmd {
-                    // One Free per worker per event, not one per key.
-                    Command::Free { worker, keys } => {
-                        frees.entry(worker).or_default().extend(keys);
-                    }
+                    // One Free per worker per frame, not one per key.
+                    Command::Free { worker, key } => match frees.iter_mut().find(|(w, _)| *w == worker) {
+                        Some((_, keys)) => keys.push(key),
+                        None => frees.push((worker, vec![key])),
+                    },
                     // Dropping its outbox closes our side of the connection: a worker that was
                     // only frozen sees it when it wakes, and joins again as a new worker (its
                     // data was counted as lost).
@@ -311,10 +315,10 @@ async fn core_loop(
                     cmd => dispatch(cmd, &peers),
                 }
             }
-            for (worker, keys) in frees.drain() {
-                if let Some(Peer::Worker { outbox, .. }) = peers.get(&worker.0) {
-                    outbox.send(FromScheduler::Free { keys }, Vec::new());
-                }
+        }
+        for (worker, keys) in frees.drain(..) {
+            if let Some(Peer::Worker { outbox, .. }) = peers.get(&worker.0) {
+                outbox.send(FromScheduler::Free { keys }, Vec::new());
             }
         }
         for (id, tasks) in accepted {
@@ -348,11 +352,16 @@ const FEED_BATCH: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// What an event publishes besides task state changes (runs, workers, graphs), and the cause
 /// the state changes it brings about are filed under.
-fn publish_event(ev: &Event<Arc<Payload>>, peers: &HashMap<u32, Peer>, now_us: u64, out: &mut Vec<FeedEvent>) -> Cause {
+fn publish_event(ev: &Event<Arc<Payload>>, peers: &Peers, now_us: u64, out: &mut Vec<FeedEvent>) -> Cause {
     match ev {
         Event::GraphPart { client, tasks } | Event::GraphSubmitted { client, tasks, .. } => {
             if tasks.len() <= GRAPH_FEED_LIMIT {
-                out.push(FeedEvent::Graph { tasks: tasks.iter().map(|t| (t.key.clone(), t.deps.clone())).collect() });
+                let key_of = |d: &Dep| match d {
+                    Dep::Key(k) => Some(k.clone()),
+                    Dep::Position(i) => tasks.get(*i as usize).map(|t| t.key.clone()),
+                };
+                let tasks = tasks.iter().map(|t| (t.key.clone(), t.deps.iter().filter_map(key_of).collect())).collect();
+                out.push(FeedEvent::Graph { tasks });
             }
             Cause::Submitted { client: client.0 }
         }
@@ -404,7 +413,7 @@ fn debug_events() -> bool {
 /// turn's list and the time) when there is one.
 fn translate(
     inbound: Inbound,
-    peers: &mut HashMap<u32, Peer>,
+    peers: &mut Peers,
     core: &Core<Arc<Payload>>,
     mut feed: Option<(&mut Vec<FeedEvent>, u64)>,
 ) -> Vec<Event<Arc<Payload>>> {
@@ -535,14 +544,14 @@ fn translate(
 }
 
 /// The worker whose data address is `addr`.
-fn worker_at(peers: &HashMap<u32, Peer>, addr: &str) -> Option<WorkerId> {
+fn worker_at(peers: &Peers, addr: &str) -> Option<WorkerId> {
     peers.iter().find_map(|(id, p)| match p {
         Peer::Worker { address, .. } if &**address == addr => Some(WorkerId(*id)),
         _ => None,
     })
 }
 
-fn message_event(id: u32, peers: &HashMap<u32, Peer>, is_worker: bool, m: ToScheduler) -> Option<Event<Arc<Payload>>> {
+fn message_event(id: u32, peers: &Peers, is_worker: bool, m: ToScheduler) -> Option<Event<Arc<Payload>>> {
     let (client, worker) = (ClientId(id), WorkerId(id));
     Some(match (is_worker, m) {
         (false, ToScheduler::SubmitPart { tasks }) => {
@@ -554,8 +563,9 @@ fn message_event(id: u32, peers: &HashMap<u32, Peer>, is_worker: bool, m: ToSche
         (false, ToScheduler::Release { keys }) => Event::KeysReleased { client, keys },
         (false, ToScheduler::Cancel { keys }) => Event::KeysCancelled { client, keys },
         (false, ToScheduler::FireAndForget { keys }) => Event::KeysFireAndForget { keys },
-        (true, ToScheduler::TaskFinished { key, nbytes, duration_us }) => {
-            Event::TaskFinished { worker, key, nbytes, duration_us }
+        (true, ToScheduler::TaskFinished { key, ticket, nbytes, duration_us }) => {
+            let ticket = Some(Ticket { slot: ticket.slot, serial: ticket.serial });
+            Event::TaskFinished { worker, key, ticket, nbytes, duration_us }
         }
         (true, ToScheduler::TaskFailed { key, error }) => {
             Event::TaskFailed { worker, key, error: Arc::new(TaskError::from(error)) }
@@ -599,7 +609,14 @@ fn new_task(t: WireTask) -> NewTask<Arc<Payload>> {
     });
     NewTask {
         key: t.key,
-        deps: t.deps,
+        deps: t
+            .deps
+            .into_iter()
+            .map(|d| match d {
+                WireDep::Key(k) => Dep::Key(k),
+                WireDep::Position(i) => Dep::Position(i),
+            })
+            .collect(),
         payload: Arc::new(Payload { body: Arc::new(t.body), retries: ann.retries, timeout_us: ann.timeout_us }),
         priority: ann.priority,
         order: t.order,
@@ -608,14 +625,14 @@ fn new_task(t: WireTask) -> NewTask<Arc<Payload>> {
     }
 }
 
-fn address_of(peers: &HashMap<u32, Peer>, w: WorkerId) -> Option<Arc<str>> {
+fn address_of(peers: &Peers, w: WorkerId) -> Option<Arc<str>> {
     match peers.get(&w.0) {
         Some(Peer::Worker { address, .. }) => Some(Arc::clone(address)),
         _ => None,
     }
 }
 
-fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
+fn dispatch(cmd: Command<Arc<Payload>>, peers: &Peers) {
     let send = |id: u32, m: FromScheduler| {
         if let Some(Peer::Client { outbox } | Peer::Worker { outbox, .. }) = peers.get(&id) {
             outbox.send(m, Vec::new());
@@ -629,7 +646,7 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
                 send(worker.0, FromScheduler::Acquire { keys: vec![(key, address)] });
             }
         }
-        Command::Compute { worker, key, payload, inputs, prio } => {
+        Command::Compute { worker, key, payload, inputs, prio, ticket } => {
             let inputs = inputs
                 .into_iter()
                 .map(|(k, holders)| (k, holders.iter().filter_map(|h| address_of(peers, *h)).collect()))
@@ -641,11 +658,12 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &HashMap<u32, Peer>) {
                 retries: payload.retries,
                 timeout_us: payload.timeout_us,
                 priority: prio,
+                ticket: WireTicket { slot: ticket.slot, serial: ticket.serial },
             };
             send(worker.0, msg);
         }
-        Command::Free { worker, keys } => {
-            send(worker.0, FromScheduler::Free { keys });
+        Command::Free { worker, key } => {
+            send(worker.0, FromScheduler::Free { keys: vec![key] });
         }
         Command::Steal { worker, key } => send(worker.0, FromScheduler::Steal { keys: vec![key] }),
         Command::KeyInMemory { client, key, workers, nbytes } => {

@@ -22,7 +22,7 @@ use rask_ops::{CallPolicy, Registry};
 use rask_protocol::frame::{read_frame, write_frame};
 use rask_protocol::handshake::{self, Role, WorkerInfo};
 use rask_protocol::msg::{FromScheduler, MemoryReport, PeerMsg, ToScheduler};
-use rask_protocol::wire::{WireArg, WireBody, WireError, WireValue, resolve_arg, value_to_wire};
+use rask_protocol::wire::{WireArg, WireBody, WireError, WireTicket, WireValue, resolve_arg, value_to_wire};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -109,6 +109,8 @@ struct Job {
     timeout: Option<Duration>,
     /// Fetched copies this job uses (released when it is done).
     replicas: Vec<Key>,
+    /// Echoed to the scheduler with the result.
+    ticket: WireTicket,
 }
 
 /// Scheduler priority of a task (smaller first), as sent in `Compute`.
@@ -128,6 +130,7 @@ struct Queue {
 /// Results from the executor threads.
 struct Outcome {
     key: Key,
+    ticket: WireTicket,
     replicas: Vec<Key>,
     result: Result<Value, TaskError>,
     duration: Duration,
@@ -322,11 +325,12 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                 let mut shutdown = None;
                 for m in messages {
                     match m {
-                        FromScheduler::Compute { key, .. } if cfg.zero_work => {
+                        FromScheduler::Compute { key, ticket, .. } if cfg.zero_work => {
                             lock(&store).insert(key.clone(), Value::Null);
-                            to_scheduler.send(ToScheduler::TaskFinished { key, nbytes: 0, duration_us: 0 }, Vec::new());
+                            let done = ToScheduler::TaskFinished { key, ticket, nbytes: 0, duration_us: 0 };
+                            to_scheduler.send(done, Vec::new());
                         }
-                        FromScheduler::Compute { key, body, inputs, retries, timeout_us, priority } => {
+                        FromScheduler::Compute { key, body, inputs, retries, timeout_us, priority, ticket } => {
                             let mut job = Job {
                                 key: key.clone(),
                                 body,
@@ -334,6 +338,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 retries,
                                 timeout: timeout_us.map(Duration::from_micros),
                                 replicas: Vec::new(),
+                                ticket,
                             };
                             let mut to_fetch: FxHashMap<Arc<str>, Vec<Key>> = FxHashMap::default();
                             let mut missing = 0;
@@ -534,7 +539,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     }
                 }
             }
-            Inbox::Done(Outcome { key, replicas: used, result, duration }) => {
+            Inbox::Done(Outcome { key, ticket, replicas: used, result, duration }) => {
                 queued.remove(&key);
                 let duration_us = duration.as_micros().min(u128::from(u64::MAX)) as u64;
                 release_replicas(&mut replicas, used);
@@ -543,7 +548,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                         tasks_finished += 1;
                         let nbytes = v.nbytes() as u64;
                         lock(&store).insert(key.clone(), v);
-                        to_scheduler.send(ToScheduler::TaskFinished { key, nbytes, duration_us }, Vec::new());
+                        to_scheduler.send(ToScheduler::TaskFinished { key, ticket, nbytes, duration_us }, Vec::new());
                     }
                     Err(e) => {
                         tasks_failed += 1;
@@ -680,7 +685,8 @@ fn executor_thread(
         let start = Instant::now();
         let result = run_job(&job, registry, location, &mut buf);
         buf.clear();
-        let outcome = Outcome { key: job.key, replicas: job.replicas, result, duration: start.elapsed() };
+        let outcome =
+            Outcome { key: job.key, ticket: job.ticket, replicas: job.replicas, result, duration: start.elapsed() };
         if tx.send(Inbox::Done(outcome)).is_err() {
             return;
         }

@@ -1,7 +1,7 @@
 //! The scheduler state machine. See the crate documentation for the policies.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap};
 
 use rask_graph::{FxHashMap, FxHashSet};
 use std::fmt;
@@ -23,6 +23,9 @@ const FIRE_AND_FORGET: ClientId = ClientId(u32::MAX);
 /// Slab index of a task inside the core (never leaves it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Tid(u32);
+
+/// The workers holding a value: almost always one, so kept inline (no allocation per task).
+pub type Holders = smallvec::SmallVec<[WorkerId; 2]>;
 
 /// Scheduling priority: smaller runs first. (negated user priority, submission number, order).
 pub type Prio = (i64, u64, u32);
@@ -157,13 +160,41 @@ pub struct Restrictions {
     pub allow_other_workers: bool,
 }
 
+/// An input of a submitted task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dep {
+    /// A task known by its key: submitted earlier, or anywhere in this submission.
+    Key(Key),
+    /// The task at this position of the same submission (or part): no key to send, decode
+    /// and look up for the common case of a graph's inner edges.
+    Position(u32),
+}
+
+impl From<Key> for Dep {
+    fn from(k: Key) -> Self {
+        Dep::Key(k)
+    }
+}
+
+/// Names one assignment of a task ([`Command::Compute`]); the worker echoes it in its report
+/// ([`Event::TaskFinished`]) so the core finds the task by index instead of hashing its key.
+/// A ticket from an earlier assignment of a since-forgotten task is recognised as stale (the
+/// slot's serial differs) rather than mistaken for the task now in that slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    /// The task's slot in the core's table.
+    pub slot: u32,
+    /// The serial the task had when assigned.
+    pub serial: u64,
+}
+
 /// A task in a submitted graph.
 #[derive(Clone, Debug)]
 pub struct NewTask<P> {
     /// Unique key.
     pub key: Key,
-    /// Keys it needs (in argument order), each once; may be keys submitted earlier.
-    pub deps: Vec<Key>,
+    /// What it needs (in argument order), each once; keys may name tasks submitted earlier.
+    pub deps: Vec<Dep>,
     /// What the worker runs (opaque here).
     pub payload: P,
     /// User priority (higher first).
@@ -341,6 +372,9 @@ pub enum Event<P> {
         worker: WorkerId,
         /// Which.
         key: Key,
+        /// The ticket of the assignment, when the worker echoed it (the key is then only
+        /// needed if the ticket turns out stale).
+        ticket: Option<Ticket>,
         /// Size of the value.
         nbytes: u64,
         /// Run time.
@@ -408,9 +442,11 @@ pub enum Command<P> {
         /// What.
         payload: P,
         /// (input, holders) in dependency order.
-        inputs: Vec<(Key, Vec<WorkerId>)>,
+        inputs: Vec<(Key, Holders)>,
         /// Order on the worker.
         prio: Prio,
+        /// For the worker to echo in its report.
+        ticket: Ticket,
     },
     /// Ask a worker to give back a task it has not started (work stealing); it answers
     /// with `TaskDropped` if it could, and runs the task as usual otherwise.
@@ -420,12 +456,12 @@ pub enum Command<P> {
         /// The task.
         key: Key,
     },
-    /// Drop values from a worker.
+    /// Drop a value from a worker (the shell batches these per worker).
     Free {
         /// Where.
         worker: WorkerId,
         /// Which.
-        keys: Vec<Key>,
+        key: Key,
     },
     /// Tell a client its key is in memory.
     KeyInMemory {
@@ -476,7 +512,7 @@ enum State {
     /// Assigned to a worker.
     Processing { on: WorkerId },
     /// Value held by these workers.
-    Memory { who_has: Vec<WorkerId> },
+    Memory { who_has: Holders },
     /// Failed (itself or an input).
     Erred(Arc<TaskError>),
 }
@@ -532,8 +568,11 @@ type Deaths = Vec<(Arc<str>, LossCause)>;
 
 struct Worker {
     spec: WorkerSpec,
-    /// Keys assigned and not yet reported, with the resources they hold.
-    processing: FxHashMap<Key, Vec<(Arc<str>, f64)>>,
+    /// Tasks assigned and not yet reported (each holds its restrictions' resources).
+    processing: FxHashSet<Tid>,
+    /// Tasks forgotten while assigned here, by key, with the resources they hold: the worker
+    /// may still be running them, so their slot and resources stay taken until it reports.
+    orphans: FxHashMap<Key, Vec<(Arc<str>, f64)>>,
     available: Vec<(Arc<str>, f64)>,
     /// Moving average of task run time.
     avg_duration_us: f64,
@@ -546,6 +585,13 @@ struct Worker {
     holds: Vec<Tid>,
     /// Paused for memory: no new work until it resumes.
     paused: bool,
+}
+
+impl Worker {
+    /// Tasks it was sent and has not reported on (including orphans).
+    fn load(&self) -> usize {
+        self.processing.len() + self.orphans.len()
+    }
 }
 
 /// The scheduler state. See the crate documentation.
@@ -659,7 +705,7 @@ impl<P: Clone> Core<P> {
     #[must_use]
     pub fn who_has(&self, key: &str) -> Vec<WorkerId> {
         match self.by_key.get(key).map(|t| &self.task(*t).state) {
-            Some(State::Memory { who_has }) => who_has.clone(),
+            Some(State::Memory { who_has }) => who_has.to_vec(),
             _ => Vec::new(),
         }
     }
@@ -762,7 +808,8 @@ impl<P: Clone> Core<P> {
                     worker,
                     Worker {
                         spec,
-                        processing: FxHashMap::default(),
+                        processing: FxHashSet::default(),
+                        orphans: FxHashMap::default(),
                         available,
                         avg_duration_us: 0.0,
                         last_heard_us: self.now_us,
@@ -773,7 +820,7 @@ impl<P: Clone> Core<P> {
                 );
                 // Tasks nobody could run may fit now.
                 for t in std::mem::take(&mut self.no_worker) {
-                    if self.exists(t) && self.task(t).state == State::NoWorker {
+                    if self.exists(t) && matches!(self.task(t).state, State::NoWorker) {
                         self.make_ready(t);
                     }
                 }
@@ -833,8 +880,8 @@ impl<P: Clone> Core<P> {
                     }
                 }
             }
-            Event::TaskFinished { worker, key, nbytes, duration_us } => {
-                self.finished(worker, &key, nbytes, duration_us);
+            Event::TaskFinished { worker, key, ticket, nbytes, duration_us } => {
+                self.finished(worker, &key, ticket, nbytes, duration_us);
             }
             Event::TaskFailed { worker, key, error } => self.failed(worker, &key, error),
             Event::InputsMissing { worker, key, missing } => self.inputs_missing(worker, &key, missing),
@@ -866,7 +913,7 @@ impl<P: Clone> Core<P> {
             let unique: Vec<Tid> = holds
                 .iter()
                 .copied()
-                .filter(|t| matches!(&self.task(*t).state, State::Memory { who_has } if who_has == &[wid]))
+                .filter(|t| matches!(&self.task(*t).state, State::Memory { who_has } if who_has.as_slice() == [wid]))
                 .filter(|t| self.needed(*t) && !self.unmovable.contains(t))
                 .collect();
             if let Some(w) = self.workers.get_mut(&wid) {
@@ -876,9 +923,9 @@ impl<P: Clone> Core<P> {
                 .workers
                 .iter()
                 .filter(|(id, w)| **id != wid && !w.retiring && !w.paused)
-                .min_by_key(|(id, w)| (w.processing.len(), **id))
+                .min_by_key(|(id, w)| (w.load(), **id))
                 .map(|(id, _)| *id);
-            let busy = self.workers.get(&wid).is_some_and(|w| !w.processing.is_empty());
+            let busy = self.workers.get(&wid).is_some_and(|w| w.load() > 0);
             match target {
                 Some(to) if !unique.is_empty() => {
                     for t in unique {
@@ -916,7 +963,7 @@ impl<P: Clone> Core<P> {
                 self.note_held(wid, t);
             }
             // Not needed any more: the copy is garbage.
-            _ => self.out.push(Command::Free { worker: wid, keys: vec![key.clone()] }),
+            _ => self.out.push(Command::Free { worker: wid, key: key.clone() }),
         }
     }
 
@@ -1029,7 +1076,7 @@ impl<P: Clone> Core<P> {
             State::Memory { who_has } => Some(Command::KeyInMemory {
                 client,
                 key: task.key.clone(),
-                workers: who_has.clone(),
+                workers: who_has.to_vec(),
                 nbytes: task.nbytes,
             }),
             State::Erred(e) => Some(Command::KeyErred { client, key: task.key.clone(), error: Arc::clone(e) }),
@@ -1084,14 +1131,17 @@ impl<P: Clone> Core<P> {
         let free = self.free_slots.len();
         self.tasks.reserve(tasks.len().saturating_sub(free));
         self.by_key.reserve(tasks.len());
-        let mut fresh: Vec<(Tid, Vec<Key>)> = Vec::with_capacity(tasks.len());
+        let mut fresh: Vec<(Tid, Vec<Dep>)> = Vec::with_capacity(tasks.len());
         let mut reused: Vec<Tid> = Vec::new();
         let mut wanted: Vec<Tid> = Vec::new();
+        // The task at each position of the submission (for `Dep::Position`).
+        let mut at: Vec<Tid> = Vec::with_capacity(tasks.len());
         for nt in tasks {
             // One hash probe per task: a known key (same key, same content) reuses the task.
             let entry = match self.by_key.entry(nt.key.clone()) {
                 std::collections::hash_map::Entry::Vacant(entry) => entry,
                 std::collections::hash_map::Entry::Occupied(known) => {
+                    at.push(*known.get());
                     reused.push(*known.get());
                     if nt.wanted {
                         wanted.push(*known.get());
@@ -1119,6 +1169,7 @@ impl<P: Clone> Core<P> {
             };
             let t = Self::place(&mut self.tasks, &mut self.free_slots, &mut self.serials, task);
             entry.insert(t);
+            at.push(t);
             self.note_as(t, true);
             if nt.wanted {
                 wanted.push(t);
@@ -1126,36 +1177,53 @@ impl<P: Clone> Core<P> {
             fresh.push((t, nt.deps));
         }
         // Link dependencies; an unknown input fails the task (and what depends on it).
-        let mut unknown: Vec<(Tid, Key)> = Vec::new();
+        let mut unknown: Vec<(Tid, String)> = Vec::new();
         let mut seen: FxHashSet<Tid> = FxHashSet::default();
-        for (t, deps) in &fresh {
+        let mut forward = false;
+        for (t, deps) in &mut fresh {
             let mut ids = Vec::with_capacity(deps.len());
+            // Duplicates are dropped: by scanning for the usual handful of inputs, through a
+            // set in linear time for large fan-ins (a reduction may have 10⁶ inputs).
+            let many = deps.len() > 16;
             seen.clear();
-            for k in deps {
-                match self.by_key.get(k) {
-                    // Duplicates are dropped in linear time (a reduction may have 10⁶ inputs).
-                    Some(d) if seen.insert(*d) => ids.push(*d),
+            for dep in deps.drain(..) {
+                let found = match &dep {
+                    Dep::Key(k) => self.by_key.get(k).copied(),
+                    Dep::Position(i) => at.get(*i as usize).copied(),
+                };
+                match found {
+                    Some(d) if if many { seen.insert(d) } else { !ids.contains(&d) } => ids.push(d),
                     Some(_) => {}
-                    None => unknown.push((*t, k.clone())),
+                    None => unknown.push((
+                        *t,
+                        match dep {
+                            Dep::Key(k) => {
+                                format!("input {k} is not known to the scheduler (released before this graph arrived?)")
+                            }
+                            Dep::Position(i) => {
+                                format!("input #{i} of the submission does not exist (it has {} tasks)", at.len())
+                            }
+                        },
+                    )),
                 }
             }
+            let serial = self.task(*t).serial;
             for d in &ids {
-                self.task_mut(*d).dependents.push(*t);
+                let dep = self.task_mut(*d);
+                dep.dependents.push(*t);
+                // Tasks registered earlier have smaller serials: only an input registered
+                // with or after its dependent can close a cycle.
+                forward |= dep.serial >= serial;
             }
             self.task_mut(*t).deps = ids;
         }
-        for (t, k) in unknown {
+        for (t, message) in unknown {
             let key = self.task(t).key.clone();
-            let err = Arc::new(TaskError {
-                key,
-                message: format!("input {k} is not known to the scheduler (released before this graph arrived?)"),
-                kind: FailureKind::Unrunnable,
-                attempts: 0,
-            });
+            let err = Arc::new(TaskError { key, message, kind: FailureKind::Unrunnable, attempts: 0 });
             self.task_mut(t).state = State::Erred(err);
             self.note(t);
         }
-        if let Some(cycle) = self.find_cycle(&fresh) {
+        if let Some(cycle) = forward.then(|| self.find_cycle(&fresh)).flatten() {
             for (t, _) in &fresh {
                 let key = self.task(*t).key.clone();
                 let err = Arc::new(TaskError {
@@ -1201,8 +1269,8 @@ impl<P: Clone> Core<P> {
     }
 
     /// Kahn over the fresh tasks; returns a key on a cycle, if any.
-    fn find_cycle(&self, fresh: &[(Tid, Vec<Key>)]) -> Option<Key> {
-        let index: HashMap<Tid, usize> = fresh.iter().enumerate().map(|(i, (t, _))| (*t, i)).collect();
+    fn find_cycle(&self, fresh: &[(Tid, Vec<Dep>)]) -> Option<Key> {
+        let index: FxHashMap<Tid, usize> = fresh.iter().enumerate().map(|(i, (t, _))| (*t, i)).collect();
         let mut indeg: Vec<usize> =
             fresh.iter().map(|(t, _)| self.task(*t).deps.iter().filter(|d| index.contains_key(d)).count()).collect();
         let mut stack: Vec<usize> = (0..fresh.len()).filter(|i| indeg[*i] == 0).collect();
@@ -1229,7 +1297,7 @@ impl<P: Clone> Core<P> {
         let mut stack = self.scratch.pop().unwrap_or_default();
         stack.push(t);
         while let Some(t) = stack.pop() {
-            if self.task(t).state != State::Released {
+            if !matches!(self.task(t).state, State::Released) {
                 continue;
             }
             if self.task(t).payload.is_none() {
@@ -1333,7 +1401,7 @@ impl<P: Clone> Core<P> {
     }
 
     fn has_slot(&self, w: &Worker) -> bool {
-        !w.retiring && !w.paused && w.processing.len() < self.limit(w)
+        !w.retiring && !w.paused && w.load() < self.limit(w)
     }
 
     fn resources_free(t: &Task<P>, w: &Worker) -> bool {
@@ -1365,7 +1433,7 @@ impl<P: Clone> Core<P> {
     /// Estimated wait (µs) before a task sent to `w` now would start.
     fn wait_us(&self, w: &Worker) -> f64 {
         let avg = if w.avg_duration_us > 0.0 { w.avg_duration_us } else { self.cfg.unknown_duration_us };
-        w.processing.len() as f64 / f64::from(w.spec.nthreads.max(1)) * avg
+        w.load() as f64 / f64::from(w.spec.nthreads.max(1)) * avg
     }
 
     /// Estimated cost (µs) of running `t` on `w`: fetching missing inputs (a round-trip each,
@@ -1385,7 +1453,7 @@ impl<P: Clone> Core<P> {
                 break;
             }
             let Some(Reverse((prio, t))) = self.ready.pop() else { break };
-            if !self.exists(t) || self.task(t).state != State::Ready || self.task(t).prio != prio {
+            if !self.exists(t) || !matches!(self.task(t).state, State::Ready) || self.task(t).prio != prio {
                 continue; // stale heap entry
             }
             let task = self.task(t);
@@ -1444,8 +1512,8 @@ impl<P: Clone> Core<P> {
         let idle: Vec<(WorkerId, usize)> = self
             .workers
             .iter()
-            .filter(|(_, w)| !w.retiring && !w.paused && w.processing.len() < w.spec.nthreads as usize)
-            .map(|(id, w)| (*id, w.spec.nthreads as usize - w.processing.len()))
+            .filter(|(_, w)| !w.retiring && !w.paused && w.load() < w.spec.nthreads as usize)
+            .map(|(id, w)| (*id, w.spec.nthreads as usize - w.load()))
             .collect();
         for (thief, free_threads) in idle {
             for _ in 0..free_threads {
@@ -1461,17 +1529,16 @@ impl<P: Clone> Core<P> {
         let thief_w = self.workers.get(&thief)?;
         let mut best: Option<(Prio, WorkerId, Tid)> = None;
         for (vid, v) in &self.workers {
-            let surplus = v.processing.len().saturating_sub(v.spec.nthreads as usize);
+            let surplus = v.load().saturating_sub(v.spec.nthreads as usize);
             // Unknown durations (nothing finished there yet) count as slow: first tasks are
             // often the long ones, and waiting to learn would waste the idle worker.
             let known_fast = v.avg_duration_us > 0.0 && v.avg_duration_us < self.cfg.steal_min_duration_us;
             if *vid == thief || surplus == 0 || known_fast {
                 continue;
             }
-            for key in v.processing.keys() {
-                let Some(t) = self.by_key.get(key).copied() else { continue };
+            for &t in &v.processing {
                 let task = self.task(t);
-                if task.state != (State::Processing { on: *vid })
+                if !matches!(task.state, State::Processing { on } if on == *vid)
                     || task.steal_requested
                     || task.restrictions.is_some()
                     || !self.eligible(t, thief_w)
@@ -1493,9 +1560,8 @@ impl<P: Clone> Core<P> {
     }
 
     fn assign(&mut self, t: Tid, wid: WorkerId) {
-        let resources = self.task(t).restrictions.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
         let key = self.task(t).key.clone();
-        let inputs: Vec<(Key, Vec<WorkerId>)> = self
+        let inputs: Vec<(Key, Holders)> = self
             .task(t)
             .deps
             .iter()
@@ -1503,43 +1569,72 @@ impl<P: Clone> Core<P> {
                 let dep = self.task(*d);
                 let holders = match &dep.state {
                     State::Memory { who_has } => who_has.clone(),
-                    _ => Vec::new(),
+                    _ => Holders::new(),
                 };
                 (dep.key.clone(), holders)
             })
             .collect();
-        let w = self.workers.get_mut(&wid).expect("invariant: chosen worker exists");
-        for (n, a) in &resources {
-            if let Some((_, free)) = w.available.iter_mut().find(|(wn, _)| wn == n) {
-                *free -= a;
-            }
-        }
-        w.processing.insert(key.clone(), resources);
-        let task = self.task_mut(t);
+        let Self { tasks, workers, .. } = self;
+        let task = tasks[t.0 as usize].as_mut().expect("invariant: live task id");
+        let w = workers.get_mut(&wid).expect("invariant: chosen worker exists");
+        Self::take_resources(task, w, -1.0);
+        w.processing.insert(t);
         task.state = State::Processing { on: wid };
         let prio = task.prio;
         let payload = task.payload.clone();
+        let ticket = Ticket { slot: t.0, serial: task.serial };
         self.note(t);
         if let Some(payload) = payload {
-            self.out.push(Command::Compute { worker: wid, key, payload, inputs, prio });
+            self.out.push(Command::Compute { worker: wid, key, payload, inputs, prio, ticket });
         }
     }
 
-    /// Returns a worker's accounting for `key`; whether it was processing there.
-    fn unassign(&mut self, wid: WorkerId, key: &Key) -> bool {
-        let Some(w) = self.workers.get_mut(&wid) else { return false };
-        let Some(resources) = w.processing.remove(key) else { return false };
-        for (n, a) in &resources {
+    /// Takes (`sign` -1) or gives back (+1) the resources `task` holds while running on `w`.
+    fn take_resources(task: &Task<P>, w: &mut Worker, sign: f64) {
+        let Some(r) = &task.restrictions else { return };
+        for (n, a) in &r.resources {
             if let Some((_, free)) = w.available.iter_mut().find(|(wn, _)| wn == n) {
-                *free += a;
+                *free += sign * a;
             }
         }
-        true
+    }
+
+    /// The task a worker's report on `key` (with `ticket`, if it echoed one) is about, if that
+    /// task is processing there; the key is hashed only without a ticket.
+    fn reported(&self, wid: WorkerId, key: &Key, ticket: Option<Ticket>) -> Option<Tid> {
+        let t = match ticket {
+            Some(tk) => Some(Tid(tk.slot)).filter(|t| self.exists(*t) && self.task(*t).serial == tk.serial)?,
+            None => self.by_key.get(key).copied()?,
+        };
+        matches!(self.task(t).state, State::Processing { on } if on == wid).then_some(t)
+    }
+
+    /// Ends a worker's accounting for a report on `key` about task `t` (from
+    /// [`Self::reported`]); returns whether `t` was processing there. A report about a task
+    /// forgotten while it ran releases that orphan's slot instead.
+    fn unassign(&mut self, wid: WorkerId, t: Option<Tid>, key: &Key) -> bool {
+        let Self { tasks, workers, .. } = self;
+        let Some(w) = workers.get_mut(&wid) else { return false };
+        if let Some(t) = t {
+            if w.processing.remove(&t) {
+                let task = tasks[t.0 as usize].as_ref().expect("invariant: live task id");
+                Self::take_resources(task, w, 1.0);
+                return true;
+            }
+        }
+        if let Some(resources) = w.orphans.remove(key) {
+            for (n, a) in &resources {
+                if let Some((_, free)) = w.available.iter_mut().find(|(wn, _)| wn == n) {
+                    *free += a;
+                }
+            }
+        }
+        false
     }
 
     fn scattered(&mut self, client: ClientId, items: Vec<(Key, u64, Vec<WorkerId>)>) {
         for (key, nbytes, holders) in items {
-            let holders: Vec<WorkerId> = holders.into_iter().filter(|w| self.workers.contains_key(w)).collect();
+            let holders: Holders = holders.into_iter().filter(|w| self.workers.contains_key(w)).collect();
             let t = match self.by_key.get(&key).copied() {
                 Some(t) => t,
                 None => self.alloc(Task {
@@ -1581,7 +1676,7 @@ impl<P: Clone> Core<P> {
                     self.note(t);
                     // Dependents waiting for it (a recomputation) can go on.
                     for d in self.task(t).dependents.clone() {
-                        if self.task(d).state == State::Waiting {
+                        if matches!(self.task(d).state, State::Waiting) {
                             self.task_mut(d).waiting_on -= 1;
                             if self.task(d).waiting_on == 0 {
                                 self.inputs_done(d);
@@ -1618,15 +1713,16 @@ impl<P: Clone> Core<P> {
         }
     }
 
-    fn finished(&mut self, wid: WorkerId, key: &Key, nbytes: u64, duration_us: u64) {
-        let was_assigned = self.unassign(wid, key);
+    fn finished(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>, nbytes: u64, duration_us: u64) {
+        let t = self.reported(wid, key, ticket);
+        let was_assigned = self.unassign(wid, t, key);
         if let Some(w) = self.workers.get_mut(&wid) {
             // Count at least 1 µs, so instant tasks still raise the in-flight limit.
             let d = duration_us.max(1) as f64;
             w.avg_duration_us = if w.avg_duration_us == 0.0 { d } else { 0.9 * w.avg_duration_us + 0.1 * d };
         }
-        let t = match self.by_key.get(key) {
-            Some(t) if was_assigned && self.task(*t).state == (State::Processing { on: wid }) => *t,
+        let t = match t {
+            Some(t) if was_assigned => t,
             _ => {
                 // A result nobody asked for (cancelled, or a duplicate): keep it only if useful.
                 match self.by_key.get(key).copied() {
@@ -1638,14 +1734,14 @@ impl<P: Clone> Core<P> {
                         }
                         self.note_held(wid, t);
                     }
-                    _ => self.out.push(Command::Free { worker: wid, keys: vec![key.clone()] }),
+                    _ => self.out.push(Command::Free { worker: wid, key: key.clone() }),
                 }
                 return;
             }
         };
         self.task_mut(t).nbytes = nbytes;
         let first_change = self.transitions.len();
-        self.set_finished(t, State::Memory { who_has: vec![wid] });
+        self.set_finished(t, State::Memory { who_has: smallvec::smallvec![wid] });
         // The first change recorded is this task's: it carries the run time.
         if let Some(tr) = self.transitions.get_mut(first_change) {
             tr.duration_us = Some(duration_us);
@@ -1654,7 +1750,7 @@ impl<P: Clone> Core<P> {
         self.notify_wanters(t);
         let dependents = self.neighbours(t, true);
         for &d in &dependents {
-            if self.task(d).state == State::Waiting {
+            if matches!(self.task(d).state, State::Waiting) {
                 let dep = self.task_mut(d);
                 dep.waiting_on -= 1;
                 if dep.waiting_on == 0 {
@@ -1668,11 +1764,8 @@ impl<P: Clone> Core<P> {
     }
 
     fn failed(&mut self, wid: WorkerId, key: &Key, error: Arc<TaskError>) {
-        let was_assigned = self.unassign(wid, key);
-        let Some(t) = self.by_key.get(key).copied() else { return };
-        if !was_assigned || self.task(t).state != (State::Processing { on: wid }) {
-            return;
-        }
+        let t = self.reported(wid, key, None);
+        let (true, Some(t)) = (self.unassign(wid, t, key), t) else { return };
         let first_change = self.transitions.len();
         self.set_finished(t, State::Erred(error));
         // The first change recorded is this task's: it ended a run on `wid` (time unknown).
@@ -1702,11 +1795,8 @@ impl<P: Clone> Core<P> {
                 self.lose(d);
             }
         }
-        let was_assigned = self.unassign(wid, key);
-        let Some(t) = self.by_key.get(key).copied() else { return };
-        if !was_assigned || self.task(t).state != (State::Processing { on: wid }) {
-            return;
-        }
+        let t = self.reported(wid, key, None);
+        let (true, Some(t)) = (self.unassign(wid, t, key), t) else { return };
         if !corrected {
             self.task_mut(t).input_failures += 1;
         }
@@ -1783,18 +1873,16 @@ impl<P: Clone> Core<P> {
 
     /// A worker dropped a task it had not started (after a `Free`): release its slot.
     fn dropped(&mut self, wid: WorkerId, key: &Key) {
-        self.unassign(wid, key);
-        if let Some(t) = self.by_key.get(key).copied() {
-            if self.task(t).state == (State::Processing { on: wid }) {
-                self.requeue(t);
-            }
+        let t = self.reported(wid, key, None);
+        if let (true, Some(t)) = (self.unassign(wid, t, key), t) {
+            self.requeue(t);
         }
     }
 
     /// Waiting dependents of a failed task count it as finished.
     fn propagate_failure(&mut self, t: Tid) {
         for d in self.task(t).dependents.clone() {
-            if self.task(d).state == State::Waiting {
+            if matches!(self.task(d).state, State::Waiting) {
                 let dep = self.task_mut(d);
                 dep.waiting_on -= 1;
                 if dep.waiting_on == 0 {
@@ -1828,7 +1916,7 @@ impl<P: Clone> Core<P> {
         if let State::Memory { who_has } = &self.task(t).state {
             let key = self.task(t).key.clone();
             for w in who_has.clone() {
-                self.out.push(Command::Free { worker: w, keys: vec![key.clone()] });
+                self.out.push(Command::Free { worker: w, key: key.clone() });
             }
             self.task_mut(t).state = State::Released;
             self.note(t);
@@ -1876,12 +1964,18 @@ impl<P: Clone> Core<P> {
         self.by_key.remove(&task.key);
         if let State::Memory { who_has } = &task.state {
             for w in who_has {
-                self.out.push(Command::Free { worker: *w, keys: vec![task.key.clone()] });
+                self.out.push(Command::Free { worker: *w, key: task.key.clone() });
             }
         }
         if let Some(on) = running_on {
             // The worker keeps its accounting until it reports; tell it to drop the result.
-            self.out.push(Command::Free { worker: on, keys: vec![task.key.clone()] });
+            if let Some(w) = self.workers.get_mut(&on) {
+                if w.processing.remove(&t) {
+                    let resources = task.restrictions.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
+                    w.orphans.insert(task.key.clone(), resources);
+                }
+            }
+            self.out.push(Command::Free { worker: on, key: task.key.clone() });
         }
         for d in &task.deps {
             if self.exists(*d) {
@@ -1943,19 +2037,14 @@ impl<P: Clone> Core<P> {
             self.tell_lost(*t);
             // Dependents that were waiting for inputs now wait for this one again.
             for d in self.task(*t).dependents.clone() {
-                if self.task(d).state == State::Waiting {
+                if matches!(self.task(d).state, State::Waiting) {
                     self.task_mut(d).waiting_on += 1;
                 }
             }
         }
         // Tasks running there go back to the queue (or wait for lost inputs); so do queued
         // tasks whose inputs were lost.
-        let mut back: Vec<Tid> = w
-            .processing
-            .keys()
-            .filter_map(|k| self.by_key.get(k).copied())
-            .filter(|t| self.task(*t).state == (State::Processing { on: wid }))
-            .collect();
+        let mut back: Vec<Tid> = w.processing.iter().copied().collect();
         // The tasks it was most likely running when it died: as many as it has threads, in the
         // order it runs them (priority). Each records the death; one death more than allowed
         // fails the task, which is probably what killed the workers.
@@ -1977,7 +2066,7 @@ impl<P: Clone> Core<P> {
         }
         back.extend(self.live_ids().filter(|t| {
             matches!(self.task(*t).state, State::Ready | State::NoWorker)
-                && self.task(*t).deps.iter().any(|d| self.task(*d).state == State::Released)
+                && self.task(*t).deps.iter().any(|d| matches!(self.task(*d).state, State::Released))
         }));
         back.sort_unstable();
         for t in back {
@@ -1993,7 +2082,7 @@ impl<P: Clone> Core<P> {
         }
         // Queued tasks that only this worker could run cannot run now.
         let stuck: Vec<Tid> =
-            self.live_ids().filter(|t| self.task(*t).state == State::Ready && !self.can_ever_run(*t)).collect();
+            self.live_ids().filter(|t| matches!(self.task(*t).state, State::Ready) && !self.can_ever_run(*t)).collect();
         for t in stuck {
             self.task_mut(t).state = State::NoWorker;
             self.note(t);
@@ -2078,7 +2167,7 @@ impl<P: Clone> Core<P> {
                     }
                     if let State::Processing { on } = task.state {
                         match self.workers.get(&on) {
-                            Some(w) if w.processing.contains_key(k) => {}
+                            Some(w) if w.processing.contains(&t) => {}
                             _ => return fail(format!("{k}: processing on a worker that does not know it")),
                         }
                     }
@@ -2116,8 +2205,19 @@ impl<P: Clone> Core<P> {
             }
         }
         for (wid, w) in &self.workers {
+            for t in &w.processing {
+                if !self.exists(*t) || !matches!(self.task(*t).state, State::Processing { on } if on == *wid) {
+                    return fail(format!("worker {wid:?}: counts a task as processing there that is not"));
+                }
+            }
             for (n, a) in &w.spec.resources {
-                let used: f64 = w.processing.values().flatten().filter(|(pn, _)| pn == n).map(|(_, x)| x).sum();
+                let held =
+                    |t: &Tid| self.task(*t).restrictions.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
+                let used: f64 = (w.processing.iter().flat_map(held))
+                    .chain(w.orphans.values().flatten().cloned())
+                    .filter(|(pn, _)| pn == n)
+                    .map(|(_, x)| x)
+                    .sum();
                 let free = w.available.iter().find(|(an, _)| an == n).map_or(0.0, |(_, x)| *x);
                 if (a - used - free).abs() > 1e-9 || free < -1e-9 {
                     return fail(format!("worker {wid:?}: resource {n} accounting is off (free {free}, used {used})"));

@@ -45,6 +45,6 @@ mod core;
 mod tests;
 
 pub use crate::core::{
-    ClientId, Command, Config, Core, Departure, Event, LossCause, NewTask, Phase, Prio, Restrictions, Transition,
-    WorkerId, WorkerSpec,
+    ClientId, Command, Config, Core, Dep, Departure, Event, Holders, LossCause, NewTask, Phase, Prio, Restrictions,
+    Ticket, Transition, WorkerId, WorkerSpec,
 };

@@ -8,7 +8,8 @@ use proptest::prelude::*;
 use rask_graph::{FailureKind, Key, TaskError};
 
 use crate::{
-    ClientId, Command, Config, Core, Event, LossCause, NewTask, Phase, Restrictions, Transition, WorkerId, WorkerSpec,
+    ClientId, Command, Config, Core, Dep, Event, Holders, LossCause, NewTask, Phase, Restrictions, Ticket, Transition,
+    WorkerId, WorkerSpec,
 };
 
 const C1: ClientId = ClientId(1);
@@ -83,7 +84,7 @@ impl Env {
         self.ev(Event::GraphSubmitted { client: c, tasks, wanted: wanted.iter().map(|k| Key::new(k)).collect() })
     }
     fn finish(&mut self, w: WorkerId, key: &str, nbytes: u64) -> Vec<Command<P>> {
-        self.ev(Event::TaskFinished { worker: w, key: Key::new(key), nbytes, duration_us: 1000 })
+        self.ev(Event::TaskFinished { worker: w, key: Key::new(key), ticket: None, nbytes, duration_us: 1000 })
     }
     fn fail(&mut self, w: WorkerId, key: &str, msg: &str) -> Vec<Command<P>> {
         let error =
@@ -95,7 +96,7 @@ impl Env {
 fn task(key: &'static str, deps: &[&str]) -> NewTask<P> {
     NewTask {
         key: Key::new(key),
-        deps: deps.iter().map(|d| Key::new(d)).collect(),
+        deps: deps.iter().map(|d| Dep::Key(Key::new(d))).collect(),
         payload: key,
         priority: 0,
         order: 0,
@@ -116,7 +117,7 @@ fn computes(cmds: &[Command<P>]) -> Vec<(WorkerId, &str)> {
 fn frees(cmds: &[Command<P>]) -> Vec<(WorkerId, String)> {
     cmds.iter()
         .flat_map(|c| match c {
-            Command::Free { worker, keys } => keys.iter().map(|k| (*worker, k.as_str().to_owned())).collect(),
+            Command::Free { worker, key } => vec![(*worker, key.as_str().to_owned())],
             _ => Vec::new(),
         })
         .collect()
@@ -175,7 +176,7 @@ fn adjacent_root_tasks_share_a_worker_and_their_reduction_runs_there() {
     // Both workers have run a short task, so their speed is known (10 µs a task).
     env.submit(C1, vec![task("warm1", &[]), task("warm2", &[])], &["warm1", "warm2"]);
     for (w, k) in computes(&std::mem::take(&mut env.log)) {
-        env.ev(Event::TaskFinished { worker: w, key: Key::new(k), nbytes: 1, duration_us: 10 });
+        env.ev(Event::TaskFinished { worker: w, key: Key::new(k), ticket: None, nbytes: 1, duration_us: 10 });
     }
     env.log.clear();
     env.submit(C1, vec![task("r0", &[]), task("r1", &[]), task("sum", &["r0", "r1"])], &["sum"]);
@@ -502,7 +503,7 @@ fn short_tasks_raise_the_in_flight_limit() {
     let out = env.submit(C1, keys.iter().map(|k| task(k, &[])).collect(), &keys);
     assert_eq!(computes(&out).len(), 2);
     // A 10 µs task: target 100 µs of work → 10 in flight.
-    let out = env.ev(Event::TaskFinished { worker: W1, key: Key::new("s0"), nbytes: 1, duration_us: 10 });
+    let out = env.ev(Event::TaskFinished { worker: W1, ticket: None, key: Key::new("s0"), nbytes: 1, duration_us: 10 });
     assert_eq!(computes(&out).len(), 9, "10 in flight minus the one still running");
 }
 
@@ -672,7 +673,7 @@ fn idle_worker_steals_a_slow_task_the_busy_worker_has_not_started() {
     env.worker(W1, "w1", 1, &[]); // takes 2 (saturation), runs 1
     env.submit(C1, vec![task("a", &[]), task("b", &[]), task("c", &[])], &["a", "b", "c"]);
     // Slow tasks: 1 s each keeps the in-flight limit at ceil(1.1).
-    env.ev(Event::TaskFinished { worker: W1, key: Key::new("a"), nbytes: 1, duration_us: 1_000_000 });
+    env.ev(Event::TaskFinished { worker: W1, ticket: None, key: Key::new("a"), nbytes: 1, duration_us: 1_000_000 });
     // W1 holds b and c now; nothing is queued when W2 joins.
     let out = env.worker(W2, "w2", 1, &[]);
     let steals: Vec<(WorkerId, &str)> = out
@@ -693,7 +694,7 @@ fn fast_or_restricted_tasks_are_not_stolen() {
     let mut env = Env::new();
     env.worker(W1, "w1", 1, &[]);
     env.submit(C1, vec![task("a", &[]), task("b", &[]), task("c", &[])], &["a", "b", "c"]);
-    env.ev(Event::TaskFinished { worker: W1, key: Key::new("a"), nbytes: 1, duration_us: 10 });
+    env.ev(Event::TaskFinished { worker: W1, ticket: None, key: Key::new("a"), nbytes: 1, duration_us: 10 });
     let out = env.worker(W2, "w2", 1, &[]);
     assert!(!out.iter().any(|c| matches!(c, Command::Steal { .. })), "10 µs tasks are not worth a round-trip");
     // Restricted tasks stay where their restriction put them.
@@ -714,6 +715,78 @@ fn fast_or_restricted_tasks_are_not_stolen() {
 }
 
 #[test]
+fn a_task_forgotten_while_running_keeps_its_resources_until_the_worker_reports() {
+    let mut env = Env::new();
+    env.worker(W1, "gpu", 4, &[("GPU", 1.0)]);
+    let gpu = |k: &'static str| {
+        let mut t = task(k, &[]);
+        t.restrictions =
+            Some(Box::new(Restrictions { resources: vec![(Arc::from("GPU"), 1.0)], ..Default::default() }));
+        t
+    };
+    env.submit(C1, vec![gpu("g1")], &["g1"]);
+    let out = env.ev(Event::KeysCancelled { client: C1, keys: vec![Key::new("g1")] });
+    assert_eq!(frees(&out), [(W1, "g1".to_owned())]);
+    assert_eq!(env.core.task_count(), 0, "forgotten");
+    let out = env.submit(C1, vec![gpu("g2")], &["g2"]);
+    assert!(computes(&out).is_empty(), "g1 may still be running: its GPU is not free yet");
+    let out = env.finish(W1, "g1", 1);
+    assert_eq!(frees(&out), [(W1, "g1".to_owned())], "the late result is dropped");
+    assert_eq!(computes(&out), [(W1, "g2")], "and the GPU goes to the next task");
+}
+
+#[test]
+fn a_report_with_a_stale_ticket_is_not_taken_for_the_task_now_in_its_slot() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    let out = env.submit(C1, vec![task("a", &[])], &["a"]);
+    let old = out.iter().find_map(|c| match c {
+        Command::Compute { ticket, .. } => Some(*ticket),
+        _ => None,
+    });
+    env.ev(Event::KeysCancelled { client: C1, keys: vec![Key::new("a")] });
+    let out = env.submit(C1, vec![task("b", &[])], &["b"]);
+    let new = out.iter().find_map(|c| match c {
+        Command::Compute { ticket, .. } => Some(*ticket),
+        _ => None,
+    });
+    let (Some(old), Some(new)) = (old, new) else { panic!("both were sent: {out:?}") };
+    assert_eq!(old.slot, new.slot, "b reuses a's slot");
+    let out =
+        env.ev(Event::TaskFinished { worker: W1, key: Key::new("a"), ticket: Some(old), nbytes: 1, duration_us: 10 });
+    assert_eq!(frees(&out), [(W1, "a".to_owned())], "a's late result is dropped");
+    assert_eq!(env.core.state_of("b"), Some("processing"), "b is not taken as finished");
+    let out =
+        env.ev(Event::TaskFinished { worker: W1, key: Key::new("b"), ticket: Some(new), nbytes: 1, duration_us: 10 });
+    assert!(out.contains(&Command::KeyInMemory { client: C1, key: Key::new("b"), workers: vec![W1], nbytes: 1 }));
+}
+
+#[test]
+fn inputs_named_by_position_link_within_the_submission_and_a_bad_position_fails_the_task() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    let mut sum = task("sum", &[]);
+    sum.deps = vec![Dep::Position(0), Dep::Position(1), Dep::Position(0)];
+    let mut bad = task("bad", &[]);
+    bad.deps = vec![Dep::Position(9)];
+    let out = env.submit(C1, vec![task("x", &[]), task("y", &[]), sum, bad], &["sum", "bad"]);
+    let erred = out.iter().find_map(|c| match c {
+        Command::KeyErred { key, error, .. } if key.as_str() == "bad" => Some(error.message.clone()),
+        _ => None,
+    });
+    assert_eq!(erred.as_deref(), Some("input #9 of the submission does not exist (it has 4 tasks)"));
+    env.finish(W1, "x", 1);
+    let out = env.finish(W1, "y", 1);
+    assert_eq!(computes(&out), [(W1, "sum")], "both inputs linked, the repeated one once");
+    let mut p = task("p", &[]);
+    p.deps = vec![Dep::Position(1)];
+    let mut q = task("q", &[]);
+    q.deps = vec![Dep::Position(0)];
+    let out = env.submit(C1, vec![p, q], &["p"]);
+    assert!(out.iter().any(|c| matches!(c, Command::KeyErred { error, .. } if error.message.contains("cycle"))));
+}
+
+#[test]
 fn cyclic_submission_fails_its_tasks() {
     let mut env = Env::new();
     env.worker(W1, "w1", 1, &[]);
@@ -727,7 +800,7 @@ fn cyclic_submission_fails_its_tasks() {
 // must end with the value a direct evaluation gives.
 
 /// A compute the simulated cluster has not finished yet: (worker, key, inputs with holders).
-type Outstanding = (WorkerId, String, Vec<(Key, Vec<WorkerId>)>);
+type Outstanding = (WorkerId, String, Vec<(Key, Holders)>, Ticket);
 
 #[derive(Clone, Debug)]
 enum Step {
@@ -786,6 +859,7 @@ proptest! {
         steps in prop::collection::vec(step(), 0..400),
         parts in 1usize..4,
         flag_wanted in any::<bool>(),
+        by_position in any::<bool>(),
     ) {
         let n = shape.len();
         let keys: Vec<&'static str> = (0..n).map(|i| &*Box::leak(format!("k{i}").into_boxed_str())).collect();
@@ -819,8 +893,8 @@ proptest! {
         let absorb = |cmds: Vec<Command<P>>, outstanding: &mut Vec<_>, held: &mut BTreeMap<(WorkerId, String), i64>, results: &mut HashMap<_, _>| {
             for c in cmds {
                 match c {
-                    Command::Compute { worker, key, inputs, .. } => outstanding.push((worker, key.as_str().to_owned(), inputs)),
-                    Command::Free { worker, keys } => for k in keys { held.remove(&(worker, k.as_str().to_owned())); },
+                    Command::Compute { worker, key, inputs, ticket, .. } => outstanding.push((worker, key.as_str().to_owned(), inputs, ticket)),
+                    Command::Free { worker, key } => { held.remove(&(worker, key.as_str().to_owned())); }
                     Command::KeyInMemory { key, workers, .. } => { results.insert(key.as_str().to_owned(), Ok((workers, ()))); }
                     Command::KeyErred { key, error, .. } => { results.insert(key.as_str().to_owned(), Err(error.key.as_str().to_owned())); }
                     Command::Acquire { worker, key, from } => {
@@ -850,19 +924,36 @@ proptest! {
         }).collect();
         let wanted_keys: Vec<&str> = if flag_wanted { Vec::new() } else { wanted.iter().map(|w| keys[*w]).collect() };
         // The graph in `parts` parts (inputs come before their users, as clients send them).
+        // Inputs in the same part are named by position or by key.
         let per_part = n.div_ceil(parts);
+        let positions = |part: &mut Vec<NewTask<P>>, start: usize| {
+            let len = part.len();
+            for t in part.iter_mut().filter(|_| by_position) {
+                for d in &mut t.deps {
+                    let Dep::Key(k) = d else { continue };
+                    let i: usize = k.as_str()[1..].parse().expect("kN");
+                    if (start..start + len).contains(&i) {
+                        *d = Dep::Position((i - start) as u32);
+                    }
+                }
+            }
+        };
         env.ev(Event::ClientConnected { client: C1 });
+        let mut start = 0;
         while tasks.len() > per_part {
             let rest = tasks.split_off(per_part);
-            let part = std::mem::replace(&mut tasks, rest);
+            let mut part = std::mem::replace(&mut tasks, rest);
+            positions(&mut part, start);
+            start += part.len();
             let out = env.ev(Event::GraphPart { client: C1, tasks: part });
             absorb(out, &mut outstanding, &mut held, &mut results);
         }
+        positions(&mut tasks, start);
         let out = env.submit(C1, tasks, &wanted_keys);
         absorb(out, &mut outstanding, &mut held, &mut results);
 
         let run_one = |env: &mut Env, i: usize, outstanding: &mut Vec<Outstanding>, held: &mut BTreeMap<(WorkerId, String), i64>| {
-            let (w, key, inputs) = outstanding.swap_remove(i);
+            let (w, key, inputs, ticket) = outstanding.swap_remove(i);
             let idx: usize = key[1..].parse().expect("kN");
             // Fetch inputs from the holders the scheduler named (any that still has it).
             let mut sum = 1i64;
@@ -881,7 +972,9 @@ proptest! {
                 env.ev(Event::TaskFailed { worker: w, key: Key::from(key), error })
             } else {
                 held.insert((w, key.clone()), sum);
-                env.ev(Event::TaskFinished { worker: w, key: Key::from(key), nbytes: 8, duration_us: 5 })
+                // Workers echo the ticket; reports without one are found by key.
+                let ticket = (idx % 3 != 0).then_some(ticket);
+                env.ev(Event::TaskFinished { worker: w, key: Key::from(key), ticket, nbytes: 8, duration_us: 5 })
             }
         };
         // Reports the copies made for retiring workers, and forgets the workers that retired.
@@ -903,7 +996,7 @@ proptest! {
                 Step::Complete(i) if !outstanding.is_empty() => run_one(&mut env, i.index(outstanding.len()), &mut outstanding, &mut held),
                 Step::Kill(i) if live.len() > 1 => {
                     let w = live.remove(i.index(live.len()));
-                    outstanding.retain(|(ow, _, _)| *ow != w);
+                    outstanding.retain(|(ow, ..)| *ow != w);
                     held.retain(|(hw, _), _| *hw != w);
                     env.ev(Event::WorkerDisconnected { worker: w, cause: LossCause::ConnectionClosed })
                 }

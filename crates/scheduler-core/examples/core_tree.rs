@@ -1,0 +1,99 @@
+//! The scheduler core alone on a tree reduction: how many microseconds of scheduler CPU each
+//! task costs before any I/O. Two simulated 1-thread workers finish every task they are sent
+//! at once, one `TaskFinished` event per task, as the shell delivers them.
+//!
+//! `cargo run --release -p rask-scheduler-core --example core_tree [-- DEPTH [REPEAT]]`
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rask_graph::Key;
+use rask_scheduler_core::{ClientId, Command, Config, Core, Dep, Event, NewTask, Ticket, WorkerId, WorkerSpec};
+
+/// A binary tree of sums: `2^depth - 1` tasks, the root wanted; inputs named by position, as
+/// clients send them.
+fn tree(depth: u32) -> Vec<NewTask<u32>> {
+    let mut tasks = Vec::new();
+    let mut level: Vec<u32> = Vec::new();
+    let mut order = 0u32;
+    for i in 0..(1u32 << (depth - 1)) {
+        let key = Key::from(format!("leaf-{i}"));
+        tasks.push(NewTask {
+            key,
+            deps: Vec::new(),
+            payload: i,
+            priority: 0,
+            order,
+            restrictions: None,
+            wanted: false,
+        });
+        level.push(order);
+        order += 1;
+    }
+    let mut d = 0;
+    while level.len() > 1 {
+        d += 1;
+        let mut next = Vec::new();
+        for (i, pair) in level.chunks(2).enumerate() {
+            let key = Key::from(format!("sum-{d}-{i}"));
+            let wanted = level.len() == 2;
+            let deps = pair.iter().map(|p| Dep::Position(*p)).collect();
+            tasks.push(NewTask { key, deps, payload: 0, priority: 0, order, restrictions: None, wanted });
+            next.push(order);
+            order += 1;
+        }
+        level = next;
+    }
+    tasks
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let depth: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(15);
+    let repeat: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
+    let mut core: Core<u32> = Core::new(Config::default());
+    let client = ClientId(1);
+    let mut out = Vec::new();
+    core.handle_into(Event::ClientConnected { client }, &mut out);
+    for w in 0..2 {
+        let spec = WorkerSpec {
+            name: Arc::from(format!("w{w}")),
+            address: Arc::from(format!("tcp://127.0.0.1:{}", 9000 + w)),
+            nthreads: 1,
+            resources: Vec::new(),
+            restarted_after: None,
+        };
+        core.handle_into(Event::WorkerConnected { worker: WorkerId(w), spec }, &mut out);
+    }
+    out.clear();
+    let mut best = f64::MAX;
+    for _ in 0..repeat {
+        let graph = tree(depth);
+        let n = graph.len();
+        let root = graph.last().map(|t| t.key.clone()).expect("a tree has a root");
+        let started = Instant::now();
+        let mut queue: VecDeque<(WorkerId, Key, Ticket)> = VecDeque::new();
+        core.handle_into(Event::GraphSubmitted { client, tasks: graph, wanted: Vec::new() }, &mut out);
+        let mut done = false;
+        loop {
+            for cmd in out.drain(..) {
+                match cmd {
+                    Command::Compute { worker, key, ticket, .. } => queue.push_back((worker, key, ticket)),
+                    Command::KeyInMemory { .. } => done = true,
+                    _ => {}
+                }
+            }
+            let Some((worker, key, ticket)) = queue.pop_front() else { break };
+            let ticket = Some(ticket);
+            core.handle_into(Event::TaskFinished { worker, key, ticket, nbytes: 8, duration_us: 1 }, &mut out);
+        }
+        core.handle_into(Event::KeysReleased { client, keys: vec![root] }, &mut out);
+        out.clear();
+        let secs = started.elapsed().as_secs_f64();
+        assert!(done, "the root was computed");
+        assert_eq!(core.task_count(), 0, "everything was forgotten");
+        best = best.min(secs * 1e6 / n as f64);
+    }
+    println!("core tree-{depth}: {best:.3} µs/task (best of {repeat})");
+}
