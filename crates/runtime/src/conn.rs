@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 /// everything queued before it has been written.
 enum Item<M> {
     Msg(M, Vec<Bytes>),
+    Many(Vec<M>),
     /// A large message that gets a frame of its own, so the peer can decode and handle it
     /// while the next one is still being encoded here.
     Alone(M),
@@ -50,6 +51,11 @@ impl<M: Serialize + Send + Sync + 'static> Outbox<M> {
 
     /// Queues a large message to travel in its own frame (see [`Item::Alone`]). Returns false
     /// if the connection is gone.
+    /// Queues several messages without payloads at once (one channel operation).
+    pub(crate) fn send_many(&self, msgs: Vec<M>) -> bool {
+        msgs.is_empty() || self.tx.send(Item::Many(msgs)).is_ok()
+    }
+
     pub(crate) fn send_alone(&self, msg: M) -> bool {
         self.tx.send(Item::Alone(msg)).is_ok()
     }
@@ -83,6 +89,10 @@ async fn write_loop<M: Serialize>(mut w: BufWriter<WriteHalf>, mut rx: mpsc::Unb
                 }
                 Item::Msg(m, blobs) => {
                     flush_batch(&mut w, &mut batch).await && write_frame(&mut w, &[m], &blobs).await.is_ok()
+                }
+                Item::Many(ms) => {
+                    batch.extend(ms);
+                    batch.len() < MAX_BATCH || flush_batch(&mut w, &mut batch).await
                 }
                 Item::Alone(m) => {
                     flush_batch(&mut w, &mut batch).await

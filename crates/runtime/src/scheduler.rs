@@ -647,9 +647,18 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &Peers) {
             }
         }
         Command::Compute { worker, key, payload, inputs, prio, ticket } => {
+            // Only the other holders are named: the worker finds its own copies itself (and
+            // asks itself, to say it lacks one, if none is named); a local input then costs no
+            // address to encode and decode.
             let inputs = inputs
                 .into_iter()
-                .map(|(k, holders)| (k, holders.iter().filter_map(|h| address_of(peers, *h)).collect()))
+                .map(|(k, holders)| {
+                    let named = holders
+                        .contains(&worker)
+                        .then(Vec::new)
+                        .unwrap_or_else(|| holders.iter().filter_map(|h| address_of(peers, *h)).collect());
+                    (k, named)
+                })
                 .collect();
             let msg = FromScheduler::Compute {
                 key,

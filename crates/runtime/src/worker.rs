@@ -12,7 +12,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,16 @@ use crate::store::{DataStore, Store, lock, process_cpu_us, process_rss, remove_s
 
 /// How long an idle executor thread polls for new work before sleeping.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(200);
+
+/// An executor thread reports results in batches while it runs short jobs back to back (each
+/// report may wake the event loop, which costs more than a tiny task): it holds at most this
+/// many, ...
+const OUTCOME_BATCH: usize = 32;
+/// ... for at most this long, ...
+const OUTCOME_HOLD: Duration = Duration::from_micros(100);
+/// ... and only while the next job is expected to take less than this (from the run times of
+/// its functions so far): a result is never held back behind a long or unknown job.
+const SHORT_JOB: Duration = Duration::from_micros(20);
 
 /// A peer that does not deliver within this time is treated as not holding the data (the
 /// scheduler is told, and looks elsewhere or recomputes), so one hung peer cannot stall fetches.
@@ -104,7 +114,8 @@ pub enum WorkerExit {
 struct Job {
     key: Key,
     body: Arc<WireBody>,
-    inputs: FxHashMap<Key, Value>,
+    /// The inputs, in the order they arrived; found by a scan (a task has a handful).
+    inputs: Vec<(Key, Value)>,
     retries: u32,
     timeout: Option<Duration>,
     /// Fetched copies this job uses (released when it is done).
@@ -115,6 +126,14 @@ struct Job {
 
 /// Scheduler priority of a task (smaller first), as sent in `Compute`.
 type Prio = (i64, u64, u32);
+
+/// Jobs ready to run, shared by the event loop and the executor threads.
+struct JobQueue {
+    q: Mutex<Queue>,
+    cv: Condvar,
+    /// Entries in the heap, readable without the lock (spinning threads poll it).
+    ready: AtomicUsize,
+}
 
 struct Queue {
     heap: BinaryHeap<Reverse<(Prio, u64)>>,
@@ -139,7 +158,7 @@ struct Outcome {
 enum Inbox {
     Scheduler(Vec<FromScheduler>),
     SchedulerClosed(String),
-    Done(Outcome),
+    Done(Vec<Outcome>),
     Fetched {
         from: Arc<str>,
         keys: Vec<Key>,
@@ -206,17 +225,19 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     });
 
     // Executor threads.
-    let queue = Arc::new((
-        Mutex::new(Queue {
+    let queue = Arc::new(JobQueue {
+        q: Mutex::new(Queue {
             heap: BinaryHeap::new(),
             jobs: FxHashMap::default(),
             closed: false,
             paused: false,
             sleeping: 0,
         }),
-        Condvar::new(),
-    ));
+        cv: Condvar::new(),
+        ready: AtomicUsize::new(0),
+    });
     let location: Arc<str> = Arc::from(format!("on worker {} ({data_address})", cfg.name));
+    let own_address: Arc<str> = Arc::from(data_address.as_str());
     let mut threads = Vec::new();
     for i in 0..cfg.nthreads.max(1) {
         let (queue, tx, registry, location) =
@@ -245,6 +266,8 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     let mut seq = 0u64;
     // tasks handed to the executor queue and not yet reported: key -> queue sequence number
     let mut queued: FxHashMap<Key, u64> = FxHashMap::default();
+    // Jobs ready to hand to the executor threads, queued together at the end of each message.
+    let mut ready: Vec<(Job, Prio, u64)> = Vec::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     // Since when this worker has been retiring (SIGTERM): it leaves when the scheduler says so.
     let mut retiring: Option<Instant> = None;
@@ -279,7 +302,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     held.spill(out);
                     let pause = held.policy.should_pause(rss, held.writing_bytes());
                     drop(held);
-                    let (m, cv) = &*queue;
+                    let (m, cv) = (&queue.q, &queue.cv);
                     let mut q = lock(m);
                     if q.paused != pause {
                         q.paused = pause;
@@ -305,7 +328,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     fetched: fetched_bytes,
                 };
                 if let Some(stats) = &cfg.stats {
-                    let paused = lock(&queue.0).paused;
+                    let paused = lock(&queue.q).paused;
                     let mut s = lock(stats);
                     s.name.clone_from(&cfg.name);
                     s.memory = report;
@@ -334,7 +357,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             let mut job = Job {
                                 key: key.clone(),
                                 body,
-                                inputs: FxHashMap::with_capacity_and_hasher(inputs.len(), Default::default()),
+                                inputs: Vec::with_capacity(inputs.len()),
                                 retries,
                                 timeout: timeout_us.map(Duration::from_micros),
                                 replicas: Vec::new(),
@@ -346,12 +369,12 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 let mut held = lock(&store);
                                 for (k, holders) in inputs {
                                     if let Some(v) = held.get(&k) {
-                                        job.inputs.insert(k, v);
+                                        job.inputs.push((k, v));
                                         continue;
                                     }
                                     if let Some((v, users)) = replicas.get_mut(&k) {
                                         *users += 1;
-                                        job.inputs.insert(k.clone(), v.clone());
+                                        job.inputs.push((k.clone(), v.clone()));
                                         job.replicas.push(k);
                                         continue;
                                     }
@@ -359,17 +382,18 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                     let already = fetching.contains_key(&k);
                                     fetching.entry(k.clone()).or_default().push(key.clone());
                                     if !already {
-                                        match holders.first() {
-                                            Some(h) => to_fetch.entry(h.clone()).or_default().push(k),
-                                            None => to_fetch.entry(Arc::from("")).or_default().push(k),
-                                        }
+                                        // No other holder named: the scheduler believes this
+                                        // worker has it. It does not (any more); asking itself
+                                        // tells the scheduler so.
+                                        let from = holders.first().unwrap_or(&own_address);
+                                        to_fetch.entry(Arc::clone(from)).or_default().push(k);
                                     }
                                 }
                             }
                             if missing == 0 {
                                 seq += 1;
                                 queued.insert(key, seq);
-                                enqueue(&queue, job, priority, seq);
+                                ready.push((job, priority, seq));
                             } else {
                                 if let Some(old) = waiting.insert(key, Waiting { job, prio: priority, missing }) {
                                     release_replicas(&mut replicas, old.job.replicas);
@@ -401,6 +425,9 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             }
                         }
                         FromScheduler::Free { keys } => {
+                            // Jobs from earlier in this frame are queued first, so they can be
+                            // taken back.
+                            enqueue(&queue, &mut ready);
                             for k in keys {
                                 lock(&store).remove(&k);
                                 // A task not started yet is dropped, and the scheduler told so
@@ -412,6 +439,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             }
                         }
                         FromScheduler::Steal { keys } => {
+                            enqueue(&queue, &mut ready);
                             for k in keys {
                                 if unstart(k.as_str(), &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue)
                                 {
@@ -442,6 +470,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                         other => eprintln!("rask worker {}: unexpected message {other:?}", cfg.name),
                     }
                 }
+                enqueue(&queue, &mut ready);
                 if let Some(reason) = shutdown {
                     break WorkerExit::SchedulerShutdown(reason);
                 }
@@ -486,14 +515,14 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             let users = tasks.iter().filter(|t| waiting.contains_key(*t)).count();
                             for t in &tasks {
                                 let Some(w) = waiting.get_mut(t) else { continue };
-                                w.job.inputs.insert(k.clone(), v.clone());
+                                w.job.inputs.push((k.clone(), v.clone()));
                                 w.job.replicas.push(k.clone());
                                 w.missing -= 1;
                                 if w.missing == 0 {
                                     if let Some(w) = waiting.remove(t) {
                                         seq += 1;
                                         queued.insert(t.clone(), seq);
-                                        enqueue(&queue, w.job, w.prio, seq);
+                                        ready.push((w.job, w.prio, seq));
                                     }
                                 }
                             }
@@ -513,6 +542,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                         }
                     }
                 }
+                enqueue(&queue, &mut ready);
             }
             Inbox::Acquired { from, keys, result } => {
                 // Every key is answered: copied, or failed (so the retirement does not wait).
@@ -539,30 +569,33 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     }
                 }
             }
-            Inbox::Done(Outcome { key, ticket, replicas: used, result, duration }) => {
-                queued.remove(&key);
-                let duration_us = duration.as_micros().min(u128::from(u64::MAX)) as u64;
-                release_replicas(&mut replicas, used);
-                match result {
-                    Ok(v) => {
-                        tasks_finished += 1;
-                        let nbytes = v.nbytes() as u64;
-                        lock(&store).insert(key.clone(), v);
-                        to_scheduler.send(ToScheduler::TaskFinished { key, ticket, nbytes, duration_us }, Vec::new());
-                    }
-                    Err(e) => {
-                        tasks_failed += 1;
-                        to_scheduler.send(ToScheduler::TaskFailed { key, error: WireError::from(&e) }, Vec::new());
+            Inbox::Done(outcomes) => {
+                let mut reports = Vec::with_capacity(outcomes.len());
+                let mut held = lock(&store);
+                for Outcome { key, ticket, replicas: used, result, duration } in outcomes {
+                    queued.remove(&key);
+                    let duration_us = duration.as_micros().min(u128::from(u64::MAX)) as u64;
+                    release_replicas(&mut replicas, used);
+                    match result {
+                        Ok(v) => {
+                            tasks_finished += 1;
+                            let nbytes = v.nbytes() as u64;
+                            held.insert(key.clone(), v);
+                            reports.push(ToScheduler::TaskFinished { key, ticket, nbytes, duration_us });
+                        }
+                        Err(e) => {
+                            tasks_failed += 1;
+                            reports.push(ToScheduler::TaskFailed { key, error: WireError::from(&e) });
+                        }
                     }
                 }
+                drop(held);
+                to_scheduler.send_many(reports);
             }
         }
     };
-    {
-        let (m, cv) = &*queue;
-        lock(m).closed = true;
-        cv.notify_all();
-    }
+    lock(&queue.q).closed = true;
+    queue.cv.notify_all();
     server.abort();
     if matches!(exit, WorkerExit::Stopped) {
         // Leaving on purpose: say so, so the scheduler records why rather than a lost
@@ -590,7 +623,7 @@ fn unstart(
     fetching: &mut FxHashMap<Key, Vec<Key>>,
     queued: &mut FxHashMap<Key, u64>,
     replicas: &mut FxHashMap<Key, (Value, usize)>,
-    queue: &(Mutex<Queue>, Condvar),
+    queue: &JobQueue,
 ) -> bool {
     if let Some(w) = waiting.remove(k) {
         release_replicas(replicas, w.job.replicas);
@@ -600,8 +633,7 @@ fn unstart(
         return true;
     }
     if let Some(seq) = queued.get(k).copied() {
-        let (m, _) = queue;
-        if let Some(job) = lock(m).jobs.remove(&seq) {
+        if let Some(job) = lock(&queue.q).jobs.remove(&seq) {
             queued.remove(k);
             release_replicas(replicas, job.replicas);
             return true;
@@ -622,31 +654,93 @@ fn release_replicas(replicas: &mut FxHashMap<Key, (Value, usize)>, used: Vec<Key
     }
 }
 
-fn enqueue(queue: &Arc<(Mutex<Queue>, Condvar)>, job: Job, prio: (i64, u64, u32), seq: u64) {
-    let (m, cv) = &**queue;
-    let mut q = lock(m);
-    q.heap.push(Reverse((prio, seq)));
-    q.jobs.insert(seq, job);
-    if q.sleeping > 0 {
-        cv.notify_one();
+/// Hands jobs (with their priority and sequence number) to the executor threads, under one
+/// lock for a whole frame's worth.
+fn enqueue(queue: &JobQueue, jobs: &mut Vec<(Job, Prio, u64)>) {
+    if jobs.is_empty() {
+        return;
+    }
+    let mut q = lock(&queue.q);
+    let n = jobs.len();
+    for (job, prio, seq) in jobs.drain(..) {
+        q.heap.push(Reverse((prio, seq)));
+        q.jobs.insert(seq, job);
+    }
+    queue.ready.store(q.heap.len(), Ordering::Release);
+    match q.sleeping {
+        0 => {}
+        1 if n == 1 => queue.cv.notify_one(),
+        _ => queue.cv.notify_all(),
     }
 }
 
-fn executor_thread(
-    queue: &(Mutex<Queue>, Condvar),
-    tx: &mpsc::UnboundedSender<Inbox>,
-    registry: &Registry,
-    location: &str,
-) {
-    let (m, cv) = queue;
+/// Run times of the functions an executor thread has run (a moving average per op name), to
+/// tell whether the next job is short enough to hold finished results back for.
+#[derive(Default)]
+struct RunTimes(FxHashMap<String, Duration>);
+
+impl RunTimes {
+    fn record(&mut self, body: &WireBody, took: Duration) {
+        // A chain's time is charged to its first function (what a chain is named by).
+        let op = match body {
+            WireBody::Call(c) => &c.op,
+            WireBody::Chain(links) => match links.first() {
+                Some((_, c)) => &c.op,
+                None => return,
+            },
+        };
+        match self.0.get_mut(op.as_str()) {
+            Some(avg) => *avg = (*avg * 7 + took) / 8,
+            None => {
+                self.0.insert(op.clone(), took);
+            }
+        }
+    }
+
+    /// Whether `body` ran briefly so far (unknown functions are not short).
+    fn short(&self, body: &WireBody) -> bool {
+        let op = match body {
+            WireBody::Call(c) => &c.op,
+            WireBody::Chain(links) if links.len() == 1 => &links[0].1.op,
+            WireBody::Chain(_) => return false,
+        };
+        self.0.get(op.as_str()).is_some_and(|avg| *avg < SHORT_JOB)
+    }
+}
+
+fn executor_thread(queue: &JobQueue, tx: &mpsc::UnboundedSender<Inbox>, registry: &Registry, location: &str) {
+    let (m, cv) = (&queue.q, &queue.cv);
     let mut buf = Vec::new();
+    let mut times = RunTimes::default();
+    // Results not reported yet, and since when the oldest waits.
+    let mut done: Vec<Outcome> = Vec::new();
+    let mut held_since = Instant::now();
+    let report = |done: &mut Vec<Outcome>| done.is_empty() || tx.send(Inbox::Done(std::mem::take(done))).is_ok();
     loop {
         let job = {
             let mut q = lock(m);
             let mut spun = false;
             loop {
                 if q.closed {
+                    drop(q);
+                    report(&mut done);
                     return;
+                }
+                if !done.is_empty() {
+                    // Hold results only while short jobs follow right away.
+                    let next_short = q
+                        .heap
+                        .peek()
+                        .and_then(|Reverse((_, seq))| q.jobs.get(seq))
+                        .is_some_and(|j| times.short(&j.body));
+                    if q.paused || !next_short || done.len() >= OUTCOME_BATCH || held_since.elapsed() >= OUTCOME_HOLD {
+                        drop(q);
+                        if !report(&mut done) {
+                            return;
+                        }
+                        q = lock(m);
+                        continue;
+                    }
                 }
                 if q.paused {
                     q.sleeping += 1;
@@ -655,6 +749,7 @@ fn executor_thread(
                     continue;
                 }
                 if let Some(Reverse((_, seq))) = q.heap.pop() {
+                    queue.ready.store(q.heap.len(), Ordering::Release);
                     if let Some(job) = q.jobs.remove(&seq) {
                         break job;
                     }
@@ -670,7 +765,7 @@ fn executor_thread(
                     // workers need the core more than this thread does.
                     while Instant::now() < until {
                         std::thread::yield_now();
-                        if !lock(m).heap.is_empty() {
+                        if queue.ready.load(Ordering::Acquire) > 0 {
                             break;
                         }
                     }
@@ -685,16 +780,23 @@ fn executor_thread(
         let start = Instant::now();
         let result = run_job(&job, registry, location, &mut buf);
         buf.clear();
-        let outcome =
-            Outcome { key: job.key, ticket: job.ticket, replicas: job.replicas, result, duration: start.elapsed() };
-        if tx.send(Inbox::Done(outcome)).is_err() {
-            return;
+        let duration = start.elapsed();
+        times.record(&job.body, duration);
+        if done.is_empty() {
+            held_since = Instant::now();
         }
+        done.push(Outcome { key: job.key, ticket: job.ticket, replicas: job.replicas, result, duration });
     }
 }
 
 fn run_job(job: &Job, registry: &Registry, location: &str, buf: &mut Vec<Value>) -> Result<Value, TaskError> {
-    let lookup = |k: &str| job.inputs.get(k).cloned();
+    // A scan for the usual handful of inputs; a map for a large reduction's.
+    let index: Option<FxHashMap<&str, &Value>> =
+        (job.inputs.len() > 16).then(|| job.inputs.iter().map(|(k, v)| (k.as_str(), v)).collect());
+    let lookup = |k: &str| match &index {
+        Some(index) => index.get(k).map(|v| (*v).clone()),
+        None => job.inputs.iter().find(|(ik, _)| ik.as_str() == k).map(|(_, v)| v.clone()),
+    };
     let key = job.key.clone();
     let run =
         |link_key: &Key, op: &str, args: &[WireArg], links: &[Value], retries, timeout, buf: &mut Vec<Value>| {
