@@ -316,6 +316,57 @@ fn task_that_kills_its_worker_every_time_ends_as_killed_worker_and_the_rest_comp
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[test]
+fn progress_reaches_the_client_and_is_drawn_only_on_a_terminal() {
+    let dir = scratch("progress");
+    let mut cluster = Cluster::start();
+    cluster.worker(&["--name", "w", "--nthreads", "2"], &[]);
+    // 40 tasks of 40 ms on 2 threads: about 0.8 s, several of the scheduler's 250 ms ticks.
+    let n = 40;
+    let mut b = GraphBuilder::new();
+    for i in 0..n {
+        b.add(TaskSpec::new(format!("s{i}"), "sleep", vec![ArgSpec::Lit(Value::Int(40)), ArgSpec::Lit(Value::Int(i))]));
+    }
+    let g = b.build().expect("valid graph");
+    let outs = g.sinks();
+    let c = BlockingClient::connect(&cluster.address).expect("connect");
+    let futures = c.submit_graph(&g, &outs);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !futures.iter().all(rask_runtime::RemoteFuture::done) {
+        assert!(Instant::now() < deadline, "the graph did not finish");
+        seen.push(c.client().progress());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(seen.iter().any(|(done, total)| *total == n as u64 && *done > 0 && *done < *total), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0 || w[1] == (0, 0)), "progress only grows: {seen:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.client().progress() != (n as u64, n as u64) {
+        assert!(Instant::now() < deadline, "the end was not told: {:?}", c.client().progress());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(futures);
+
+    // The same work from the command line: a bar on a terminal, none in a pipe.
+    let tasks: Vec<String> = (0..n).map(|i| format!(r#""s{i}": {{"op": "sleep", "args": [40, {i}]}}"#)).collect();
+    let file = dir.join("w.json");
+    std::fs::write(&file, format!(r#"{{"version": 1, "tasks": {{{}}}}}"#, tasks.join(", "))).expect("write");
+    let piped = rask(&["run", &file.to_string_lossy(), "--scheduler", &cluster.address]);
+    assert!(piped.status.success(), "{}", text(&piped.stderr));
+    assert!(!text(&piped.stderr).contains("/40 tasks"), "no bar in a pipe: {}", text(&piped.stderr));
+    let command = format!("{RASK} run {} --scheduler {}", file.display(), cluster.address);
+    // Bounded like every other wait here: timeout(1) ends a run that hangs.
+    let tty = Command::new("timeout")
+        .args(["60", "script", "-qec", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script(1) runs the command on a pseudo-terminal");
+    assert!(tty.status.success(), "{}", text(&tty.stdout));
+    assert!(text(&tty.stdout).contains("/40 tasks"), "a bar on a terminal: {:?}", text(&tty.stdout));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A random graph with fan-in and fan-out (deterministic from `seed`): `n` additions over
 /// earlier results, every sixteenth waiting 10 ms first, so a run lasts long enough to be hit
 /// (`n` + `n`/8 tasks).

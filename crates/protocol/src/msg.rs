@@ -157,6 +157,14 @@ pub enum FromScheduler {
         /// Memory of the connected workers, by name.
         memory: Vec<(String, MemoryReport)>,
     },
+    /// To a client, a few times a second while it changes: `done` of the `total` tasks its
+    /// submissions registered have finished (both restart from zero once all have).
+    Progress {
+        /// Finished (in memory or failed).
+        done: u64,
+        /// Registered.
+        total: u64,
+    },
     /// To a client: a wanted key is in memory on these workers (data addresses).
     KeyInMemory {
         /// The key.

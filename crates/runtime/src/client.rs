@@ -85,6 +85,8 @@ struct State {
     /// From the same answer: each worker's memory report.
     memory: Vec<(String, rask_protocol::msg::MemoryReport)>,
     worker_answers: u64,
+    /// The scheduler's latest word on this client's tasks: (finished, registered).
+    progress: (u64, u64),
 }
 
 struct Inner {
@@ -258,6 +260,7 @@ impl Client {
                 departed: Vec::new(),
                 memory: Vec::new(),
                 worker_answers: 0,
+                progress: (0, 0),
             }),
             changed,
             peers: PeerPool::default(),
@@ -319,6 +322,14 @@ impl Client {
     /// future per output.
     #[must_use]
     pub fn submit_graph(&self, graph: &Graph, outputs: &[TaskId]) -> Vec<RemoteFuture> {
+        {
+            // Work that was all done is not this submission's: count from zero until the
+            // scheduler speaks.
+            let mut st = self.inner.state();
+            if st.progress.0 >= st.progress.1 {
+                st.progress = (0, 0);
+            }
+        }
         let (culled, outs) = match graph.cull(outputs) {
             Some((g, o)) => (std::borrow::Cow::Owned(g), o),
             None => (std::borrow::Cow::Borrowed(graph), outputs.to_vec()),
@@ -719,6 +730,14 @@ impl Client {
         out.into_iter().map(|r| r.unwrap_or(Err(ClientError::Timeout))).collect()
     }
 
+    /// How far this client's work has come, as the scheduler last said (a few times a second,
+    /// and at once when all is done): (finished, registered) tasks of its submissions so far.
+    /// Both restart from zero once everything registered has finished.
+    #[must_use]
+    pub fn progress(&self) -> (u64, u64) {
+        self.inner.state().progress
+    }
+
     /// Runs `graph` for `outputs` on the cluster and returns each output's result.
     ///
     /// # Errors
@@ -756,6 +775,7 @@ fn apply(st: &mut State, m: FromScheduler) {
         FromScheduler::KeyCancelled { key } => set(st, key.as_str(), Status::Cancelled),
         FromScheduler::KeyLost { key } => set(st, key.as_str(), Status::Pending),
         FromScheduler::GraphAccepted { .. } => st.accepted += 1,
+        FromScheduler::Progress { done, total } => st.progress = (done, total),
         FromScheduler::Workers { workers, departed, memory } => {
             st.workers = workers;
             st.departed = departed;
@@ -801,6 +821,8 @@ impl AsCompleted {
 pub struct BlockingClient {
     rt: tokio::runtime::Runtime,
     client: Client,
+    /// Draw a progress bar on standard error during [`BlockingClient::compute`].
+    progress_bar: bool,
 }
 
 impl BlockingClient {
@@ -816,7 +838,14 @@ impl BlockingClient {
             .build()
             .map_err(|e| ClientError::Connect(address.to_owned(), e.to_string()))?;
         let client = rt.block_on(Client::connect(address))?;
-        Ok(BlockingClient { rt, client })
+        let progress_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        Ok(BlockingClient { rt, client, progress_bar })
+    }
+
+    /// Whether [`BlockingClient::compute`] draws a progress bar on standard error: by default
+    /// only when standard error is a terminal (never into a log or a pipe).
+    pub fn set_progress_bar(&mut self, on: bool) {
+        self.progress_bar = on;
     }
 
     /// The async client (to use from async code running elsewhere).
@@ -929,7 +958,32 @@ impl BlockingClient {
     /// # Errors
     /// See [`Client::compute`].
     pub fn compute(&self, graph: &Graph, outputs: &[TaskId]) -> Result<Vec<TaskResult>, ClientError> {
-        self.rt.block_on(self.client.compute(graph, outputs))
+        if !self.progress_bar {
+            return self.rt.block_on(self.client.compute(graph, outputs));
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:40}] {pos}/{len} tasks")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        let result = self.rt.block_on(async {
+            let work = self.client.compute(graph, outputs);
+            tokio::pin!(work);
+            let mut redraw = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    _ = redraw.tick() => {
+                        let (done, total) = self.client.progress();
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    }
+                }
+            }
+        });
+        bar.finish_and_clear();
+        result
     }
 }
 

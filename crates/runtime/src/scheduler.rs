@@ -684,5 +684,6 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &Peers) {
         }
         Command::KeyCancelled { client, key } => send(client.0, FromScheduler::KeyCancelled { key }),
         Command::KeyLost { client, key } => send(client.0, FromScheduler::KeyLost { key }),
+        Command::Progress { client, done, total } => send(client.0, FromScheduler::Progress { done, total }),
     }
 }

@@ -463,6 +463,16 @@ pub enum Command<P> {
         /// Which.
         key: Key,
     },
+    /// Tell a client how far the tasks its submissions registered have come (sent on ticks,
+    /// when it changed): `done` of `total` finished. Both go back to zero once all are done.
+    Progress {
+        /// Who.
+        client: ClientId,
+        /// Finished (in memory or failed).
+        done: u64,
+        /// Registered by its submissions (and not dropped unrun).
+        total: u64,
+    },
     /// Tell a client its key is in memory.
     KeyInMemory {
         /// Who.
@@ -561,6 +571,10 @@ struct Task<P> {
     /// Unique for the core's lifetime (slots are reused; serials are not): names the task in
     /// published transitions.
     serial: u64,
+    /// The client whose submission registered it (its progress counts this task).
+    owner: ClientId,
+    /// Counted as finished in its owner's progress (once, even if it is recomputed).
+    counted: bool,
 }
 
 /// Workers (by name) that died while a task was probably running on them, with why.
@@ -594,6 +608,16 @@ impl Worker {
     }
 }
 
+/// How far a client's work has come: the tasks its submissions registered, and how many of
+/// them have finished (in memory or failed), for its progress bar.
+#[derive(Default)]
+struct ClientProgress {
+    registered: u64,
+    finished: u64,
+    /// What the client was last told (done, total).
+    reported: (u64, u64),
+}
+
 /// The scheduler state. See the crate documentation.
 pub struct Core<P> {
     cfg: Config,
@@ -605,7 +629,7 @@ pub struct Core<P> {
     free_slots: Vec<u32>,
     by_key: FxHashMap<Key, Tid>,
     workers: BTreeMap<WorkerId, Worker>,
-    clients: BTreeMap<ClientId, ()>,
+    clients: BTreeMap<ClientId, ClientProgress>,
     ready: BinaryHeap<Reverse<(Prio, Tid)>>,
     no_worker: Vec<Tid>,
     submissions: u64,
@@ -734,7 +758,7 @@ impl<P: Clone> Core<P> {
     fn apply(&mut self, event: Event<P>) {
         match event {
             Event::ClientConnected { client } => {
-                self.clients.insert(client, ());
+                self.clients.entry(client).or_default();
             }
             Event::ClientDisconnected { client } => {
                 self.clients.remove(&client);
@@ -749,7 +773,7 @@ impl<P: Clone> Core<P> {
             }
             Event::GraphPart { client, tasks } => {
                 let generation = self.generation_for(client);
-                let (part, wanted) = self.register(tasks, generation);
+                let (part, wanted) = self.register(client, tasks, generation);
                 for &t in &part {
                     self.task_mut(t).held += 1;
                 }
@@ -866,6 +890,7 @@ impl<P: Clone> Core<P> {
                     }
                 }
                 self.now_us = self.now_us.max(now_us);
+                self.report_progress();
                 if let Some(ttl) = self.cfg.worker_ttl_us {
                     let silent: Vec<(WorkerId, u64)> = self
                         .workers
@@ -992,6 +1017,39 @@ impl<P: Clone> Core<P> {
         self.transitions.push(Transition { task: serial, key, phase, worker, duration_us: None });
     }
 
+    /// `t` finished (in memory or failed): its owner's progress counts it, once.
+    fn count_finished(&mut self, t: Tid) {
+        let task = self.task_mut(t);
+        if !task.counted {
+            task.counted = true;
+            let owner = task.owner;
+            if let Some(c) = self.clients.get_mut(&owner) {
+                c.finished += 1;
+                Self::settle_progress(&mut self.out, owner, c);
+            }
+        }
+    }
+
+    /// Once all of a client's registered tasks have finished, it is told so at once, and its
+    /// next submission counts from zero.
+    fn settle_progress(out: &mut Vec<Command<P>>, client: ClientId, c: &mut ClientProgress) {
+        if c.registered > 0 && c.finished >= c.registered {
+            out.push(Command::Progress { client, done: c.finished, total: c.registered });
+            *c = ClientProgress::default();
+        }
+    }
+
+    /// Tells clients how far their work has come, when it moved since they were last told.
+    fn report_progress(&mut self) {
+        for (client, c) in &mut self.clients {
+            let now = (c.finished, c.registered);
+            if now != c.reported {
+                self.out.push(Command::Progress { client: *client, done: now.0, total: now.1 });
+                c.reported = now;
+            }
+        }
+    }
+
     /// A retiring worker now holds `t`'s result (see [`Worker::holds`]).
     fn note_held(&mut self, wid: WorkerId, t: Tid) {
         if let Some(w) = self.workers.get_mut(&wid) {
@@ -1099,7 +1157,7 @@ impl<P: Clone> Core<P> {
 
     fn submit(&mut self, client: ClientId, tasks: Vec<NewTask<P>>, wanted: Vec<Key>) {
         let generation = self.generation_for(client);
-        let (submitted, flagged) = self.register(tasks, generation);
+        let (submitted, flagged) = self.register(client, tasks, generation);
         let pending = self.open_parts.remove(&client).map(|(_, p)| p).unwrap_or_default();
         for t in flagged {
             self.want_id(client, t);
@@ -1125,7 +1183,7 @@ impl<P: Clone> Core<P> {
     /// Adds new tasks (reusing known keys) and links them; returns the ids of all of `tasks`
     /// (reused ones first) and of those flagged wanted. Inputs must be known already or among `tasks`; an unknown input
     /// fails the task.
-    fn register(&mut self, tasks: Vec<NewTask<P>>, generation: u64) -> (Vec<Tid>, Vec<Tid>) {
+    fn register(&mut self, client: ClientId, tasks: Vec<NewTask<P>>, generation: u64) -> (Vec<Tid>, Vec<Tid>) {
         // Grow once, not by repeated doubling: a million-task graph would otherwise copy and
         // touch its task table several times over.
         let free = self.free_slots.len();
@@ -1166,6 +1224,8 @@ impl<P: Clone> Core<P> {
                 held: 0,
                 deaths: None,
                 serial: 0,
+                owner: client,
+                counted: false,
             };
             let t = Self::place(&mut self.tasks, &mut self.free_slots, &mut self.serials, task);
             entry.insert(t);
@@ -1175,6 +1235,13 @@ impl<P: Clone> Core<P> {
                 wanted.push(t);
             }
             fresh.push((t, nt.deps));
+        }
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.registered += fresh.len() as u64;
+            if !fresh.is_empty() {
+                // Told at the next tick even if it still reads 0 of N.
+                c.reported = (u64::MAX, u64::MAX);
+            }
         }
         // Link dependencies; an unknown input fails the task (and what depends on it).
         let mut unknown: Vec<(Tid, String)> = Vec::new();
@@ -1222,6 +1289,7 @@ impl<P: Clone> Core<P> {
             let err = Arc::new(TaskError { key, message, kind: FailureKind::Unrunnable, attempts: 0 });
             self.task_mut(t).state = State::Erred(err);
             self.note(t);
+            self.count_finished(t);
         }
         if let Some(cycle) = forward.then(|| self.find_cycle(&fresh)).flatten() {
             for (t, _) in &fresh {
@@ -1234,6 +1302,7 @@ impl<P: Clone> Core<P> {
                 });
                 self.task_mut(*t).state = State::Erred(err);
                 self.note(*t);
+                self.count_finished(*t);
             }
         }
         reused.extend(fresh.into_iter().map(|(t, _)| t));
@@ -1654,6 +1723,9 @@ impl<P: Clone> Core<P> {
                     held: 0,
                     deaths: None,
                     serial: 0,
+                    // Data, not work: not part of the client's progress.
+                    owner: client,
+                    counted: true,
                 }),
             };
             if !self.task(t).wanted_by.contains(&client) {
@@ -1701,8 +1773,12 @@ impl<P: Clone> Core<P> {
     /// Moves a pending task into a finished state, updating its inputs' consumer counts.
     fn set_finished(&mut self, t: Tid, state: State) {
         let was_pending = self.task(t).state.pending();
+        let done = matches!(state, State::Memory { .. } | State::Erred(_));
         self.task_mut(t).state = state;
         self.note(t);
+        if done {
+            self.count_finished(t);
+        }
         if was_pending {
             let deps = self.neighbours(t, false);
             for &d in &deps {
@@ -1948,6 +2024,13 @@ impl<P: Clone> Core<P> {
             self.set_finished(t, State::Released);
         }
         let task = self.tasks[t.0 as usize].take().expect("invariant: checked above");
+        if !task.counted {
+            // It will not run (cancelled, or submitted but never needed).
+            if let Some(c) = self.clients.get_mut(&task.owner) {
+                c.registered = c.registered.saturating_sub(1);
+                Self::settle_progress(&mut self.out, task.owner, c);
+            }
+        }
         if self.cfg.record_transitions {
             let serial = task.serial;
             self.transitions.push(Transition {
@@ -2202,6 +2285,14 @@ impl<P: Clone> Core<P> {
             let held = self.task(t).held;
             if holds.get(&t).copied().unwrap_or(0) != held {
                 return fail(format!("{}: held {held} times, open submissions say otherwise", self.task(t).key));
+            }
+        }
+        for (client, c) in &self.clients {
+            if c.finished > c.registered {
+                return fail(format!(
+                    "client {client:?}: {} tasks finished of {} registered",
+                    c.finished, c.registered
+                ));
             }
         }
         for (wid, w) in &self.workers {

@@ -275,7 +275,7 @@ fn silent_worker_is_dropped_after_the_ttl_and_its_work_moves() {
     let other = if on == W1 { W2 } else { W1 };
     env.ev(Event::WorkerHeard { worker: other, at_us: 1_500_000 });
     let out = env.ev(Event::Tick { now_us: 1_900_000 });
-    assert!(out.is_empty(), "nobody silent for 2 s yet: {out:?}");
+    assert!(!out.iter().any(|c| matches!(c, Command::DropWorker { .. })), "nobody silent for 2 s yet: {out:?}");
     env.ev(Event::WorkerHeard { worker: other, at_us: 2_400_000 });
     let out = env.ev(Event::Tick { now_us: 2_500_000 });
     let cause = LossCause::HeartbeatTimeout { silent_ms: 2_500 };
@@ -786,6 +786,42 @@ fn inputs_named_by_position_link_within_the_submission_and_a_bad_position_fails_
     assert!(out.iter().any(|c| matches!(c, Command::KeyErred { error, .. } if error.message.contains("cycle"))));
 }
 
+fn progress(cmds: &[Command<P>]) -> Vec<(u64, u64)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Progress { client: C1, done, total } => Some((*done, *total)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn clients_are_told_on_ticks_how_far_their_tasks_have_come() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    let tick = |env: &mut Env, at: u64| env.ev(Event::Tick { now_us: at });
+    // A failed input counts as finished, and so does what fails because of it.
+    env.submit(C1, vec![task("a", &[]), task("b", &["a"]), task("c", &["b"]), task("unused", &[])], &["c"]);
+    assert_eq!(progress(&tick(&mut env, 1)), [(0, 3)], "the unneeded task was dropped, not counted");
+    assert!(progress(&tick(&mut env, 2)).is_empty(), "nothing new, nothing sent");
+    env.finish(W1, "a", 1);
+    assert_eq!(progress(&tick(&mut env, 3)), [(1, 3)]);
+    let out = env.fail(W1, "b", "boom");
+    assert_eq!(progress(&out), [(3, 3)], "the end is told at once");
+    assert!(progress(&tick(&mut env, 4)).is_empty());
+    // The next submission starts from zero; a cancelled task leaves the total.
+    env.submit(C1, vec![task("d", &[]), task("e", &[])], &["d", "e"]);
+    assert_eq!(progress(&tick(&mut env, 5)), [(0, 2)]);
+    env.ev(Event::KeysCancelled { client: C1, keys: vec![Key::new("e")] });
+    let out = env.finish(W1, "d", 1);
+    assert_eq!(progress(&out), [(1, 1)]);
+    // Recomputing lost data does not count twice.
+    env.worker(W2, "w2", 1, &[]);
+    env.ev(Event::WorkerDisconnected { worker: W1, cause: LossCause::ConnectionClosed });
+    env.finish(W2, "d", 1);
+    assert!(progress(&tick(&mut env, 7)).is_empty());
+}
+
 #[test]
 fn cyclic_submission_fails_its_tasks() {
     let mut env = Env::new();
@@ -812,6 +848,8 @@ enum Step {
     Join,
     /// A worker (modulo the live ones) starts retiring gracefully, if more than one is alive.
     Retire(prop::sample::Index),
+    /// Time passes (clients are told their progress).
+    Tick,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -820,6 +858,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<prop::sample::Index>().prop_map(Step::Kill),
         1 => Just(Step::Join),
         1 => any::<prop::sample::Index>().prop_map(Step::Retire),
+        1 => Just(Step::Tick),
     ]
 }
 
@@ -908,7 +947,7 @@ proptest! {
                         held.retain(|(hw, _), _| *hw != worker);
                         gone.borrow_mut().push(worker);
                     }
-                    Command::KeyCancelled { .. } | Command::Steal { .. } | Command::DropWorker { .. } => {}
+                    Command::KeyCancelled { .. } | Command::Steal { .. } | Command::DropWorker { .. } | Command::Progress { .. } => {}
                     Command::KeyLost { key, .. } => { results.remove(key.as_str()); }
                 }
             }
@@ -991,6 +1030,7 @@ proptest! {
             }
             live.retain(|w| !gone.borrow().contains(w));
         };
+        let mut now_us = 0;
         for s in steps {
             let out = match s {
                 Step::Complete(i) if !outstanding.is_empty() => run_one(&mut env, i.index(outstanding.len()), &mut outstanding, &mut held),
@@ -1001,6 +1041,10 @@ proptest! {
                     env.ev(Event::WorkerDisconnected { worker: w, cause: LossCause::ConnectionClosed })
                 }
                 Step::Join => join(&mut env, &mut live),
+                Step::Tick => {
+                    now_us += 1000;
+                    env.ev(Event::Tick { now_us })
+                }
                 Step::Retire(i) if live.len() > 1 => {
                     let w = live[i.index(live.len())];
                     env.ev(Event::WorkerRetiring { worker: w })
@@ -1022,6 +1066,11 @@ proptest! {
             let out = run_one(&mut env, 0, &mut outstanding, &mut held);
             absorb(out, &mut outstanding, &mut held, &mut results);
             settle(&mut env, &mut live, &mut outstanding, &mut held, &mut results);
+        }
+        // Once everything ran, the client's progress says all of it finished.
+        let out = env.ev(Event::Tick { now_us: now_us + 1000 });
+        for (done, total) in progress(&out) {
+            prop_assert_eq!(done, total, "progress after the run");
         }
         let mut memo = HashMap::new();
         for w in wanted {
