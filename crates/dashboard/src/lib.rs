@@ -213,6 +213,10 @@ async fn consume(
                 if n == 0 {
                     break;
                 }
+                // Keys arrive as text; they become this thread's own (see `resolve_keys`).
+                for e in &mut batch {
+                    e.resolve_keys();
+                }
                 if let Some((path, w)) = &mut journal {
                     for e in &batch {
                         let written = serde_json::to_writer(&mut *w, e)

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use rask_graph::{FxHashMap, Key};
-use rask_runtime::feed::{Cause, FeedEvent, Phase, TaskChange};
+use rask_runtime::feed::{Cause, FeedEvent, Phase, TaskChange, Via};
 use serde::Serialize;
 
 /// State changes kept for task stories (the oldest are dropped first).
@@ -260,6 +260,9 @@ pub struct StoryEntry {
     pub at_us: u64,
     /// The task's serial number.
     pub task: u64,
+    /// The states it passed through on the way, at the same time and for the same cause.
+    #[serde(skip_serializing_if = "Via::is_empty")]
+    pub via: Via,
     /// Its new state.
     pub phase: Phase,
     /// The worker involved, if any.
@@ -322,7 +325,7 @@ pub struct Model {
     /// Serials of recently forgotten tasks, to find their stories by key.
     forgotten: VecDeque<(u64, Key)>,
     prefixes: Vec<PrefixProgress>,
-    prefix_ids: HashMap<String, u32>,
+    prefix_ids: FxHashMap<String, u32>,
     completed: u64,
     failed: u64,
     story: VecDeque<StoryEntry>,
@@ -390,14 +393,15 @@ impl Model {
     }
 
     /// Folds one published event in.
-    pub fn apply(&mut self, event: FeedEvent) {
+    pub fn apply(&mut self, mut event: FeedEvent) {
+        event.resolve_keys();
         self.version += 1;
         match event {
             FeedEvent::Started { unix_ms, address } => {
                 self.started_unix_ms = unix_ms;
                 self.address = address;
             }
-            FeedEvent::Tasks { at_us, changes } => {
+            FeedEvent::Tasks { at_us, changes, .. } => {
                 self.now_us = self.now_us.max(at_us);
                 for c in changes {
                     self.change(at_us, c);
@@ -486,7 +490,7 @@ impl Model {
     }
 
     fn change(&mut self, at_us: u64, c: TaskChange) {
-        let TaskChange { task, key, phase, worker, duration_us, cause } = c;
+        let TaskChange { task, key, via, phase, worker, duration_us, cause } = c;
         // The key is not cloned per change: its reference count lives on the scheduler's side.
         let (old_phase, old_finished, prefix, old_worker) = match (self.tasks.get(task), &key) {
             (Some(t), _) => (Some(t.phase), t.finished, t.prefix, t.worker),
@@ -496,11 +500,12 @@ impl Model {
             (None, None) => return,
         };
         // Computed results stay done when released; running it again (lost data) undoes that.
-        let finished = match phase {
+        // The phases passed through in the same event count too (memory, then released).
+        let finished = via.as_slice().iter().chain([&phase]).fold(old_finished, |done, p| match p {
             Phase::Memory => true,
             Phase::Waiting | Phase::Queued | Phase::NoWorker | Phase::Processing | Phase::Erred => false,
-            Phase::Released | Phase::Forgotten => old_finished,
-        };
+            Phase::Released | Phase::Forgotten => done,
+        });
         if let Some(i) = old_phase.and_then(live_index) {
             self.by_phase[i] = self.by_phase[i].saturating_sub(1);
         }
@@ -564,7 +569,7 @@ impl Model {
         if let Some(w) = processing_on.and_then(|w| self.workers.get_mut(&w)) {
             w.processing += 1;
         }
-        self.story.push_back(StoryEntry { at_us, task, phase, worker, cause });
+        self.story.push_back(StoryEntry { at_us, task, via, phase, worker, cause });
         if self.story.len() > STORY_LIMIT {
             self.story.pop_front();
         }
@@ -754,7 +759,15 @@ mod tests {
 
     /// A change of task `task` (named `key` on its first change).
     fn change(task: u64, key: Option<&str>, phase: Phase, worker: Option<u32>) -> TaskChange {
-        TaskChange { task, key: key.map(Key::new), phase, worker, duration_us: None, cause: Cause::Tick }
+        TaskChange {
+            task,
+            key: key.map(Key::new),
+            via: Via::EMPTY,
+            phase,
+            worker,
+            duration_us: None,
+            cause: Cause::Tick,
+        }
     }
 
     fn joined(m: &mut Model, worker: u32, name: &str, nthreads: u32) {
@@ -781,14 +794,20 @@ mod tests {
     fn progress_counts_follow_the_task_states_and_runs_fill_the_stream() {
         let mut m = Model::new();
         joined(&mut m, 1, "w1", 2);
+        // Keys come as text, as the scheduler sends them.
+        let mut new_keys = rask_runtime::feed::KeyText::default();
+        for (i, k) in ["inc-1", "inc-2", "sum"].into_iter().enumerate() {
+            new_keys.push(i, k);
+        }
         m.apply(FeedEvent::Tasks {
             at_us: 10,
             changes: vec![
-                change(1, Some("inc-1"), Phase::Waiting, None),
-                change(2, Some("inc-2"), Phase::Waiting, None),
-                change(3, Some("sum"), Phase::Waiting, None),
+                change(1, None, Phase::Waiting, None),
+                change(2, None, Phase::Waiting, None),
+                change(3, None, Phase::Waiting, None),
                 change(1, None, Phase::Processing, Some(1)),
             ],
+            new_keys,
         });
         let s = m.status();
         assert_eq!(
@@ -797,10 +816,10 @@ mod tests {
         );
         assert_eq!(s.workers[0].processing, 1);
         let finished = TaskChange { duration_us: Some(5), ..change(1, None, Phase::Memory, Some(1)) };
-        m.apply(FeedEvent::Tasks {
-            at_us: 20,
-            changes: vec![finished, change(1, None, Phase::Released, None), change(1, None, Phase::Forgotten, None)],
-        });
+        m.apply(FeedEvent::tasks(
+            20,
+            vec![finished, change(1, None, Phase::Released, None), change(1, None, Phase::Forgotten, None)],
+        ));
         let s = m.status();
         assert_eq!((s.prefixes[0].waiting, s.prefixes[0].processing, s.prefixes[0].done), (1, 0, 1));
         assert_eq!(s.prefixes[0].mean_duration_us, 5);
@@ -825,7 +844,7 @@ mod tests {
         };
         // A task that fails because its input did never ran: not a run.
         let inherited = TaskChange { cause: Cause::Failed { worker: 1 }, ..change(3, None, Phase::Erred, None) };
-        m.apply(FeedEvent::Tasks { at_us: 30, changes: vec![failed, inherited] });
+        m.apply(FeedEvent::tasks(30, vec![failed, inherited]));
         let s = m.status();
         assert_eq!((s.failed, s.prefixes[0].erred, s.prefixes[0].waiting), (1, 1, 0));
         assert_eq!((s.prefixes[1].name.as_ref(), s.prefixes[1].erred), ("sum", 1));
@@ -833,13 +852,47 @@ mod tests {
     }
 
     #[test]
+    fn phases_passed_through_in_one_change_count_like_separate_changes() {
+        let via = |p: &[Phase]| Via::from_phases(p.iter().copied()).unwrap_or_default();
+        let mut m = Model::new();
+        joined(&mut m, 1, "w1", 1);
+        let new = TaskChange {
+            via: via(&[Phase::Released, Phase::Waiting, Phase::Queued]),
+            ..change(1, Some("x-1"), Phase::Processing, Some(1))
+        };
+        m.apply(FeedEvent::tasks(5, vec![new]));
+        let s = m.status();
+        assert_eq!((s.prefixes[0].processing, s.workers[0].processing, s.counts["processing"]), (1, 1, 1));
+        let done = TaskChange { duration_us: Some(3), ..change(1, None, Phase::Memory, Some(1)) };
+        let gone = TaskChange { via: via(&[Phase::Released]), ..change(1, None, Phase::Forgotten, None) };
+        m.apply(FeedEvent::tasks(9, vec![done, gone]));
+        let s = m.status();
+        assert_eq!((s.prefixes[0].done, s.prefixes[0].processing, s.workers[0].processing), (1, 0, 0));
+        assert_eq!(s.completed, 1);
+        let (_, story) = m.story("x-1");
+        let steps: Vec<(Vec<Phase>, Phase)> = story.iter().map(|e| (e.via.as_slice().to_vec(), e.phase)).collect();
+        assert_eq!(
+            steps,
+            [
+                (vec![Phase::Released, Phase::Waiting, Phase::Queued], Phase::Processing),
+                (vec![], Phase::Memory),
+                (vec![Phase::Released], Phase::Forgotten)
+            ]
+        );
+        // A result released in the same event it was computed in is still done.
+        let quick = TaskChange { via: via(&[Phase::Memory]), ..change(2, Some("x-2"), Phase::Released, None) };
+        m.apply(FeedEvent::tasks(10, vec![quick]));
+        assert_eq!(m.status().prefixes[0].done, 2);
+    }
+
+    #[test]
     fn a_lost_result_computed_again_is_no_longer_done() {
         let mut m = Model::new();
         joined(&mut m, 1, "w1", 1);
         let done = TaskChange { duration_us: Some(1), ..change(1, Some("x-1"), Phase::Memory, Some(1)) };
-        m.apply(FeedEvent::Tasks { at_us: 5, changes: vec![done, change(1, None, Phase::Released, None)] });
+        m.apply(FeedEvent::tasks(5, vec![done, change(1, None, Phase::Released, None)]));
         assert_eq!(m.status().prefixes[0].done, 1);
-        m.apply(FeedEvent::Tasks { at_us: 6, changes: vec![change(1, None, Phase::Waiting, None)] });
+        m.apply(FeedEvent::tasks(6, vec![change(1, None, Phase::Waiting, None)]));
         let p = &m.status().prefixes[0];
         assert_eq!((p.done, p.waiting), (0, 1));
     }
@@ -850,7 +903,7 @@ mod tests {
         let changes = (0..MAX_PREFIXES as u64 + 10)
             .map(|i| change(i + 1, Some(&format!("k{i}x")), Phase::Waiting, None))
             .collect();
-        m.apply(FeedEvent::Tasks { at_us: 1, changes });
+        m.apply(FeedEvent::tasks(1, changes));
         let s = m.status();
         assert_eq!(s.prefixes.len(), MAX_PREFIXES + 1);
         assert_eq!((s.prefixes[MAX_PREFIXES].name.as_ref(), s.prefixes[MAX_PREFIXES].waiting), (OTHER_PREFIX, 10));
@@ -912,26 +965,25 @@ mod speed {
                 let mut changes = Vec::new();
                 for k in chunk {
                     serial += 1;
-                    let c = |phase, key: Option<Key>, d| TaskChange {
+                    let c = |via: &[Phase], phase, key: Option<Key>, d| TaskChange {
                         task: serial,
                         key,
+                        via: Via::from_phases(via.iter().copied()).unwrap_or_default(),
                         phase,
                         worker: Some(1),
                         duration_us: d,
                         cause: Cause::Tick,
                     };
-                    changes.push(c(Phase::Released, Some(k.clone()), None));
-                    for p in [Phase::Waiting, Phase::Queued, Phase::Processing] {
-                        changes.push(c(p, None, None));
-                    }
-                    changes.push(c(Phase::Memory, None, Some(1)));
-                    changes.push(c(Phase::Released, None, None));
-                    changes.push(c(Phase::Forgotten, None, None));
+                    // As an inner task of a tree is published: one change per scheduler event.
+                    changes.push(c(&[Phase::Released], Phase::Waiting, Some(k.clone()), None));
+                    changes.push(c(&[Phase::Queued], Phase::Processing, None, None));
+                    changes.push(c(&[], Phase::Memory, None, Some(1)));
+                    changes.push(c(&[Phase::Released], Phase::Forgotten, None, None));
                 }
-                m.apply(FeedEvent::Tasks { at_us: round, changes });
+                m.apply(FeedEvent::tasks(round, changes));
             }
         }
         let per = t0.elapsed().as_nanos() as f64 / (4.0 * 65536.0);
-        eprintln!("apply: {per:.0} ns per task (7 changes, one run)");
+        eprintln!("apply: {per:.0} ns per task (7 states in 4 changes, one run)");
     }
 }

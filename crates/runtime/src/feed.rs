@@ -51,6 +51,125 @@ impl From<rask_scheduler_core::Phase> for Phase {
     }
 }
 
+/// The phases a task passed through before a change's phase within one scheduler event (same
+/// time, same cause), oldest first: a leaf of a new graph goes released → waiting → queued →
+/// processing in one step, published as one change. Inline (no allocation per change);
+/// serialised as a list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Via {
+    len: u8,
+    phases: [Phase; Via::CAPACITY],
+}
+
+impl Via {
+    /// Phases one change can pass through (the scheduler splits longer paths).
+    pub const CAPACITY: usize = 4;
+
+    /// No intermediate phase.
+    pub const EMPTY: Via = Via { len: 0, phases: [Phase::Released; Via::CAPACITY] };
+
+    /// The phases, oldest first.
+    #[must_use]
+    pub fn as_slice(&self) -> &[Phase] {
+        &self.phases[..self.len as usize]
+    }
+
+    /// Whether there are none (most changes).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Up to [`Via::CAPACITY`] phases; `None` if there are more.
+    #[must_use]
+    pub fn from_phases(phases: impl IntoIterator<Item = Phase>) -> Option<Via> {
+        let mut v = Via::EMPTY;
+        for p in phases {
+            *v.phases.get_mut(v.len as usize)? = p;
+            v.len += 1;
+        }
+        Some(v)
+    }
+}
+
+impl Default for Via {
+    fn default() -> Self {
+        Via::EMPTY
+    }
+}
+
+impl Serialize for Via {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_slice().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Via {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let phases = Vec::<Phase>::deserialize(d)?;
+        let n = phases.len();
+        Via::from_phases(phases)
+            .ok_or_else(|| serde::de::Error::custom(format!("{n} phases passed through; at most {}", Via::CAPACITY)))
+    }
+}
+
+// The scheduler's records fit in the published ones.
+const _: () = assert!(Via::CAPACITY == rask_scheduler_core::Via::CAPACITY);
+
+impl From<rask_scheduler_core::Via> for Via {
+    fn from(v: rask_scheduler_core::Via) -> Self {
+        // Both hold at most the same number of phases.
+        Via::from_phases(v.as_slice().iter().map(|p| Phase::from(*p))).unwrap_or_default()
+    }
+}
+
+/// Keys as text for a batch of changes: which change each belongs to, and where it ends in one
+/// string (see [`FeedEvent::Tasks`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyText {
+    text: String,
+    /// (index of the change, end of its key in `text`).
+    ends: Vec<(u32, u32)>,
+}
+
+impl KeyText {
+    /// Whether it holds no key.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Adds the key of the change at `index`.
+    pub fn push(&mut self, index: usize, key: &str) {
+        self.text.push_str(key);
+        self.ends.push((index as u32, self.text.len() as u32));
+    }
+}
+
+impl FeedEvent {
+    /// Changes with their own keys: moves a batch's key text into the `key` fields of the
+    /// changes it belongs to, allocating them on the calling thread. Other events are left
+    /// as they are.
+    pub fn resolve_keys(&mut self) {
+        let FeedEvent::Tasks { changes, new_keys, .. } = self else { return };
+        let mut start = 0usize;
+        for (index, end) in new_keys.ends.drain(..) {
+            let end = end as usize;
+            if let (Some(c), Some(k)) = (changes.get_mut(index as usize), new_keys.text.get(start..end)) {
+                c.key = Some(Key::new(k));
+            }
+            start = end;
+        }
+        new_keys.text = String::new();
+    }
+
+    /// A batch of changes whose keys are already in place.
+    #[must_use]
+    pub fn tasks(at_us: u64, changes: Vec<TaskChange>) -> FeedEvent {
+        FeedEvent::Tasks { at_us, changes, new_keys: KeyText::default() }
+    }
+}
+
 /// What made a task change state: the event the scheduler was handling (Dask's stimulus).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "by", rename_all = "snake_case")]
@@ -111,6 +230,9 @@ pub struct TaskChange {
     /// Its key, on its first change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<Key>,
+    /// The phases it passed through on the way to `phase` in the same event, oldest first.
+    #[serde(default, skip_serializing_if = "Via::is_empty")]
+    pub via: Via,
     /// Its new state.
     pub phase: Phase,
     /// The worker it went to (processing) or that first holds its result (memory).
@@ -142,6 +264,12 @@ pub enum FeedEvent {
         at_us: u64,
         /// The changes.
         changes: Vec<TaskChange>,
+        /// The keys of tasks first seen in this batch, as text the observer turns into the
+        /// changes' `key` fields ([`FeedEvent::resolve_keys`]) — so the scheduler never shares
+        /// its keys' reference counts with another thread. Empty once resolved (and in
+        /// journals).
+        #[serde(default, skip_serializing_if = "KeyText::is_empty")]
+        new_keys: KeyText,
     },
     /// A submission's dependencies, for the graph view (only graphs up to
     /// [`GRAPH_FEED_LIMIT`] tasks are published).

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::RuntimeError;
 use crate::conn::{Outbox, read_loop};
-use crate::feed::{Cause, FeedEvent, FeedSender, GRAPH_FEED_LIMIT, TaskChange};
+use crate::feed::{Cause, FeedEvent, FeedSender, GRAPH_FEED_LIMIT, KeyText, TaskChange};
 
 /// Connected peers by connection id (integer keys: the cheap hash).
 type Peers = rask_graph::FxHashMap<u32, Peer>;
@@ -213,6 +213,8 @@ async fn core_loop(
     // send may wake the observer's thread, which costs this one a system call.
     let mut last_sent = std::time::Instant::now();
     let mut changes: Vec<TaskChange> = Vec::new();
+    let mut new_keys = KeyText::default();
+    let mut key_text = String::new();
     let mut transitions = Vec::new();
     // The core's clock: microseconds since the scheduler started.
     let started = std::time::Instant::now();
@@ -268,19 +270,36 @@ async fn core_loop(
             }
         }
         worker_count.store(peers.values().filter(|p| matches!(p, Peer::Worker { .. })).count(), Ordering::Relaxed);
+        // One clock reading per turn for what it publishes.
+        let turn_us = if publishing { now_us() } else { 0 };
         for ev in events {
-            let cause = if publishing { Some(publish_event(&ev, &peers, now_us(), &mut published)) } else { None };
+            let cause = if publishing { Some(publish_event(&ev, &peers, turn_us, &mut published)) } else { None };
             core.handle_into(ev, &mut commands);
             if let Some(cause) = cause {
-                core.take_transitions(&mut transitions);
-                changes.extend(transitions.drain(..).map(|t| TaskChange {
-                    task: t.task,
-                    key: t.key,
-                    phase: t.phase.into(),
-                    worker: t.worker.map(|w| w.0),
-                    duration_us: t.duration_us,
-                    cause,
-                }));
+                key_text.clear();
+                core.take_transitions(&mut transitions, &mut key_text);
+                for t in transitions.drain(..) {
+                    // A large turn (a graph's intake) goes out in pieces: batches stay small
+                    // enough for the allocator to recycle without fresh pages each time.
+                    if changes.len() == FEED_CHUNK {
+                        let full = std::mem::replace(&mut changes, Vec::with_capacity(FEED_CHUNK));
+                        let keys = std::mem::take(&mut new_keys);
+                        published.push(FeedEvent::Tasks { at_us: now_us(), changes: full, new_keys: keys });
+                    }
+                    // Keys go as text: no reference count is shared with the observer.
+                    if let Some(k) = t.key.and_then(|(s, e)| key_text.get(s as usize..e as usize)) {
+                        new_keys.push(changes.len(), k);
+                    }
+                    changes.push(TaskChange {
+                        task: t.task,
+                        key: None,
+                        via: t.via.into(),
+                        phase: t.phase.into(),
+                        worker: t.worker.map(|w| w.0),
+                        duration_us: t.duration_us,
+                        cause,
+                    });
+                }
             }
             for cmd in commands.drain(..) {
                 match cmd {
@@ -328,9 +347,11 @@ async fn core_loop(
         }
         if let Some(feed) = &feed {
             if !changes.is_empty() {
-                // The next turn's list starts at this one's size: no regrowing it change by change.
-                let next = Vec::with_capacity(changes.len());
-                published.push(FeedEvent::Tasks { at_us: now_us(), changes: std::mem::replace(&mut changes, next) });
+                // The next turn's list starts at this one's size (no regrowing it change by
+                // change), up to a piece.
+                let next = Vec::with_capacity(changes.len().min(FEED_CHUNK));
+                let (changes, new_keys) = (std::mem::replace(&mut changes, next), std::mem::take(&mut new_keys));
+                published.push(FeedEvent::Tasks { at_us: now_us(), changes, new_keys });
             }
             if ticked || published.len() >= 1024 || last_sent.elapsed() >= FEED_BATCH {
                 for e in published.drain(..) {
@@ -347,6 +368,9 @@ async fn core_loop(
     }
 }
 
+/// Task changes per published batch at most (64 KiB of them).
+const FEED_CHUNK: usize = 1024;
+
 /// How long published events may wait to be sent together.
 const FEED_BATCH: std::time::Duration = std::time::Duration::from_millis(5);
 
@@ -356,11 +380,14 @@ fn publish_event(ev: &Event<Arc<Payload>>, peers: &Peers, now_us: u64, out: &mut
     match ev {
         Event::GraphPart { client, tasks } | Event::GraphSubmitted { client, tasks, .. } => {
             if tasks.len() <= GRAPH_FEED_LIMIT {
+                // Copies, not clones: the observer's thread must not share these keys'
+                // reference counts with the scheduler's.
+                let copy = |k: &Key| Key::new(k.as_str());
                 let key_of = |d: &Dep| match d {
-                    Dep::Key(k) => Some(k.clone()),
-                    Dep::Position(i) => tasks.get(*i as usize).map(|t| t.key.clone()),
+                    Dep::Key(k) => Some(copy(k)),
+                    Dep::Position(i) => tasks.get(*i as usize).map(|t| copy(&t.key)),
                 };
-                let tasks = tasks.iter().map(|t| (t.key.clone(), t.deps.iter().filter_map(key_of).collect())).collect();
+                let tasks = tasks.iter().map(|t| (copy(&t.key), t.deps.iter().filter_map(key_of).collect())).collect();
                 out.push(FeedEvent::Graph { tasks });
             }
             Cause::Submitted { client: client.0 }

@@ -115,14 +115,23 @@ pub enum Phase {
 /// the event being handled, which the caller knows.
 ///
 /// Tasks are named by a serial number unique for the core's lifetime; the key comes with a
-/// task's first change only, so observers hash an integer per change instead of a string, and
-/// a key's reference count is not touched on every change from two threads.
+/// task's first change only, as text (see [`Core::take_transitions`]): observers hash an
+/// integer per change instead of a string, and never share a key's reference count (an atomic
+/// on a line two threads would fight over).
+///
+/// Changes of one task within one event (same time, same cause) are recorded as one
+/// transition: its phase is the last, and `via` lists the ones it passed through (a leaf of a
+/// submitted graph goes released → waiting → queued → processing at once). Nothing is lost, and
+/// observers handle half as many records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transition {
     /// The task's serial number.
     pub task: u64,
-    /// Its key, on its first change.
-    pub key: Option<Key>,
+    /// Where its key is in the text [`Core::take_transitions`] gives with it (start, end), on its
+    /// first change.
+    pub key: Option<(u32, u32)>,
+    /// The phases it passed through before `phase` in this event, oldest first.
+    pub via: Via,
     /// Its new state.
     pub phase: Phase,
     /// The worker it was sent to (processing), that first held its result (memory), or whose
@@ -131,6 +140,42 @@ pub struct Transition {
     /// Set when this change ends a run on a worker: the run time the worker measured (memory),
     /// or 0 for a failed run (erred). Tasks that fail because an input did never ran: unset.
     pub duration_us: Option<u64>,
+}
+
+/// Phases a task passed through within one event, oldest first (see [`Transition`]); kept
+/// inline, up to [`Via::CAPACITY`] (a longer path continues in a second transition).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Via {
+    len: u8,
+    phases: [Phase; Via::CAPACITY],
+}
+
+impl Via {
+    /// Phases one transition can pass through.
+    pub const CAPACITY: usize = 4;
+
+    /// No intermediate phase.
+    pub const EMPTY: Via = Via { len: 0, phases: [Phase::Released; Via::CAPACITY] };
+
+    /// The phases, oldest first.
+    #[must_use]
+    pub fn as_slice(&self) -> &[Phase] {
+        &self.phases[..self.len as usize]
+    }
+
+    /// Appends `p`; false when full.
+    fn push(&mut self, p: Phase) -> bool {
+        let Some(slot) = self.phases.get_mut(self.len as usize) else { return false };
+        *slot = p;
+        self.len += 1;
+        true
+    }
+}
+
+impl Default for Via {
+    fn default() -> Self {
+        Via::EMPTY
+    }
 }
 
 /// What a worker offers.
@@ -573,6 +618,9 @@ struct Task<P> {
     serial: u64,
     /// The client whose submission registered it (its progress counts this task).
     owner: ClientId,
+    /// (event number, index in `transitions`) of its latest recorded change: a change in the
+    /// same event extends that record instead of adding one.
+    noted: (u32, u32),
     /// Counted as finished in its owner's progress (once, even if it is recomputed).
     counted: bool,
 }
@@ -623,6 +671,10 @@ pub struct Core<P> {
     cfg: Config,
     /// State changes since the last [`Core::take_transitions`] (when recording).
     transitions: Vec<Transition>,
+    /// The keys of their new tasks, as text (copied: no reference count touched).
+    transition_keys: String,
+    /// Counts events, so changes of one task within one event are recorded together.
+    event_no: u32,
     /// The last task serial given out.
     serials: u64,
     tasks: Vec<Option<Task<P>>>,
@@ -665,6 +717,8 @@ impl<P: Clone> Core<P> {
         Core {
             cfg,
             transitions: Vec::new(),
+            transition_keys: String::new(),
+            event_no: 0,
             serials: 0,
             tasks: Vec::new(),
             free_slots: Vec::new(),
@@ -735,9 +789,16 @@ impl<P: Clone> Core<P> {
     }
 
     /// Moves the state changes recorded since the last call into `out` (nothing unless
-    /// [`Config::record_transitions`] is on), in the order they happened.
-    pub fn take_transitions(&mut self, out: &mut Vec<Transition>) {
-        out.append(&mut self.transitions);
+    /// [`Config::record_transitions`] is on), in the order they happened, and the keys of new
+    /// tasks into `keys` (their [`Transition::key`] spans index it).
+    pub fn take_transitions(&mut self, out: &mut Vec<Transition>, keys: &mut String) {
+        let base = keys.len() as u32;
+        keys.push_str(&self.transition_keys);
+        self.transition_keys.clear();
+        out.extend(self.transitions.drain(..).map(|mut t| {
+            t.key = t.key.map(|(s, e)| (s + base, e + base));
+            t
+        }));
     }
 
     /// Applies one event and returns the commands that follow from it.
@@ -756,6 +817,7 @@ impl<P: Clone> Core<P> {
     }
 
     fn apply(&mut self, event: Event<P>) {
+        self.event_no = self.event_no.wrapping_add(1);
         match event {
             Event::ClientConnected { client } => {
                 self.clients.entry(client).or_default();
@@ -1006,15 +1068,49 @@ impl<P: Clone> Core<P> {
         if !self.cfg.record_transitions {
             return;
         }
-        let task = self.task(t);
+        let task = self.tasks[t.0 as usize].as_ref().expect("invariant: live task id");
         let (phase, worker) = match &task.state {
             State::Processing { on } => (Phase::Processing, Some(*on)),
             State::Memory { who_has } => (Phase::Memory, who_has.first().copied()),
             other => (other.phase(), None),
         };
-        let serial = task.serial;
-        let key = first.then(|| task.key.clone());
-        self.transitions.push(Transition { task: serial, key, phase, worker, duration_us: None });
+        let (serial, noted) = (task.serial, task.noted);
+        let key = first.then(|| {
+            let text = &mut self.transition_keys;
+            let start = text.len() as u32;
+            text.push_str(task.key.as_str());
+            (start, text.len() as u32)
+        });
+        if !first && self.extend_record(serial, noted, phase, worker) {
+            return;
+        }
+        let at = self.transitions.len() as u32;
+        self.transitions.push(Transition { task: serial, key, via: Via::EMPTY, phase, worker, duration_us: None });
+        self.task_mut(t).noted = (self.event_no, at);
+    }
+
+    /// Extends the task's record of this event (at `noted`) with a further change, unless that
+    /// record ended a run (its time and worker belong to that phase) or is full.
+    fn extend_record(&mut self, serial: u64, noted: (u32, u32), phase: Phase, worker: Option<WorkerId>) -> bool {
+        if noted.0 != self.event_no {
+            return false;
+        }
+        let Some(tr) = self.transitions.get_mut(noted.1 as usize) else { return false };
+        if tr.task != serial || tr.duration_us.is_some() || !tr.via.push(tr.phase) {
+            return false;
+        }
+        tr.phase = phase;
+        tr.worker = worker;
+        true
+    }
+
+    /// The record of `t`'s latest change, if it was made in this event.
+    fn last_record(&mut self, t: Tid) -> Option<&mut Transition> {
+        let (serial, (event, at)) = (self.task(t).serial, self.task(t).noted);
+        if event != self.event_no {
+            return None;
+        }
+        self.transitions.get_mut(at as usize).filter(|tr| tr.task == serial)
     }
 
     /// `t` finished (in memory or failed): its owner's progress counts it, once.
@@ -1226,6 +1322,7 @@ impl<P: Clone> Core<P> {
                 serial: 0,
                 owner: client,
                 counted: false,
+                noted: (0, 0),
             };
             let t = Self::place(&mut self.tasks, &mut self.free_slots, &mut self.serials, task);
             entry.insert(t);
@@ -1726,6 +1823,7 @@ impl<P: Clone> Core<P> {
                     // Data, not work: not part of the client's progress.
                     owner: client,
                     counted: true,
+                    noted: (0, 0),
                 }),
             };
             if !self.task(t).wanted_by.contains(&client) {
@@ -1816,10 +1914,9 @@ impl<P: Clone> Core<P> {
             }
         };
         self.task_mut(t).nbytes = nbytes;
-        let first_change = self.transitions.len();
         self.set_finished(t, State::Memory { who_has: smallvec::smallvec![wid] });
-        // The first change recorded is this task's: it carries the run time.
-        if let Some(tr) = self.transitions.get_mut(first_change) {
+        // The change to memory carries the run time.
+        if let Some(tr) = self.last_record(t) {
             tr.duration_us = Some(duration_us);
         }
         self.note_held(wid, t);
@@ -1842,10 +1939,9 @@ impl<P: Clone> Core<P> {
     fn failed(&mut self, wid: WorkerId, key: &Key, error: Arc<TaskError>) {
         let t = self.reported(wid, key, None);
         let (true, Some(t)) = (self.unassign(wid, t, key), t) else { return };
-        let first_change = self.transitions.len();
         self.set_finished(t, State::Erred(error));
-        // The first change recorded is this task's: it ended a run on `wid` (time unknown).
-        if let Some(tr) = self.transitions.get_mut(first_change) {
+        // The change to erred ended a run on `wid` (time unknown).
+        if let Some(tr) = self.last_record(t) {
             tr.worker = Some(wid);
             tr.duration_us = Some(0);
         }
@@ -2031,11 +2127,11 @@ impl<P: Clone> Core<P> {
                 Self::settle_progress(&mut self.out, task.owner, c);
             }
         }
-        if self.cfg.record_transitions {
-            let serial = task.serial;
+        if self.cfg.record_transitions && !self.extend_record(task.serial, task.noted, Phase::Forgotten, None) {
             self.transitions.push(Transition {
-                task: serial,
+                task: task.serial,
                 key: None,
+                via: Via::EMPTY,
                 phase: Phase::Forgotten,
                 worker: None,
                 duration_us: None,

@@ -46,5 +46,5 @@ mod tests;
 
 pub use crate::core::{
     ClientId, Command, Config, Core, Dep, Departure, Event, Holders, LossCause, NewTask, Phase, Prio, Restrictions,
-    Ticket, Transition, WorkerId, WorkerSpec,
+    Ticket, Transition, Via, WorkerId, WorkerSpec,
 };

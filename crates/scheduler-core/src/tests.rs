@@ -43,24 +43,42 @@ impl Env {
             panic!("invariant broken: {m}");
         }
         // Observers replaying the transitions see exactly the core's states.
-        self.core.take_transitions(&mut self.transitions);
+        let mut text = String::new();
+        self.core.take_transitions(&mut self.transitions, &mut text);
+        // Each task's previous record in this event: whether it was full or ended a run.
+        let mut closed: HashMap<u64, bool> = HashMap::new();
         for tr in self.transitions.drain(..) {
-            if tr.phase == Phase::Forgotten {
-                assert!(self.phases.remove(&tr.task).is_some(), "forgot an unpublished task");
-                continue;
+            // One record per task per event, unless a record filled up or ended a run.
+            if let Some(previous_closed) = closed.insert(tr.task, false) {
+                assert!(previous_closed, "changes of one task in one event were split: {tr:?}");
             }
-            if let Some(key) = tr.key {
-                assert!(!self.phases.contains_key(&tr.task), "a serial is given once");
-                self.phases.insert(tr.task, (key, tr.phase));
-            } else {
-                let known = self.phases.get_mut(&tr.task).expect("the key came with the first change");
-                assert_ne!(known.1, tr.phase, "{}: a change to the state it already had", known.0);
-                known.1 = tr.phase;
-            }
+            closed.insert(tr.task, tr.via.as_slice().len() == crate::Via::CAPACITY || tr.duration_us.is_some());
             assert!(
                 tr.duration_us.is_none() || matches!(tr.phase, Phase::Memory | Phase::Erred),
                 "only the end of a run has a duration"
             );
+            let path: Vec<Phase> = tr.via.as_slice().iter().copied().chain([tr.phase]).collect();
+            let mut known = match tr.key.map(|(s, e)| Key::new(&text[s as usize..e as usize])) {
+                Some(key) => {
+                    assert!(!self.phases.contains_key(&tr.task), "a serial is given once");
+                    (key, path[0])
+                }
+                None => {
+                    let (key, was) = self.phases.get(&tr.task).cloned().expect("the key came with the first change");
+                    assert_ne!(was, path[0], "{key}: a change to the state it already had");
+                    (key, path[0])
+                }
+            };
+            for p in &path[1..] {
+                assert_ne!(known.1, *p, "{}: a change to the state it already had: {path:?}", known.0);
+                assert_ne!(known.1, Phase::Forgotten, "{}: a change after being forgotten", known.0);
+                known.1 = *p;
+            }
+            if tr.phase == Phase::Forgotten {
+                self.phases.remove(&tr.task);
+            } else {
+                self.phases.insert(tr.task, known);
+            }
         }
         assert_eq!(self.phases.len(), self.core.task_count(), "every known task was published");
         for (k, phase) in self.phases.values() {
@@ -820,6 +838,41 @@ fn clients_are_told_on_ticks_how_far_their_tasks_have_come() {
     env.ev(Event::WorkerDisconnected { worker: W1, cause: LossCause::ConnectionClosed });
     env.finish(W2, "d", 1);
     assert!(progress(&tick(&mut env, 7)).is_empty());
+}
+
+#[test]
+fn changes_of_a_task_within_one_event_form_one_record() {
+    let mut core: Core<P> = Core::new(Config { record_transitions: true, ..Config::default() });
+    let spec = WorkerSpec {
+        name: Arc::from("w1"),
+        address: Arc::from("tcp://127.0.0.1:9001"),
+        nthreads: 1,
+        resources: Vec::new(),
+        restarted_after: None,
+    };
+    core.handle(Event::WorkerConnected { worker: W1, spec });
+    core.handle(Event::ClientConnected { client: C1 });
+    let (mut out, mut text) = (Vec::new(), String::new());
+    core.take_transitions(&mut out, &mut text);
+    out.clear();
+    text.clear();
+    core.handle(Event::GraphSubmitted { client: C1, tasks: vec![task("a", &[])], wanted: vec![Key::new("a")] });
+    core.take_transitions(&mut out, &mut text);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].key, Some((0, 1)));
+    assert_eq!(text, "a");
+    assert_eq!(out[0].via.as_slice(), [Phase::Released, Phase::Waiting, Phase::Queued]);
+    assert_eq!((out[0].phase, out[0].worker), (Phase::Processing, Some(W1)));
+    out.clear();
+    // The end of a run keeps its own record (its time and worker); what follows at once is
+    // the next one.
+    let ticket = None;
+    core.handle(Event::TaskFinished { worker: W1, key: Key::new("a"), ticket, nbytes: 1, duration_us: 7 });
+    core.handle(Event::KeysReleased { client: C1, keys: vec![Key::new("a")] });
+    core.take_transitions(&mut out, &mut text);
+    let got: Vec<(Vec<Phase>, Phase, Option<u64>)> =
+        out.iter().map(|t| (t.via.as_slice().to_vec(), t.phase, t.duration_us)).collect();
+    assert_eq!(got, [(vec![], Phase::Memory, Some(7)), (vec![Phase::Released], Phase::Forgotten, None)]);
 }
 
 #[test]
