@@ -726,21 +726,14 @@ fn executor_thread(queue: &JobQueue, tx: &mpsc::UnboundedSender<Inbox>, registry
                     report(&mut done);
                     return;
                 }
-                if !done.is_empty() {
-                    // Hold results only while short jobs follow right away.
-                    let next_short = q
-                        .heap
-                        .peek()
-                        .and_then(|Reverse((_, seq))| q.jobs.get(seq))
-                        .is_some_and(|j| times.short(&j.body));
-                    if q.paused || !next_short || done.len() >= OUTCOME_BATCH || held_since.elapsed() >= OUTCOME_HOLD {
-                        drop(q);
-                        if !report(&mut done) {
-                            return;
-                        }
-                        q = lock(m);
-                        continue;
+                if !done.is_empty() && (q.paused || q.heap.is_empty()) {
+                    // No job to follow at once: report before waiting.
+                    drop(q);
+                    if !report(&mut done) {
+                        return;
                     }
+                    q = lock(m);
+                    continue;
                 }
                 if q.paused {
                     q.sleeping += 1;
@@ -777,6 +770,11 @@ fn executor_thread(queue: &JobQueue, tx: &mpsc::UnboundedSender<Inbox>, registry
                 q.sleeping -= 1;
             }
         };
+        // Results are held back only while short jobs follow (see `OUTCOME_BATCH`).
+        let hold = times.short(&job.body) && done.len() < OUTCOME_BATCH && held_since.elapsed() < OUTCOME_HOLD;
+        if !hold && !report(&mut done) {
+            return;
+        }
         let start = Instant::now();
         let result = run_job(&job, registry, location, &mut buf);
         buf.clear();
@@ -797,7 +795,6 @@ fn run_job(job: &Job, registry: &Registry, location: &str, buf: &mut Vec<Value>)
         Some(index) => index.get(k).map(|v| (*v).clone()),
         None => job.inputs.iter().find(|(ik, _)| ik.as_str() == k).map(|(_, v)| v.clone()),
     };
-    let key = job.key.clone();
     let run =
         |link_key: &Key, op: &str, args: &[WireArg], links: &[Value], retries, timeout, buf: &mut Vec<Value>| {
             let resolved: Vec<Value> =
@@ -808,7 +805,7 @@ fn run_job(job: &Job, registry: &Registry, location: &str, buf: &mut Vec<Value>)
             rask_ops::run_call(registry.get(op), &policy, buf, |b| b.extend(resolved.iter().cloned()))
         };
     match &*job.body {
-        WireBody::Call(c) => run(&key, &c.op, &c.args, &[], job.retries, job.timeout, buf),
+        WireBody::Call(c) => run(&job.key, &c.op, &c.args, &[], job.retries, job.timeout, buf),
         WireBody::Chain(links) => {
             let mut values = Vec::with_capacity(links.len());
             for (k, c) in links {
