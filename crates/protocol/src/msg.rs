@@ -89,6 +89,8 @@ pub enum ToScheduler {
     TaskFailed {
         /// The task.
         key: Key,
+        /// The ticket of its `Compute`.
+        ticket: WireTicket,
         /// Why.
         error: WireError,
     },
@@ -96,6 +98,8 @@ pub enum ToScheduler {
     MissingInputs {
         /// The task that could not start.
         key: Key,
+        /// The ticket of its `Compute`.
+        ticket: WireTicket,
         /// (input, data address of the worker that was asked for it and did not deliver).
         missing: Vec<(Key, String)>,
     },
@@ -103,6 +107,8 @@ pub enum ToScheduler {
     TaskDropped {
         /// The task.
         key: Key,
+        /// The ticket of its `Compute`.
+        ticket: WireTicket,
     },
     /// Anyone: still alive, for a peer with nothing else to say (workers' memory reports
     /// serve as theirs; the scheduler drops a worker not heard from within its TTL).

@@ -973,6 +973,8 @@ impl BlockingClient {
             let mut redraw = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
+                    // The work first: it resets the counts of a finished run before any redraw.
+                    biased;
                     r = &mut work => break r,
                     _ = redraw.tick() => {
                         let (done, total) = self.client.progress();

@@ -49,13 +49,14 @@ impl<M: Serialize + Send + Sync + 'static> Outbox<M> {
         self.tx.send(Item::Msg(msg, blobs)).is_ok()
     }
 
-    /// Queues a large message to travel in its own frame (see [`Item::Alone`]). Returns false
+    /// Queues several messages without payloads at once (one channel operation). Returns false
     /// if the connection is gone.
-    /// Queues several messages without payloads at once (one channel operation).
     pub(crate) fn send_many(&self, msgs: Vec<M>) -> bool {
         msgs.is_empty() || self.tx.send(Item::Many(msgs)).is_ok()
     }
 
+    /// Queues a large message to travel in its own frame (see [`Item::Alone`]). Returns false
+    /// if the connection is gone.
     pub(crate) fn send_alone(&self, msg: M) -> bool {
         self.tx.send(Item::Alone(msg)).is_ok()
     }
@@ -91,8 +92,14 @@ async fn write_loop<M: Serialize>(mut w: BufWriter<WriteHalf>, mut rx: mpsc::Unb
                     flush_batch(&mut w, &mut batch).await && write_frame(&mut w, &[m], &blobs).await.is_ok()
                 }
                 Item::Many(ms) => {
-                    batch.extend(ms);
-                    batch.len() < MAX_BATCH || flush_batch(&mut w, &mut batch).await
+                    let mut ok = true;
+                    for m in ms {
+                        batch.push(m);
+                        if batch.len() >= MAX_BATCH {
+                            ok = ok && flush_batch(&mut w, &mut batch).await;
+                        }
+                    }
+                    ok
                 }
                 Item::Alone(m) => {
                     flush_batch(&mut w, &mut batch).await

@@ -302,8 +302,20 @@ async fn core_loop(
                 }
             }
             for cmd in commands.drain(..) {
+                // A worker gets its pending frees before anything else is sent to it: a value
+                // freed, recomputed and stored again must not meet its old `Free` afterwards.
+                let to = match &cmd {
+                    Command::Compute { worker, .. }
+                    | Command::Acquire { worker, .. }
+                    | Command::Steal { worker, .. } => Some(*worker),
+                    _ => None,
+                };
+                if let Some(i) = to.and_then(|w| frees.iter().position(|(fw, _)| *fw == w)) {
+                    let (worker, keys) = frees.swap_remove(i);
+                    send_frees(&peers, worker, keys);
+                }
                 match cmd {
-                    // One Free per worker per frame, not one per key.
+                    // One Free per worker per event, not one per key.
                     Command::Free { worker, key } => match frees.iter_mut().find(|(w, _)| *w == worker) {
                         Some((_, keys)) => keys.push(key),
                         None => frees.push((worker, vec![key])),
@@ -334,10 +346,8 @@ async fn core_loop(
                     cmd => dispatch(cmd, &peers),
                 }
             }
-        }
-        for (worker, keys) in frees.drain(..) {
-            if let Some(Peer::Worker { outbox, .. }) = peers.get(&worker.0) {
-                outbox.send(FromScheduler::Free { keys }, Vec::new());
+            for (worker, keys) in frees.drain(..) {
+                send_frees(&peers, worker, keys);
             }
         }
         for (id, tasks) in accepted {
@@ -591,17 +601,19 @@ fn message_event(id: u32, peers: &Peers, is_worker: bool, m: ToScheduler) -> Opt
         (false, ToScheduler::Cancel { keys }) => Event::KeysCancelled { client, keys },
         (false, ToScheduler::FireAndForget { keys }) => Event::KeysFireAndForget { keys },
         (true, ToScheduler::TaskFinished { key, ticket, nbytes, duration_us }) => {
-            let ticket = Some(Ticket { slot: ticket.slot, serial: ticket.serial });
-            Event::TaskFinished { worker, key, ticket, nbytes, duration_us }
+            Event::TaskFinished { worker, key, ticket: Some(ticket_of(ticket)), nbytes, duration_us }
         }
-        (true, ToScheduler::TaskFailed { key, error }) => {
-            Event::TaskFailed { worker, key, error: Arc::new(TaskError::from(error)) }
+        (true, ToScheduler::TaskFailed { key, ticket, error }) => {
+            Event::TaskFailed { worker, key, ticket: Some(ticket_of(ticket)), error: Arc::new(TaskError::from(error)) }
         }
-        (true, ToScheduler::MissingInputs { key, missing }) => {
+        (true, ToScheduler::MissingInputs { key, ticket, missing }) => {
+            let ticket = Some(ticket_of(ticket));
             let missing = missing.into_iter().filter_map(|(k, addr)| worker_at(peers, &addr).map(|w| (k, w))).collect();
-            Event::InputsMissing { worker, key, missing }
+            Event::InputsMissing { worker, key, ticket, missing }
         }
-        (true, ToScheduler::TaskDropped { key }) => Event::TaskDropped { worker, key },
+        (true, ToScheduler::TaskDropped { key, ticket }) => {
+            Event::TaskDropped { worker, key, ticket: Some(ticket_of(ticket)) }
+        }
         (true, ToScheduler::Retire) => {
             if let Some(Peer::Worker { name, .. }) = peers.get(&id) {
                 eprintln!("rask scheduler: worker {name} is retiring; moving its results");
@@ -652,6 +664,16 @@ fn new_task(t: WireTask) -> NewTask<Arc<Payload>> {
     }
 }
 
+fn ticket_of(t: WireTicket) -> Ticket {
+    Ticket { slot: t.slot, serial: t.serial }
+}
+
+fn send_frees(peers: &Peers, worker: WorkerId, keys: Vec<Key>) {
+    if let Some(Peer::Worker { outbox, .. }) = peers.get(&worker.0) {
+        outbox.send(FromScheduler::Free { keys }, Vec::new());
+    }
+}
+
 fn address_of(peers: &Peers, w: WorkerId) -> Option<Arc<str>> {
     match peers.get(&w.0) {
         Some(Peer::Worker { address, .. }) => Some(Arc::clone(address)),
@@ -680,11 +702,8 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &Peers) {
             let inputs = inputs
                 .into_iter()
                 .map(|(k, holders)| {
-                    let named = holders
-                        .contains(&worker)
-                        .then(Vec::new)
-                        .unwrap_or_else(|| holders.iter().filter_map(|h| address_of(peers, *h)).collect());
-                    (k, named)
+                    let others = holders.iter().filter(|h| **h != worker);
+                    (k, others.filter_map(|h| address_of(peers, *h)).collect())
                 })
                 .collect();
             let msg = FromScheduler::Compute {

@@ -39,8 +39,9 @@ const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(200);
 const OUTCOME_BATCH: usize = 32;
 /// ... for at most this long, ...
 const OUTCOME_HOLD: Duration = Duration::from_micros(100);
-/// ... and only while the next job is expected to take less than this (from the run times of
-/// its functions so far): a result is never held back behind a long or unknown job.
+/// ... and only while the next job's function has recently always taken less than this
+/// (unknown functions never qualify). A function that was always quick and suddenly is not
+/// delays the results held before it by that one run, a few dozen at most.
 const SHORT_JOB: Duration = Duration::from_micros(20);
 
 /// A peer that does not deliver within this time is treated as not holding the data (the
@@ -432,18 +433,20 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 lock(&store).remove(&k);
                                 // A task not started yet is dropped, and the scheduler told so
                                 // (it keeps the slot reserved until it hears back).
-                                if unstart(k.as_str(), &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue)
+                                if let Some(ticket) =
+                                    unstart(k.as_str(), &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue)
                                 {
-                                    to_scheduler.send(ToScheduler::TaskDropped { key: k }, Vec::new());
+                                    to_scheduler.send(ToScheduler::TaskDropped { key: k, ticket }, Vec::new());
                                 }
                             }
                         }
                         FromScheduler::Steal { keys } => {
                             enqueue(&queue, &mut ready);
                             for k in keys {
-                                if unstart(k.as_str(), &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue)
+                                if let Some(ticket) =
+                                    unstart(k.as_str(), &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue)
                                 {
-                                    to_scheduler.send(ToScheduler::TaskDropped { key: k }, Vec::new());
+                                    to_scheduler.send(ToScheduler::TaskDropped { key: k, ticket }, Vec::new());
                                 }
                             }
                         }
@@ -504,7 +507,8 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                         kind: rask_protocol::wire::WireFailure::Error,
                                         attempts: 1,
                                     };
-                                    to_scheduler.send(ToScheduler::TaskFailed { key: t, error }, Vec::new());
+                                    let ticket = w.job.ticket;
+                                    to_scheduler.send(ToScheduler::TaskFailed { key: t, ticket, error }, Vec::new());
                                 }
                             }
                         }
@@ -536,7 +540,9 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 if let Some(w) = waiting.remove(&t) {
                                     release_replicas(&mut replicas, w.job.replicas);
                                     let missing = vec![(k.clone(), from.to_string())];
-                                    to_scheduler.send(ToScheduler::MissingInputs { key: t, missing }, Vec::new());
+                                    let ticket = w.job.ticket;
+                                    to_scheduler
+                                        .send(ToScheduler::MissingInputs { key: t, ticket, missing }, Vec::new());
                                 }
                             }
                         }
@@ -585,7 +591,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                         }
                         Err(e) => {
                             tasks_failed += 1;
-                            reports.push(ToScheduler::TaskFailed { key, error: WireError::from(&e) });
+                            reports.push(ToScheduler::TaskFailed { key, ticket, error: WireError::from(&e) });
                         }
                     }
                 }
@@ -616,7 +622,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
 }
 
 /// Takes back task `k` if it has not started (waiting for inputs, or queued for a thread).
-/// Returns whether it did; a running task is left alone.
+/// Returns the ticket of the assignment it took back; a running task is left alone.
 fn unstart(
     k: &str,
     waiting: &mut FxHashMap<Key, Waiting>,
@@ -624,22 +630,22 @@ fn unstart(
     queued: &mut FxHashMap<Key, u64>,
     replicas: &mut FxHashMap<Key, (Value, usize)>,
     queue: &JobQueue,
-) -> bool {
+) -> Option<WireTicket> {
     if let Some(w) = waiting.remove(k) {
         release_replicas(replicas, w.job.replicas);
         for list in fetching.values_mut() {
             list.retain(|t| t.as_str() != k);
         }
-        return true;
+        return Some(w.job.ticket);
     }
     if let Some(seq) = queued.get(k).copied() {
         if let Some(job) = lock(&queue.q).jobs.remove(&seq) {
             queued.remove(k);
             release_replicas(replicas, job.replicas);
-            return true;
+            return Some(job.ticket);
         }
     }
-    false
+    None
 }
 
 /// A local task no longer needs these fetched copies; drop the ones nobody needs.
@@ -674,8 +680,10 @@ fn enqueue(queue: &JobQueue, jobs: &mut Vec<(Job, Prio, u64)>) {
     }
 }
 
-/// Run times of the functions an executor thread has run (a moving average per op name), to
-/// tell whether the next job is short enough to hold finished results back for.
+/// Run times of the functions an executor thread has run, to tell whether the next job is
+/// short enough to hold finished results back for: per op name, the longest recent run (a
+/// maximum that decays by 1/16 a run, so one slow call stops the holding for a few dozen runs
+/// rather than averaging away).
 #[derive(Default)]
 struct RunTimes(FxHashMap<String, Duration>);
 
@@ -690,7 +698,7 @@ impl RunTimes {
             },
         };
         match self.0.get_mut(op.as_str()) {
-            Some(avg) => *avg = (*avg * 7 + took) / 8,
+            Some(longest) => *longest = took.max(*longest - *longest / 16),
             None => {
                 self.0.insert(op.clone(), took);
             }
@@ -704,7 +712,7 @@ impl RunTimes {
             WireBody::Chain(links) if links.len() == 1 => &links[0].1.op,
             WireBody::Chain(_) => return false,
         };
-        self.0.get(op.as_str()).is_some_and(|avg| *avg < SHORT_JOB)
+        self.0.get(op.as_str()).is_some_and(|longest| *longest < SHORT_JOB)
     }
 }
 

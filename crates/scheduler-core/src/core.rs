@@ -121,8 +121,8 @@ pub enum Phase {
 ///
 /// Changes of one task within one event (same time, same cause) are recorded as one
 /// transition: its phase is the last, and `via` lists the ones it passed through (a leaf of a
-/// submitted graph goes released → waiting → queued → processing at once). Nothing is lost, and
-/// observers handle half as many records.
+/// submitted graph goes released → waiting → queued → processing at once). Every phase is kept
+/// (only the worker of an intermediate one is not), and observers handle half as many records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transition {
     /// The task's serial number.
@@ -431,6 +431,8 @@ pub enum Event<P> {
         worker: WorkerId,
         /// Which.
         key: Key,
+        /// The ticket of the assignment, when the worker echoed it.
+        ticket: Option<Ticket>,
         /// Why (root key set by the worker).
         error: Arc<TaskError>,
     },
@@ -440,6 +442,8 @@ pub enum Event<P> {
         worker: WorkerId,
         /// The task.
         key: Key,
+        /// The ticket of the assignment, when the worker echoed it.
+        ticket: Option<Ticket>,
         /// (input, the worker that was asked for it and did not deliver it).
         missing: Vec<(Key, WorkerId)>,
     },
@@ -449,6 +453,8 @@ pub enum Event<P> {
         worker: WorkerId,
         /// Which.
         key: Key,
+        /// The ticket of the assignment, when the worker echoed it.
+        ticket: Option<Ticket>,
     },
 }
 
@@ -632,9 +638,10 @@ struct Worker {
     spec: WorkerSpec,
     /// Tasks assigned and not yet reported (each holds its restrictions' resources).
     processing: FxHashSet<Tid>,
-    /// Tasks forgotten while assigned here, by key, with the resources they hold: the worker
-    /// may still be running them, so their slot and resources stay taken until it reports.
-    orphans: FxHashMap<Key, Vec<(Arc<str>, f64)>>,
+    /// Tasks forgotten while assigned here (a short list), with the resources they hold: the
+    /// worker may still be running them, so their slot and resources stay taken until it
+    /// reports on that very assignment.
+    orphans: Vec<Orphan>,
     available: Vec<(Arc<str>, f64)>,
     /// Moving average of task run time.
     avg_duration_us: f64,
@@ -647,6 +654,14 @@ struct Worker {
     holds: Vec<Tid>,
     /// Paused for memory: no new work until it resumes.
     paused: bool,
+}
+
+/// A task forgotten while its worker may still run it (see [`Worker::orphans`]).
+struct Orphan {
+    /// Its serial (the assignment's ticket names it).
+    serial: u64,
+    key: Key,
+    resources: Vec<(Arc<str>, f64)>,
 }
 
 impl Worker {
@@ -895,7 +910,7 @@ impl<P: Clone> Core<P> {
                     Worker {
                         spec,
                         processing: FxHashSet::default(),
-                        orphans: FxHashMap::default(),
+                        orphans: Vec::new(),
                         available,
                         avg_duration_us: 0.0,
                         last_heard_us: self.now_us,
@@ -970,9 +985,11 @@ impl<P: Clone> Core<P> {
             Event::TaskFinished { worker, key, ticket, nbytes, duration_us } => {
                 self.finished(worker, &key, ticket, nbytes, duration_us);
             }
-            Event::TaskFailed { worker, key, error } => self.failed(worker, &key, error),
-            Event::InputsMissing { worker, key, missing } => self.inputs_missing(worker, &key, missing),
-            Event::TaskDropped { worker, key } => self.dropped(worker, &key),
+            Event::TaskFailed { worker, key, ticket, error } => self.failed(worker, &key, ticket, error),
+            Event::InputsMissing { worker, key, ticket, missing } => {
+                self.inputs_missing(worker, &key, ticket, missing);
+            }
+            Event::TaskDropped { worker, key, ticket } => self.dropped(worker, &key, ticket),
         }
         while let Some(t) = self.to_forget.pop() {
             self.forget_now(t);
@@ -1775,10 +1792,11 @@ impl<P: Clone> Core<P> {
         matches!(self.task(t).state, State::Processing { on } if on == wid).then_some(t)
     }
 
-    /// Ends a worker's accounting for a report on `key` about task `t` (from
-    /// [`Self::reported`]); returns whether `t` was processing there. A report about a task
-    /// forgotten while it ran releases that orphan's slot instead.
-    fn unassign(&mut self, wid: WorkerId, t: Option<Tid>, key: &Key) -> bool {
+    /// Ends a worker's accounting for a report on `key` (with `ticket`, if echoed) about task
+    /// `t` (from [`Self::reported`]); returns whether `t` was processing there. A report about
+    /// a task forgotten while it ran releases that orphan's slot instead: the one its ticket
+    /// names, or without a ticket the oldest of that key.
+    fn unassign(&mut self, wid: WorkerId, t: Option<Tid>, key: &Key, ticket: Option<Ticket>) -> bool {
         let Self { tasks, workers, .. } = self;
         let Some(w) = workers.get_mut(&wid) else { return false };
         if let Some(t) = t {
@@ -1788,7 +1806,12 @@ impl<P: Clone> Core<P> {
                 return true;
             }
         }
-        if let Some(resources) = w.orphans.remove(key) {
+        let orphan = w.orphans.iter().position(|o| match ticket {
+            Some(tk) => o.serial == tk.serial,
+            None => o.key == *key,
+        });
+        if let Some(i) = orphan {
+            let Orphan { resources, .. } = w.orphans.remove(i);
             for (n, a) in &resources {
                 if let Some((_, free)) = w.available.iter_mut().find(|(wn, _)| wn == n) {
                     *free += a;
@@ -1844,6 +1867,8 @@ impl<P: Clone> Core<P> {
                     self.task_mut(t).nbytes = nbytes;
                     self.task_mut(t).state = State::Memory { who_has: holders };
                     self.note(t);
+                    // A task registered earlier counts as done for its owner's progress.
+                    self.count_finished(t);
                     // Dependents waiting for it (a recomputation) can go on.
                     for d in self.task(t).dependents.clone() {
                         if matches!(self.task(d).state, State::Waiting) {
@@ -1889,7 +1914,7 @@ impl<P: Clone> Core<P> {
 
     fn finished(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>, nbytes: u64, duration_us: u64) {
         let t = self.reported(wid, key, ticket);
-        let was_assigned = self.unassign(wid, t, key);
+        let was_assigned = self.unassign(wid, t, key, ticket);
         if let Some(w) = self.workers.get_mut(&wid) {
             // Count at least 1 µs, so instant tasks still raise the in-flight limit.
             let d = duration_us.max(1) as f64;
@@ -1936,9 +1961,9 @@ impl<P: Clone> Core<P> {
         self.maybe_release(t);
     }
 
-    fn failed(&mut self, wid: WorkerId, key: &Key, error: Arc<TaskError>) {
-        let t = self.reported(wid, key, None);
-        let (true, Some(t)) = (self.unassign(wid, t, key), t) else { return };
+    fn failed(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>, error: Arc<TaskError>) {
+        let t = self.reported(wid, key, ticket);
+        let (true, Some(t)) = (self.unassign(wid, t, key, ticket), t) else { return };
         self.set_finished(t, State::Erred(error));
         // The change to erred ended a run on `wid` (time unknown).
         if let Some(tr) = self.last_record(t) {
@@ -1951,7 +1976,7 @@ impl<P: Clone> Core<P> {
         self.maybe_forget(t);
     }
 
-    fn inputs_missing(&mut self, wid: WorkerId, key: &Key, missing: Vec<(Key, WorkerId)>) {
+    fn inputs_missing(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>, missing: Vec<(Key, WorkerId)>) {
         // The holders that failed to deliver do not have the value (any more): believe them,
         // so the next attempt goes elsewhere or the value is recomputed.
         let mut corrected = false;
@@ -1967,8 +1992,8 @@ impl<P: Clone> Core<P> {
                 self.lose(d);
             }
         }
-        let t = self.reported(wid, key, None);
-        let (true, Some(t)) = (self.unassign(wid, t, key), t) else { return };
+        let t = self.reported(wid, key, ticket);
+        let (true, Some(t)) = (self.unassign(wid, t, key, ticket), t) else { return };
         if !corrected {
             self.task_mut(t).input_failures += 1;
         }
@@ -2044,9 +2069,9 @@ impl<P: Clone> Core<P> {
     }
 
     /// A worker dropped a task it had not started (after a `Free`): release its slot.
-    fn dropped(&mut self, wid: WorkerId, key: &Key) {
-        let t = self.reported(wid, key, None);
-        if let (true, Some(t)) = (self.unassign(wid, t, key), t) {
+    fn dropped(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>) {
+        let t = self.reported(wid, key, ticket);
+        if let (true, Some(t)) = (self.unassign(wid, t, key, ticket), t) {
             self.requeue(t);
         }
     }
@@ -2151,7 +2176,7 @@ impl<P: Clone> Core<P> {
             if let Some(w) = self.workers.get_mut(&on) {
                 if w.processing.remove(&t) {
                     let resources = task.restrictions.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
-                    w.orphans.insert(task.key.clone(), resources);
+                    w.orphans.push(Orphan { serial: task.serial, key: task.key.clone(), resources });
                 }
             }
             self.out.push(Command::Free { worker: on, key: task.key.clone() });
@@ -2401,7 +2426,7 @@ impl<P: Clone> Core<P> {
                 let held =
                     |t: &Tid| self.task(*t).restrictions.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
                 let used: f64 = (w.processing.iter().flat_map(held))
-                    .chain(w.orphans.values().flatten().cloned())
+                    .chain(w.orphans.iter().flat_map(|o| o.resources.iter().cloned()))
                     .filter(|(pn, _)| pn == n)
                     .map(|(_, x)| x)
                     .sum();

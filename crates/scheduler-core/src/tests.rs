@@ -107,7 +107,7 @@ impl Env {
     fn fail(&mut self, w: WorkerId, key: &str, msg: &str) -> Vec<Command<P>> {
         let error =
             Arc::new(TaskError { key: Key::new(key), message: msg.into(), kind: FailureKind::Error, attempts: 1 });
-        self.ev(Event::TaskFailed { worker: w, key: Key::new(key), error })
+        self.ev(Event::TaskFailed { worker: w, key: Key::new(key), ticket: None, error })
     }
 }
 
@@ -678,7 +678,7 @@ fn dropped_task_returns_its_slot_and_resources() {
     env.submit(C1, vec![g], &["g"]);
     env.ev(Event::KeysCancelled { client: C1, keys: vec![Key::new("g")] });
     // The worker had not started it: it says so, and the GPU is free again.
-    env.ev(Event::TaskDropped { worker: W1, key: Key::new("g") });
+    env.ev(Event::TaskDropped { worker: W1, key: Key::new("g"), ticket: None });
     let mut h = task("h", &[]);
     h.restrictions = Some(Box::new(Restrictions { resources: vec![(Arc::from("GPU"), 1.0)], ..Default::default() }));
     let out = env.submit(C1, vec![h], &["h"]);
@@ -702,7 +702,7 @@ fn idle_worker_steals_a_slow_task_the_busy_worker_has_not_started() {
         })
         .collect();
     assert_eq!(steals, [(W1, "c")], "the later of W1's two tasks is asked back");
-    let out = env.ev(Event::TaskDropped { worker: W1, key: Key::new("c") });
+    let out = env.ev(Event::TaskDropped { worker: W1, key: Key::new("c"), ticket: None });
     assert_eq!(computes(&out), [(W2, "c")]);
 }
 
@@ -751,6 +751,43 @@ fn a_task_forgotten_while_running_keeps_its_resources_until_the_worker_reports()
     let out = env.finish(W1, "g1", 1);
     assert_eq!(frees(&out), [(W1, "g1".to_owned())], "the late result is dropped");
     assert_eq!(computes(&out), [(W1, "g2")], "and the GPU goes to the next task");
+}
+
+#[test]
+fn a_key_forgotten_twice_while_running_keeps_both_runs_resources_until_each_reports() {
+    let mut env = Env::new();
+    env.worker(W1, "gpu", 4, &[("GPU", 2.0)]);
+    let gpu = || {
+        let mut t = task("g", &[]);
+        t.restrictions =
+            Some(Box::new(Restrictions { resources: vec![(Arc::from("GPU"), 1.0)], ..Default::default() }));
+        t
+    };
+    let ticket_of = |out: &[Command<P>]| {
+        out.iter().find_map(|c| match c {
+            Command::Compute { ticket, .. } => Some(*ticket),
+            _ => None,
+        })
+    };
+    let first = ticket_of(&env.submit(C1, vec![gpu()], &["g"])).expect("runs");
+    env.ev(Event::KeysCancelled { client: C1, keys: vec![Key::new("g")] });
+    let second = ticket_of(&env.submit(C1, vec![gpu()], &["g"])).expect("the second GPU");
+    env.ev(Event::KeysCancelled { client: C1, keys: vec![Key::new("g")] });
+    let out = env.submit(C1, vec![gpu()], &["g"]);
+    assert!(computes(&out).is_empty(), "both GPUs are taken by runs that may still go on");
+    // The second run fails, then the first finishes: each frees its own GPU (validate checks
+    // the books after every event).
+    let error =
+        Arc::new(TaskError { key: Key::new("g"), message: "boom".into(), kind: FailureKind::Error, attempts: 1 });
+    let out = env.ev(Event::TaskFailed { worker: W1, key: Key::new("g"), ticket: Some(second), error });
+    assert_eq!(computes(&out), [(W1, "g")], "a GPU came back");
+    let third = ticket_of(&out).expect("sent");
+    let out =
+        env.ev(Event::TaskFinished { worker: W1, key: Key::new("g"), ticket: Some(first), nbytes: 1, duration_us: 5 });
+    assert_eq!(env.core.state_of("g"), Some("processing"), "the first run's report is not the third's: {out:?}");
+    let out =
+        env.ev(Event::TaskFinished { worker: W1, key: Key::new("g"), ticket: Some(third), nbytes: 1, duration_us: 5 });
+    assert!(out.contains(&Command::KeyInMemory { client: C1, key: Key::new("g"), workers: vec![W1], nbytes: 1 }));
 }
 
 #[test]
@@ -903,6 +940,9 @@ enum Step {
     Retire(prop::sample::Index),
     /// Time passes (clients are told their progress).
     Tick,
+    /// The client cancels a wanted key (modulo their number), then submits the whole graph
+    /// again: runs of forgotten tasks may still report, with tickets gone stale.
+    Resubmit(prop::sample::Index),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -912,6 +952,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::Join),
         1 => any::<prop::sample::Index>().prop_map(Step::Retire),
         1 => Just(Step::Tick),
+        1 => any::<prop::sample::Index>().prop_map(Step::Resubmit),
     ]
 }
 
@@ -982,6 +1023,7 @@ proptest! {
         // Copies made for retiring workers (reported back), and workers that retired.
         let copies: std::cell::RefCell<Vec<(WorkerId, Key)>> = std::cell::RefCell::default();
         let gone: std::cell::RefCell<Vec<WorkerId>> = std::cell::RefCell::default();
+        let last_progress: std::cell::RefCell<Option<(u64, u64)>> = std::cell::RefCell::default();
         let absorb = |cmds: Vec<Command<P>>, outstanding: &mut Vec<_>, held: &mut BTreeMap<(WorkerId, String), i64>, results: &mut HashMap<_, _>| {
             for c in cmds {
                 match c {
@@ -1000,20 +1042,22 @@ proptest! {
                         held.retain(|(hw, _), _| *hw != worker);
                         gone.borrow_mut().push(worker);
                     }
-                    Command::KeyCancelled { .. } | Command::Steal { .. } | Command::DropWorker { .. } | Command::Progress { .. } => {}
+                    Command::Progress { done, total, .. } => *last_progress.borrow_mut() = Some((done, total)),
+                    Command::KeyCancelled { .. } | Command::Steal { .. } | Command::DropWorker { .. } => {}
                     Command::KeyLost { key, .. } => { results.remove(key.as_str()); }
                 }
             }
         };
         let out = join(&mut env, &mut live);
         absorb(out, &mut outstanding, &mut held, &mut results);
-        let mut tasks: Vec<NewTask<P>> = (0..n).map(|i| {
+        let graph = || -> Vec<NewTask<P>> { (0..n).map(|i| {
             let d: Vec<&str> = deps[i].iter().map(|d| keys[*d]).collect();
             let mut t = task(keys[i], &d);
             t.order = i as u32;
             t.wanted = flag_wanted && wanted.contains(&i);
             t
-        }).collect();
+        }).collect() };
+        let mut tasks = graph();
         let wanted_keys: Vec<&str> = if flag_wanted { Vec::new() } else { wanted.iter().map(|w| keys[*w]).collect() };
         // The graph in `parts` parts (inputs come before their users, as clients send them).
         // Inputs in the same part are named by position or by key.
@@ -1055,13 +1099,15 @@ proptest! {
                     Some(v) => sum += v,
                     None => {
                         let missing = vec![(k.clone(), holders.first().copied().unwrap_or(w))];
-                        return env.ev(Event::InputsMissing { worker: w, key: Key::from(key), missing });
+                        let ticket = Some(ticket);
+                        return env.ev(Event::InputsMissing { worker: w, key: Key::from(key), ticket, missing });
                     }
                 }
             }
             if fails[idx] {
                 let error = Arc::new(TaskError { key: Key::from(key.clone()), message: "boom".into(), kind: FailureKind::Error, attempts: 1 });
-                env.ev(Event::TaskFailed { worker: w, key: Key::from(key), error })
+                let ticket = (idx % 3 != 0).then_some(ticket);
+                env.ev(Event::TaskFailed { worker: w, key: Key::from(key), ticket, error })
             } else {
                 held.insert((w, key.clone()), sum);
                 // Workers echo the ticket; reports without one are found by key.
@@ -1098,6 +1144,13 @@ proptest! {
                     now_us += 1000;
                     env.ev(Event::Tick { now_us })
                 }
+                Step::Resubmit(i) => {
+                    let key = Key::new(keys[wanted[i.index(wanted.len())]]);
+                    let out = env.ev(Event::KeysCancelled { client: C1, keys: vec![key] });
+                    absorb(out, &mut outstanding, &mut held, &mut results);
+                    let wanted = wanted_keys.iter().map(|k| Key::new(k)).collect();
+                    env.ev(Event::GraphSubmitted { client: C1, tasks: graph(), wanted })
+                }
                 Step::Retire(i) if live.len() > 1 => {
                     let w = live[i.index(live.len())];
                     env.ev(Event::WorkerRetiring { worker: w })
@@ -1120,11 +1173,11 @@ proptest! {
             absorb(out, &mut outstanding, &mut held, &mut results);
             settle(&mut env, &mut live, &mut outstanding, &mut held, &mut results);
         }
-        // Once everything ran, the client's progress says all of it finished.
+        // Once everything ran, the client was last told all of it finished.
         let out = env.ev(Event::Tick { now_us: now_us + 1000 });
-        for (done, total) in progress(&out) {
-            prop_assert_eq!(done, total, "progress after the run");
-        }
+        absorb(out, &mut outstanding, &mut held, &mut results);
+        let told = *last_progress.borrow();
+        prop_assert!(told.is_some_and(|(done, total)| done == total), "progress after the run: {:?}", told);
         let mut memo = HashMap::new();
         for w in wanted {
             let got = results.get(keys[w]).cloned();
