@@ -315,7 +315,7 @@ async fn core_loop(
                     send_frees(&peers, worker, keys);
                 }
                 match cmd {
-                    // One Free per worker per event, not one per key.
+                    // One Free per worker per frame, not one per key.
                     Command::Free { worker, key } => match frees.iter_mut().find(|(w, _)| *w == worker) {
                         Some((_, keys)) => keys.push(key),
                         None => frees.push((worker, vec![key])),
@@ -346,9 +346,10 @@ async fn core_loop(
                     cmd => dispatch(cmd, &peers),
                 }
             }
-            for (worker, keys) in frees.drain(..) {
-                send_frees(&peers, worker, keys);
-            }
+        }
+        // The rest of the frame's frees (a worker's go out before anything else sent to it).
+        for (worker, keys) in frees.drain(..) {
+            send_frees(&peers, worker, keys);
         }
         for (id, tasks) in accepted {
             if let Some(Peer::Client { outbox }) = peers.get(&id) {
