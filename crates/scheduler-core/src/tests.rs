@@ -123,6 +123,14 @@ fn task(key: &'static str, deps: &[&str]) -> NewTask<P> {
     }
 }
 
+/// The ticket of the first task sent to a worker.
+fn ticket_in(cmds: &[Command<P>]) -> Option<Ticket> {
+    cmds.iter().find_map(|c| match c {
+        Command::Compute { ticket, .. } => Some(*ticket),
+        _ => None,
+    })
+}
+
 fn computes(cmds: &[Command<P>]) -> Vec<(WorkerId, &str)> {
     cmds.iter()
         .filter_map(|c| match c {
@@ -763,15 +771,9 @@ fn a_key_forgotten_twice_while_running_keeps_both_runs_resources_until_each_repo
             Some(Box::new(Restrictions { resources: vec![(Arc::from("GPU"), 1.0)], ..Default::default() }));
         t
     };
-    let ticket_of = |out: &[Command<P>]| {
-        out.iter().find_map(|c| match c {
-            Command::Compute { ticket, .. } => Some(*ticket),
-            _ => None,
-        })
-    };
-    let first = ticket_of(&env.submit(C1, vec![gpu()], &["g"])).expect("runs");
+    let first = ticket_in(&env.submit(C1, vec![gpu()], &["g"])).expect("runs");
     env.ev(Event::KeysCancelled { client: C1, keys: vec![Key::new("g")] });
-    let second = ticket_of(&env.submit(C1, vec![gpu()], &["g"])).expect("the second GPU");
+    let second = ticket_in(&env.submit(C1, vec![gpu()], &["g"])).expect("the second GPU");
     env.ev(Event::KeysCancelled { client: C1, keys: vec![Key::new("g")] });
     let out = env.submit(C1, vec![gpu()], &["g"]);
     assert!(computes(&out).is_empty(), "both GPUs are taken by runs that may still go on");
@@ -781,7 +783,7 @@ fn a_key_forgotten_twice_while_running_keeps_both_runs_resources_until_each_repo
         Arc::new(TaskError { key: Key::new("g"), message: "boom".into(), kind: FailureKind::Error, attempts: 1 });
     let out = env.ev(Event::TaskFailed { worker: W1, key: Key::new("g"), ticket: Some(second), error });
     assert_eq!(computes(&out), [(W1, "g")], "a GPU came back");
-    let third = ticket_of(&out).expect("sent");
+    let third = ticket_in(&out).expect("sent");
     let out =
         env.ev(Event::TaskFinished { worker: W1, key: Key::new("g"), ticket: Some(first), nbytes: 1, duration_us: 5 });
     assert_eq!(env.core.state_of("g"), Some("processing"), "the first run's report is not the third's: {out:?}");
@@ -795,16 +797,10 @@ fn a_report_with_a_stale_ticket_is_not_taken_for_the_task_now_in_its_slot() {
     let mut env = Env::new();
     env.worker(W1, "w1", 1, &[]);
     let out = env.submit(C1, vec![task("a", &[])], &["a"]);
-    let old = out.iter().find_map(|c| match c {
-        Command::Compute { ticket, .. } => Some(*ticket),
-        _ => None,
-    });
+    let old = ticket_in(&out);
     env.ev(Event::KeysCancelled { client: C1, keys: vec![Key::new("a")] });
     let out = env.submit(C1, vec![task("b", &[])], &["b"]);
-    let new = out.iter().find_map(|c| match c {
-        Command::Compute { ticket, .. } => Some(*ticket),
-        _ => None,
-    });
+    let new = ticket_in(&out);
     let (Some(old), Some(new)) = (old, new) else { panic!("both were sent: {out:?}") };
     assert_eq!(old.slot, new.slot, "b reuses a's slot");
     let out =
