@@ -253,6 +253,19 @@ pub struct Run {
     pub ok: bool,
 }
 
+/// A [`Run`] as kept: its prefix by number, so recording one touches no reference count.
+#[derive(Clone, Debug)]
+struct RunRec {
+    seq: u64,
+    key: Key,
+    prefix: u32,
+    worker: u32,
+    lane: u32,
+    start_us: u64,
+    duration_us: u64,
+    ok: bool,
+}
+
 /// One entry of a task's story.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct StoryEntry {
@@ -329,7 +342,7 @@ pub struct Model {
     completed: u64,
     failed: u64,
     story: VecDeque<StoryEntry>,
-    stream: VecDeque<Run>,
+    stream: VecDeque<RunRec>,
     stream_seq: u64,
     workers: BTreeMap<u32, WorkerView>,
     memory: BTreeMap<u32, VecDeque<MemorySample>>,
@@ -540,7 +553,6 @@ impl Model {
             } else {
                 self.failed += 1;
             }
-            let prefix_name = Arc::clone(&p.name);
             let lane = match self.workers.get_mut(&w) {
                 Some(wv) => {
                     wv.ran += 1;
@@ -555,7 +567,7 @@ impl Model {
                 (None, Some(t)) => t.key.clone(),
                 (None, None) => return,
             };
-            self.stream.push_back(Run { seq, key, prefix: prefix_name, worker: w, lane, start_us, duration_us, ok });
+            self.stream.push_back(RunRec { seq, key, prefix, worker: w, lane, start_us, duration_us, ok });
             if self.stream.len() > STREAM_LIMIT {
                 self.stream.pop_front();
             }
@@ -626,11 +638,27 @@ impl Model {
         }
     }
 
+    /// A kept run in its published form (with its prefix's name).
+    fn run(&self, r: &RunRec) -> Run {
+        let prefix =
+            self.prefixes.get(r.prefix as usize).map_or_else(|| Arc::from(OTHER_PREFIX), |p| Arc::clone(&p.name));
+        Run {
+            seq: r.seq,
+            key: r.key.clone(),
+            prefix,
+            worker: r.worker,
+            lane: r.lane,
+            start_us: r.start_us,
+            duration_us: r.duration_us,
+            ok: r.ok,
+        }
+    }
+
     /// Task runs after `seq`, oldest first, at most `limit`.
     #[must_use]
     pub fn stream_after(&self, seq: u64, limit: usize) -> Vec<Run> {
         let start = self.stream.partition_point(|r| r.seq <= seq);
-        self.stream.range(start..).take(limit).cloned().collect()
+        self.stream.range(start..).take(limit).map(|r| self.run(r)).collect()
     }
 
     /// A task's current state (`None`: not known now) and its recorded story, oldest first
@@ -649,7 +677,8 @@ impl Model {
     pub fn worker(&self, name: &str) -> Option<(WorkerView, Vec<MemorySample>, Vec<Run>)> {
         let w = self.workers.values().rev().find(|w| w.name == name)?;
         let memory = self.memory.get(&w.id).map(|h| h.iter().copied().collect()).unwrap_or_default();
-        let runs: Vec<Run> = self.stream.iter().rev().filter(|r| r.worker == w.id).take(200).cloned().collect();
+        let runs: Vec<Run> =
+            self.stream.iter().rev().filter(|r| r.worker == w.id).take(200).map(|r| self.run(r)).collect();
         Some((w.clone(), memory, runs))
     }
 
