@@ -904,11 +904,34 @@ fn whoami(dir: &Path, lock: bool) -> String {
     format!(r#"{{"op": "shell", "args": [["sh", "-c", "{body}"]]"#)
 }
 
-fn scratch(name: &str) -> PathBuf {
+/// A fresh directory for one test, removed when the test ends, failed or not.
+fn scratch(name: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("rask-dist-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch");
-    d
+    Scratch(d)
+}
+
+/// See [`scratch`].
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[test]

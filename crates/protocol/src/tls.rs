@@ -525,8 +525,9 @@ mod tests {
     use super::*;
     use crate::handshake::{self, Role, Welcome};
 
-    /// A CA and a node certificate it signs, written to a fresh directory.
-    fn cert_set(name: &str) -> TlsFiles {
+    /// A CA and a node certificate it signs, written to a fresh directory, which is removed
+    /// when the returned set is dropped (the test ended, failed or not).
+    fn cert_set(name: &str) -> CertSet {
         use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
         let dir = std::env::temp_dir().join(format!("rask-tls-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -544,7 +545,26 @@ mod tests {
         std::fs::write(&files.cert, cert.pem()).expect("write");
         std::fs::write(&files.key, key.serialize_pem()).expect("write");
         std::fs::write(&files.ca, ca_cert.pem()).expect("write");
-        files
+        CertSet { files, dir }
+    }
+
+    /// See [`cert_set`].
+    struct CertSet {
+        files: TlsFiles,
+        dir: std::path::PathBuf,
+    }
+
+    impl std::ops::Deref for CertSet {
+        type Target = TlsFiles;
+        fn deref(&self) -> &TlsFiles {
+            &self.files
+        }
+    }
+
+    impl Drop for CertSet {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 
     #[test]
@@ -568,7 +588,7 @@ mod tests {
         let not_pem = TlsFiles { cert: good.key.clone(), ..good.clone() };
         let e = Tls::load(not_pem).expect_err("key as certificate").to_string();
         assert!(e.contains("holds no PEM certificate"), "{e}");
-        Tls::load(good).expect("a good set loads");
+        Tls::load(good.clone()).expect("a good set loads");
     }
 
     #[test]
@@ -607,7 +627,7 @@ mod tests {
         let set = Tls::load(set_files.clone()).expect("load");
         let foreign = Tls::load(foreign_files.clone()).expect("load");
         // Trusts the cluster but holds a certificate of another CA.
-        let impostor = Tls::load(TlsFiles { ca: set_files.ca, ..foreign_files }).expect("load");
+        let impostor = Tls::load(TlsFiles { ca: set_files.ca.clone(), ..foreign_files.clone() }).expect("load");
         assert_eq!(exchange(Some(set.clone()), Some(set.clone())).await, (Ok(()), Ok(())));
         assert_eq!(exchange(None, None).await, (Ok(()), Ok(())));
 
