@@ -669,6 +669,22 @@ impl Worker {
     fn load(&self) -> usize {
         self.processing.len() + self.orphans.len()
     }
+
+    /// Takes (`sign` -1) or gives back (+1) resources a task holds while running here.
+    fn adjust_available(&mut self, resources: &[(Arc<str>, f64)], sign: f64) {
+        for (n, a) in resources {
+            if let Some((_, free)) = self.available.iter_mut().find(|(wn, _)| wn == n) {
+                *free += sign * a;
+            }
+        }
+    }
+}
+
+impl<P> Task<P> {
+    /// The resources it holds while running (none without restrictions).
+    fn resources(&self) -> &[(Arc<str>, f64)] {
+        self.restrictions.as_ref().map_or(&[], |r| &r.resources)
+    }
 }
 
 /// How far a client's work has come: the tasks its submissions registered, and how many of
@@ -1760,7 +1776,7 @@ impl<P: Clone> Core<P> {
         let Self { tasks, workers, .. } = self;
         let task = tasks[t.0 as usize].as_mut().expect("invariant: live task id");
         let w = workers.get_mut(&wid).expect("invariant: chosen worker exists");
-        Self::take_resources(task, w, -1.0);
+        w.adjust_available(task.resources(), -1.0);
         w.processing.insert(t);
         task.state = State::Processing { on: wid };
         let prio = task.prio;
@@ -1769,16 +1785,6 @@ impl<P: Clone> Core<P> {
         self.note(t);
         if let Some(payload) = payload {
             self.out.push(Command::Compute { worker: wid, key, payload, inputs, prio, ticket });
-        }
-    }
-
-    /// Takes (`sign` -1) or gives back (+1) the resources `task` holds while running on `w`.
-    fn take_resources(task: &Task<P>, w: &mut Worker, sign: f64) {
-        let Some(r) = &task.restrictions else { return };
-        for (n, a) in &r.resources {
-            if let Some((_, free)) = w.available.iter_mut().find(|(wn, _)| wn == n) {
-                *free += sign * a;
-            }
         }
     }
 
@@ -1802,7 +1808,7 @@ impl<P: Clone> Core<P> {
         if let Some(t) = t {
             if w.processing.remove(&t) {
                 let task = tasks[t.0 as usize].as_ref().expect("invariant: live task id");
-                Self::take_resources(task, w, 1.0);
+                w.adjust_available(task.resources(), 1.0);
                 return true;
             }
         }
@@ -1812,11 +1818,7 @@ impl<P: Clone> Core<P> {
         });
         if let Some(i) = orphan {
             let Orphan { resources, .. } = w.orphans.remove(i);
-            for (n, a) in &resources {
-                if let Some((_, free)) = w.available.iter_mut().find(|(wn, _)| wn == n) {
-                    *free += a;
-                }
-            }
+            w.adjust_available(&resources, 1.0);
         }
         false
     }
@@ -2175,7 +2177,7 @@ impl<P: Clone> Core<P> {
             // The worker keeps its accounting until it reports; tell it to drop the result.
             if let Some(w) = self.workers.get_mut(&on) {
                 if w.processing.remove(&t) {
-                    let resources = task.restrictions.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
+                    let resources = task.resources().to_vec();
                     w.orphans.push(Orphan { serial: task.serial, key: task.key.clone(), resources });
                 }
             }
@@ -2423,10 +2425,8 @@ impl<P: Clone> Core<P> {
                 }
             }
             for (n, a) in &w.spec.resources {
-                let held =
-                    |t: &Tid| self.task(*t).restrictions.as_ref().map(|r| r.resources.clone()).unwrap_or_default();
-                let used: f64 = (w.processing.iter().flat_map(held))
-                    .chain(w.orphans.iter().flat_map(|o| o.resources.iter().cloned()))
+                let used: f64 = (w.processing.iter().flat_map(|t| self.task(*t).resources()))
+                    .chain(w.orphans.iter().flat_map(|o| &o.resources))
                     .filter(|(pn, _)| pn == n)
                     .map(|(_, x)| x)
                     .sum();

@@ -101,6 +101,11 @@ impl Env {
         self.ev(Event::ClientConnected { client: c });
         self.ev(Event::GraphSubmitted { client: c, tasks, wanted: wanted.iter().map(|k| Key::new(k)).collect() })
     }
+    /// A worker's report that the run `ticket` names finished (1 byte, 5 µs).
+    fn finish_run(&mut self, w: WorkerId, key: &str, ticket: Ticket) -> Vec<Command<P>> {
+        let key = Key::new(key);
+        self.ev(Event::TaskFinished { worker: w, key, ticket: Some(ticket), nbytes: 1, duration_us: 5 })
+    }
     fn finish(&mut self, w: WorkerId, key: &str, nbytes: u64) -> Vec<Command<P>> {
         self.ev(Event::TaskFinished { worker: w, key: Key::new(key), ticket: None, nbytes, duration_us: 1000 })
     }
@@ -784,11 +789,9 @@ fn a_key_forgotten_twice_while_running_keeps_both_runs_resources_until_each_repo
     let out = env.ev(Event::TaskFailed { worker: W1, key: Key::new("g"), ticket: Some(second), error });
     assert_eq!(computes(&out), [(W1, "g")], "a GPU came back");
     let third = ticket_in(&out).expect("sent");
-    let out =
-        env.ev(Event::TaskFinished { worker: W1, key: Key::new("g"), ticket: Some(first), nbytes: 1, duration_us: 5 });
+    let out = env.finish_run(W1, "g", first);
     assert_eq!(env.core.state_of("g"), Some("processing"), "the first run's report is not the third's: {out:?}");
-    let out =
-        env.ev(Event::TaskFinished { worker: W1, key: Key::new("g"), ticket: Some(third), nbytes: 1, duration_us: 5 });
+    let out = env.finish_run(W1, "g", third);
     assert!(out.contains(&Command::KeyInMemory { client: C1, key: Key::new("g"), workers: vec![W1], nbytes: 1 }));
 }
 
@@ -803,12 +806,10 @@ fn a_report_with_a_stale_ticket_is_not_taken_for_the_task_now_in_its_slot() {
     let new = ticket_in(&out);
     let (Some(old), Some(new)) = (old, new) else { panic!("both were sent: {out:?}") };
     assert_eq!(old.slot, new.slot, "b reuses a's slot");
-    let out =
-        env.ev(Event::TaskFinished { worker: W1, key: Key::new("a"), ticket: Some(old), nbytes: 1, duration_us: 10 });
+    let out = env.finish_run(W1, "a", old);
     assert_eq!(frees(&out), [(W1, "a".to_owned())], "a's late result is dropped");
     assert_eq!(env.core.state_of("b"), Some("processing"), "b is not taken as finished");
-    let out =
-        env.ev(Event::TaskFinished { worker: W1, key: Key::new("b"), ticket: Some(new), nbytes: 1, duration_us: 10 });
+    let out = env.finish_run(W1, "b", new);
     assert!(out.contains(&Command::KeyInMemory { client: C1, key: Key::new("b"), workers: vec![W1], nbytes: 1 }));
 }
 
