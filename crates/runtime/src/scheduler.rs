@@ -257,7 +257,9 @@ async fn core_loop(
             _ => Vec::new(),
         };
         let publishing = feed.is_some();
-        let mut events = translate(inbound, &mut peers, &core, publishing.then_some((&mut published, now_us())));
+        // One clock reading per turn for what it publishes.
+        let turn_us = if publishing { now_us() } else { 0 };
+        let mut events = translate(inbound, &mut peers, &core, publishing.then_some((&mut published, turn_us)));
         if let Some(id) = heard {
             events.push(Event::WorkerHeard { worker: WorkerId(id), at_us: now_us() });
         }
@@ -270,8 +272,6 @@ async fn core_loop(
             }
         }
         worker_count.store(peers.values().filter(|p| matches!(p, Peer::Worker { .. })).count(), Ordering::Relaxed);
-        // One clock reading per turn for what it publishes.
-        let turn_us = if publishing { now_us() } else { 0 };
         for ev in events {
             let cause = if publishing { Some(publish_event(&ev, &peers, turn_us, &mut published)) } else { None };
             core.handle_into(ev, &mut commands);
@@ -282,9 +282,7 @@ async fn core_loop(
                     // A large turn (a graph's intake) goes out in pieces: batches stay small
                     // enough for the allocator to recycle without fresh pages each time.
                     if changes.len() == FEED_CHUNK {
-                        let full = std::mem::replace(&mut changes, Vec::with_capacity(FEED_CHUNK));
-                        let keys = std::mem::take(&mut new_keys);
-                        published.push(FeedEvent::Tasks { at_us: now_us(), changes: full, new_keys: keys });
+                        publish_changes(&mut changes, &mut new_keys, now_us(), &mut published);
                     }
                     // Keys go as text: no reference count is shared with the observer.
                     if let Some(k) = t.key.and_then(|(s, e)| key_text.get(s as usize..e as usize)) {
@@ -358,11 +356,7 @@ async fn core_loop(
         }
         if let Some(feed) = &feed {
             if !changes.is_empty() {
-                // The next turn's list starts at this one's size (no regrowing it change by
-                // change), up to a piece.
-                let next = Vec::with_capacity(changes.len().min(FEED_CHUNK));
-                let (changes, new_keys) = (std::mem::replace(&mut changes, next), std::mem::take(&mut new_keys));
-                published.push(FeedEvent::Tasks { at_us: now_us(), changes, new_keys });
+                publish_changes(&mut changes, &mut new_keys, now_us(), &mut published);
             }
             if ticked || published.len() >= 1024 || last_sent.elapsed() >= FEED_BATCH {
                 for e in published.drain(..) {
@@ -377,6 +371,14 @@ async fn core_loop(
             let _ = feed.send(e);
         }
     }
+}
+
+/// Moves the changes gathered so far (and their keys) into one published batch. The next list
+/// starts at this one's size, up to a piece: no regrowing it change by change.
+fn publish_changes(changes: &mut Vec<TaskChange>, new_keys: &mut KeyText, at_us: u64, out: &mut Vec<FeedEvent>) {
+    let next = Vec::with_capacity(changes.len().min(FEED_CHUNK));
+    let (changes, new_keys) = (std::mem::replace(changes, next), std::mem::take(new_keys));
+    out.push(FeedEvent::Tasks { at_us, changes, new_keys });
 }
 
 /// Task changes per published batch at most (64 KiB of them).
@@ -689,8 +691,8 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &Peers) {
         }
     };
     match cmd {
-        // Handled by the core loop, which owns the peer table.
-        Command::DropWorker { .. } | Command::Retired { .. } => {}
+        // Handled by the core loop, which owns the peer table (and batches frees per worker).
+        Command::DropWorker { .. } | Command::Retired { .. } | Command::Free { .. } => {}
         Command::Acquire { worker, key, from } => {
             if let Some(address) = address_of(peers, from) {
                 send(worker.0, FromScheduler::Acquire { keys: vec![(key, address)] });
@@ -717,9 +719,6 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &Peers) {
                 ticket: WireTicket { slot: ticket.slot, serial: ticket.serial },
             };
             send(worker.0, msg);
-        }
-        Command::Free { worker, key } => {
-            send(worker.0, FromScheduler::Free { keys: vec![key] });
         }
         Command::Steal { worker, key } => send(worker.0, FromScheduler::Steal { keys: vec![key] }),
         Command::KeyInMemory { client, key, workers, nbytes } => {
