@@ -323,12 +323,7 @@ impl ProgressBar {
         let thread = std::thread::Builder::new()
             .name("rask-progress".into())
             .spawn(move || {
-                let bar = indicatif::ProgressBar::new(0);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:40}] {pos}/{len} tasks")
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                        .progress_chars("=> "),
-                );
+                let bar = rask_runtime::task_progress_bar();
                 while !stop2.load(Ordering::Relaxed) {
                     bar.set_length(progress.total() as u64);
                     bar.set_position(progress.done() as u64);

@@ -817,6 +817,20 @@ impl AsCompleted {
     }
 }
 
+/// The progress bar rask draws on standard error for a computation's tasks (finished of
+/// total), so that `rask run` and the blocking client look alike. Hidden when standard error
+/// is not a terminal.
+#[must_use]
+pub fn task_progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:40}] {pos}/{len} tasks")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
 /// A [`Client`] with its own runtime, for synchronous code; implements [`Executor`].
 pub struct BlockingClient {
     rt: tokio::runtime::Runtime,
@@ -961,12 +975,7 @@ impl BlockingClient {
         if !self.progress_bar {
             return self.rt.block_on(self.client.compute(graph, outputs));
         }
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:40}] {pos}/{len} tasks")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        let bar = task_progress_bar();
         let result = self.rt.block_on(async {
             let work = self.client.compute(graph, outputs);
             tokio::pin!(work);

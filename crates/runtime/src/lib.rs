@@ -16,7 +16,9 @@ mod scheduler;
 mod store;
 mod worker;
 
-pub use client::{AsCompleted, BlockingClient, CallArg, Client, ClientError, Departed, RemoteFuture, WorkerMemory};
+pub use client::{
+    AsCompleted, BlockingClient, CallArg, Client, ClientError, Departed, RemoteFuture, WorkerMemory, task_progress_bar,
+};
 pub use local_cluster::{
     ENV_NAME, ENV_NTHREADS, ENV_RESOURCES, ENV_SCHEDULER, LocalCluster, LocalClusterConfig, LocalClusterError,
     run_worker_if_requested,
