@@ -2,7 +2,7 @@
 //! task costs before any I/O. Two simulated 1-thread workers finish every task they are sent
 //! at once, one `TaskFinished` event per task, as the shell delivers them.
 //!
-//! `cargo run --release -p rask-scheduler-core --example core_tree [-- DEPTH [REPEAT]]`
+//! `cargo run --release -p rask-scheduler-core --example core_tree [-- DEPTH [REPEAT [record]]]`
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -52,7 +52,12 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let depth: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(15);
     let repeat: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
-    let mut core: Core<u32> = Core::new(Config::default());
+    // `record`: record every state change, as the scheduler does for its dashboard, and hand
+    // them over in batches the way its shell does (the buffers reused).
+    let record = args.next().is_some_and(|a| a == "record");
+    let mut core: Core<u32> = Core::new(Config { record_transitions: record, ..Config::default() });
+    let (mut spare, mut spare_keys) = (Vec::with_capacity(2048), String::with_capacity(1 << 15));
+    let mut recorded = 0usize;
     let client = ClientId(1);
     let mut out = Vec::new();
     core.handle_into(Event::ClientConnected { client }, &mut out);
@@ -87,6 +92,12 @@ fn main() {
             let Some((worker, key, ticket)) = queue.pop_front() else { break };
             let ticket = Some(ticket);
             core.handle_into(Event::TaskFinished { worker, key, ticket, nbytes: 8, duration_us: 1 }, &mut out);
+            if core.transitions_pending() >= 1024 {
+                core.take_transitions(&mut spare, &mut spare_keys);
+                recorded += spare.len();
+                spare.clear();
+                spare_keys.clear();
+            }
         }
         core.handle_into(Event::KeysReleased { client, keys: vec![root] }, &mut out);
         out.clear();
@@ -95,5 +106,8 @@ fn main() {
         assert_eq!(core.task_count(), 0, "everything was forgotten");
         best = best.min(secs * 1e6 / n as f64);
     }
-    println!("core tree-{depth}: {best:.3} µs/task (best of {repeat})");
+    core.take_transitions(&mut spare, &mut spare_keys);
+    recorded += spare.len();
+    let changes = if record { format!(", recording changes ({recorded} in all)") } else { String::new() };
+    println!("core tree-{depth}: {best:.3} µs/task (best of {repeat}){changes}");
 }

@@ -819,10 +819,25 @@ impl<P: Clone> Core<P> {
         }
     }
 
+    /// Changes recorded since the last [`Core::take_transitions`]: a caller gathering several
+    /// events' changes in one batch notes this before each event to tell them apart.
+    #[must_use]
+    pub fn transitions_pending(&self) -> usize {
+        self.transitions.len()
+    }
+
     /// Moves the state changes recorded since the last call into `out` (nothing unless
     /// [`Config::record_transitions`] is on), in the order they happened, and the keys of new
     /// tasks into `keys` (their [`Transition::key`] spans index it).
+    ///
+    /// When both are empty they are swapped with the core's own buffers instead of copied: the
+    /// caller hands over spare capacity and gets the batch without touching a change.
     pub fn take_transitions(&mut self, out: &mut Vec<Transition>, keys: &mut String) {
+        if out.is_empty() && keys.is_empty() {
+            std::mem::swap(out, &mut self.transitions);
+            std::mem::swap(keys, &mut self.transition_keys);
+            return;
+        }
         let base = keys.len() as u32;
         keys.push_str(&self.transition_keys);
         self.transition_keys.clear();
