@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rask_runtime::feed::FeedEvent;
+use rask_runtime::feed::{FeedEvent, Published};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use model::Model;
@@ -92,7 +92,7 @@ impl Dashboard {
 ///
 /// # Errors
 /// When the port cannot be bound, the journal cannot be created, or the thread not started.
-pub fn start(cfg: &DashboardConfig, feed: UnboundedReceiver<FeedEvent>) -> Result<Dashboard, DashboardError> {
+pub fn start(cfg: &DashboardConfig, feed: UnboundedReceiver<Published>) -> Result<Dashboard, DashboardError> {
     let journal = match &cfg.journal {
         Some(p) => Some((
             p.clone(),
@@ -145,7 +145,7 @@ type Journal = (PathBuf, std::io::BufWriter<std::fs::File>);
 fn run(
     listen: Option<SocketAddr>,
     model: Model,
-    feed: Option<UnboundedReceiver<FeedEvent>>,
+    feed: Option<UnboundedReceiver<Published>>,
     journal: Option<Journal>,
 ) -> Result<Dashboard, DashboardError> {
     let listener = match listen {
@@ -163,6 +163,7 @@ fn run(
     std::thread::Builder::new()
         .name("rask-dashboard".into())
         .spawn(move || {
+            yield_to_the_computation();
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -197,15 +198,36 @@ fn run(
     Ok(Dashboard { address, model, finished })
 }
 
+/// Lowers the calling thread's priority (nice 10): the dashboard then runs on CPU time the
+/// scheduler and workers leave idle, and on a saturated machine it falls behind (its feed
+/// queues up, and it catches up when the machine has room) rather than slowing the computation
+/// it observes. Best effort: where the priority cannot be changed, it stays as it was.
+#[allow(unsafe_code)]
+fn yield_to_the_computation() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: both calls take and return plain integers and touch no memory. On Linux a nice
+    // value belongs to a thread, and `PRIO_PROCESS` with a thread id sets that thread's alone.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, DASHBOARD_NICE);
+    }
+}
+
+/// The dashboard thread's nice value: CFS gives it about a tenth of a busy core's share, so it
+/// still keeps up with a loaded scheduler, and all of an idle core.
+#[cfg(target_os = "linux")]
+const DASHBOARD_NICE: libc::c_int = 10;
+
 /// Folds the feed into the model and appends it to the journal (flushed every 250 ms, so a
 /// scheduler killed outright still leaves a usable journal) until the feed closes.
 async fn consume(
-    mut feed: UnboundedReceiver<FeedEvent>,
+    mut feed: UnboundedReceiver<Published>,
     model: &Arc<Mutex<Model>>,
     mut journal: Option<Journal>,
 ) -> Result<(), String> {
     let mut flush = tokio::time::interval(Duration::from_millis(250));
     let mut batch = Vec::new();
+    let mut events = Vec::new();
     let mut failed: Option<String> = None;
     loop {
         tokio::select! {
@@ -213,12 +235,13 @@ async fn consume(
                 if n == 0 {
                     break;
                 }
-                // Keys arrive as text; they become this thread's own (see `resolve_keys`).
-                for e in &mut batch {
-                    e.resolve_keys();
+                // The scheduler's raw records become events on this thread (see `Published`).
+                events.clear();
+                for p in batch.drain(..) {
+                    p.into_events(&mut events);
                 }
                 if let Some((path, w)) = &mut journal {
-                    for e in &batch {
+                    for e in &events {
                         let written = serde_json::to_writer(&mut *w, e)
                             .map_err(std::io::Error::other)
                             .and_then(|()| w.write_all(b"\n"));
@@ -228,7 +251,7 @@ async fn consume(
                     }
                 }
                 let mut m = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                for e in batch.drain(..) {
+                for e in events.drain(..) {
                     m.apply(e);
                 }
             }

@@ -406,15 +406,14 @@ impl Model {
     }
 
     /// Folds one published event in.
-    pub fn apply(&mut self, mut event: FeedEvent) {
-        event.resolve_keys();
+    pub fn apply(&mut self, event: FeedEvent) {
         self.version += 1;
         match event {
             FeedEvent::Started { unix_ms, address } => {
                 self.started_unix_ms = unix_ms;
                 self.address = address;
             }
-            FeedEvent::Tasks { at_us, changes, .. } => {
+            FeedEvent::Tasks { at_us, changes } => {
                 self.now_us = self.now_us.max(at_us);
                 for c in changes {
                     self.change(at_us, c);
@@ -504,7 +503,7 @@ impl Model {
 
     fn change(&mut self, at_us: u64, c: TaskChange) {
         let TaskChange { task, key, via, phase, worker, duration_us, cause } = c;
-        // The key is not cloned per change: its reference count lives on the scheduler's side.
+        // The key is not cloned per change.
         let (old_phase, old_finished, prefix, old_worker) = match (self.tasks.get(task), &key) {
             (Some(t), _) => (Some(t.phase), t.finished, t.prefix, t.worker),
             (None, Some(key)) => (None, false, self.prefix_id(key.as_str()), None),
@@ -823,20 +822,14 @@ mod tests {
     fn progress_counts_follow_the_task_states_and_runs_fill_the_stream() {
         let mut m = Model::new();
         joined(&mut m, 1, "w1", 2);
-        // Keys come as text, as the scheduler sends them.
-        let mut new_keys = rask_runtime::feed::KeyText::default();
-        for (i, k) in ["inc-1", "inc-2", "sum"].into_iter().enumerate() {
-            new_keys.push(i, k);
-        }
         m.apply(FeedEvent::Tasks {
             at_us: 10,
             changes: vec![
-                change(1, None, Phase::Waiting, None),
-                change(2, None, Phase::Waiting, None),
-                change(3, None, Phase::Waiting, None),
+                change(1, Some("inc-1"), Phase::Waiting, None),
+                change(2, Some("inc-2"), Phase::Waiting, None),
+                change(3, Some("sum"), Phase::Waiting, None),
                 change(1, None, Phase::Processing, Some(1)),
             ],
-            new_keys,
         });
         let s = m.status();
         assert_eq!(
@@ -845,10 +838,10 @@ mod tests {
         );
         assert_eq!(s.workers[0].processing, 1);
         let finished = TaskChange { duration_us: Some(5), ..change(1, None, Phase::Memory, Some(1)) };
-        m.apply(FeedEvent::tasks(
-            20,
-            vec![finished, change(1, None, Phase::Released, None), change(1, None, Phase::Forgotten, None)],
-        ));
+        m.apply(FeedEvent::Tasks {
+            at_us: 20,
+            changes: vec![finished, change(1, None, Phase::Released, None), change(1, None, Phase::Forgotten, None)],
+        });
         let s = m.status();
         assert_eq!((s.prefixes[0].waiting, s.prefixes[0].processing, s.prefixes[0].done), (1, 0, 1));
         assert_eq!(s.prefixes[0].mean_duration_us, 5);
@@ -873,7 +866,7 @@ mod tests {
         };
         // A task that fails because its input did never ran: not a run.
         let inherited = TaskChange { cause: Cause::Failed { worker: 1 }, ..change(3, None, Phase::Erred, None) };
-        m.apply(FeedEvent::tasks(30, vec![failed, inherited]));
+        m.apply(FeedEvent::Tasks { at_us: 30, changes: vec![failed, inherited] });
         let s = m.status();
         assert_eq!((s.failed, s.prefixes[0].erred, s.prefixes[0].waiting), (1, 1, 0));
         assert_eq!((s.prefixes[1].name.as_ref(), s.prefixes[1].erred), ("sum", 1));
@@ -889,12 +882,12 @@ mod tests {
             via: via(&[Phase::Released, Phase::Waiting, Phase::Queued]),
             ..change(1, Some("x-1"), Phase::Processing, Some(1))
         };
-        m.apply(FeedEvent::tasks(5, vec![new]));
+        m.apply(FeedEvent::Tasks { at_us: 5, changes: vec![new] });
         let s = m.status();
         assert_eq!((s.prefixes[0].processing, s.workers[0].processing, s.counts["processing"]), (1, 1, 1));
         let done = TaskChange { duration_us: Some(3), ..change(1, None, Phase::Memory, Some(1)) };
         let gone = TaskChange { via: via(&[Phase::Released]), ..change(1, None, Phase::Forgotten, None) };
-        m.apply(FeedEvent::tasks(9, vec![done, gone]));
+        m.apply(FeedEvent::Tasks { at_us: 9, changes: vec![done, gone] });
         let s = m.status();
         assert_eq!((s.prefixes[0].done, s.prefixes[0].processing, s.workers[0].processing), (1, 0, 0));
         assert_eq!(s.completed, 1);
@@ -910,7 +903,7 @@ mod tests {
         );
         // A result released in the same event it was computed in is still done.
         let quick = TaskChange { via: via(&[Phase::Memory]), ..change(2, Some("x-2"), Phase::Released, None) };
-        m.apply(FeedEvent::tasks(10, vec![quick]));
+        m.apply(FeedEvent::Tasks { at_us: 10, changes: vec![quick] });
         assert_eq!(m.status().prefixes[0].done, 2);
     }
 
@@ -919,9 +912,9 @@ mod tests {
         let mut m = Model::new();
         joined(&mut m, 1, "w1", 1);
         let done = TaskChange { duration_us: Some(1), ..change(1, Some("x-1"), Phase::Memory, Some(1)) };
-        m.apply(FeedEvent::tasks(5, vec![done, change(1, None, Phase::Released, None)]));
+        m.apply(FeedEvent::Tasks { at_us: 5, changes: vec![done, change(1, None, Phase::Released, None)] });
         assert_eq!(m.status().prefixes[0].done, 1);
-        m.apply(FeedEvent::tasks(6, vec![change(1, None, Phase::Waiting, None)]));
+        m.apply(FeedEvent::Tasks { at_us: 6, changes: vec![change(1, None, Phase::Waiting, None)] });
         let p = &m.status().prefixes[0];
         assert_eq!((p.done, p.waiting), (0, 1));
     }
@@ -932,7 +925,7 @@ mod tests {
         let changes = (0..MAX_PREFIXES as u64 + 10)
             .map(|i| change(i + 1, Some(&format!("k{i}x")), Phase::Waiting, None))
             .collect();
-        m.apply(FeedEvent::tasks(1, changes));
+        m.apply(FeedEvent::Tasks { at_us: 1, changes });
         let s = m.status();
         assert_eq!(s.prefixes.len(), MAX_PREFIXES + 1);
         assert_eq!((s.prefixes[MAX_PREFIXES].name.as_ref(), s.prefixes[MAX_PREFIXES].waiting), (OTHER_PREFIX, 10));
@@ -1009,7 +1002,7 @@ mod speed {
                     changes.push(c(&[], Phase::Memory, None, Some(1)));
                     changes.push(c(&[Phase::Released], Phase::Forgotten, None, None));
                 }
-                m.apply(FeedEvent::tasks(round, changes));
+                m.apply(FeedEvent::Tasks { at_us: round, changes });
             }
         }
         let per = t0.elapsed().as_nanos() as f64 / (4.0 * 65536.0);

@@ -3,13 +3,16 @@
 //! change to memory), workers joining, leaving and reporting their memory.
 //!
 //! The scheduler's core records its state changes only when a feed is attached (one branch per
-//! change otherwise). The shell gathers the changes of everything it handles in one turn of its
-//! loop into one [`FeedEvent::Tasks`], so the cost is a vector push per change and one channel
-//! send per turn, whatever the number of tasks. The events are plain serde types: the journal is
-//! these events as JSON lines, and replaying it rebuilds exactly what the live feed showed.
+//! change otherwise). The shell hands the changes of everything it handled in one turn of its
+//! loop to the observer as the core recorded them ([`Published`]): the scheduler's thread moves
+//! a few vectors per turn and never touches a change again; the observer's thread turns them
+//! into [`FeedEvent::Tasks`]. The events are plain serde types: the journal is these events as
+//! JSON lines, and replaying it rebuilds exactly what the live feed showed.
 
 use rask_graph::Key;
+use rask_scheduler_core::{Core, Transition};
 use serde::{Deserialize, Serialize};
+use std::sync::mpsc::{Receiver, SyncSender};
 
 /// A task's state as observers see it (the scheduler's states without their data). It mirrors
 /// `rask_scheduler_core::Phase`, which stays free of serde (the core knows no formats); this
@@ -123,50 +126,161 @@ impl From<rask_scheduler_core::Via> for Via {
     }
 }
 
-/// Keys as text for a batch of changes: which change each belongs to, and where it ends in one
-/// string (see [`FeedEvent::Tasks`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyText {
-    text: String,
-    /// (index of the change, end of its key in `text`).
-    ends: Vec<(u32, u32)>,
+/// What the scheduler hands its observers (see [`FeedSender`]): a published event, or a batch
+/// of its core's task changes exactly as the core recorded them. The scheduler's thread only
+/// moves the batch's vectors; the observer turns it into [`FeedEvent::Tasks`] on its own
+/// thread with [`Published::into_events`], keys included, so the two threads never share a
+/// key's reference count (an atomic on a cache line they would fight over).
+#[derive(Debug)]
+pub struct Published(Repr);
+
+#[derive(Debug)]
+enum Repr {
+    Event(FeedEvent),
+    Changes(RawChanges),
 }
 
-impl KeyText {
-    /// Whether it holds no key.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
-    /// Adds the key of the change at `index`.
-    pub fn push(&mut self, index: usize, key: &str) {
-        self.text.push_str(key);
-        self.ends.push((index as u32, self.text.len() as u32));
-    }
+/// Task changes as the scheduler's core recorded them.
+#[derive(Debug)]
+struct RawChanges {
+    /// The core's records, in order.
+    records: Vec<Transition>,
+    /// (index of the first record it caused, the cause, when), in order; each holds until the
+    /// next one starts.
+    causes: Vec<(u32, Cause, u64)>,
+    /// The text the records' key spans index.
+    keys: String,
+    /// Where the emptied buffers go back to the scheduler, which records into them again: warm
+    /// memory, no fresh pages and no regrowing.
+    recycle: SyncSender<Buffers>,
 }
 
-impl FeedEvent {
-    /// Changes with their own keys: moves a batch's key text into the `key` fields of the
-    /// changes it belongs to, allocating them on the calling thread. Other events are left
-    /// as they are.
-    pub fn resolve_keys(&mut self) {
-        let FeedEvent::Tasks { changes, new_keys, .. } = self else { return };
-        let mut start = 0usize;
-        for (index, end) in new_keys.ends.drain(..) {
-            let end = end as usize;
-            if let (Some(c), Some(k)) = (changes.get_mut(index as usize), new_keys.text.get(start..end)) {
-                c.key = Some(Key::new(k));
+/// A batch's buffers: records, causes and key text.
+type Buffers = (Vec<Transition>, Vec<(u32, Cause, u64)>, String);
+
+impl Published {
+    /// Appends the events this stands for to `out`: itself, or for a batch of the core's
+    /// changes one [`FeedEvent::Tasks`] per moment they happened at, every change in the
+    /// published form with its own key (allocated on the calling thread).
+    pub fn into_events(self, out: &mut Vec<FeedEvent>) {
+        let raw = match self.0 {
+            Repr::Event(e) => return out.push(e),
+            Repr::Changes(raw) => raw,
+        };
+        let RawChanges { mut records, mut causes, mut keys, recycle } = raw;
+        // Every recorded change follows the event that caused it, so the first cause starts at
+        // the first change; were it not so, they would be filed under the periodic check.
+        let (mut cause, mut at_us) = causes.first().map_or((Cause::Tick, 0), |&(_, c, t)| (c, t));
+        let mut next = causes.iter().peekable();
+        let mut changes = Vec::with_capacity(records.len());
+        for (i, t) in records.drain(..).enumerate() {
+            while let Some(&(_, c, t)) = next.next_if(|(start, ..)| *start as usize <= i) {
+                if t != at_us && !changes.is_empty() {
+                    out.push(FeedEvent::Tasks { at_us, changes: std::mem::take(&mut changes) });
+                }
+                (cause, at_us) = (c, t);
             }
-            start = end;
+            changes.push(TaskChange {
+                task: t.task,
+                key: t.key.and_then(|(s, e)| keys.get(s as usize..e as usize)).map(Key::new),
+                via: t.via.into(),
+                phase: t.phase.into(),
+                worker: t.worker.map(|w| w.0),
+                duration_us: t.duration_us,
+                cause,
+            });
         }
-        new_keys.text = String::new();
+        if !changes.is_empty() {
+            out.push(FeedEvent::Tasks { at_us, changes });
+        }
+        keys.clear();
+        causes.clear();
+        // When the scheduler has enough spares, this one is dropped.
+        let _ = recycle.try_send((records, causes, keys));
+    }
+}
+
+impl From<FeedEvent> for Published {
+    fn from(e: FeedEvent) -> Self {
+        Published(Repr::Event(e))
+    }
+}
+
+/// The scheduler shell's side of the feed. The core keeps recording changes across turns;
+/// they leave it in batches of about [`FEED_CHUNK`] (small enough for the allocator to recycle
+/// without fresh pages) and go to the observer every [`FEED_BATCH`]: the observer's thread
+/// wakes (a system call on the scheduler's) a few hundred times a second at most, whatever
+/// the task rate, and the scheduler's thread never copies a change.
+pub(crate) struct Publisher {
+    tx: FeedSender,
+    /// Emptied buffers coming back from the observer, and where it sends them.
+    spare: Receiver<Buffers>,
+    recycle: SyncSender<Buffers>,
+    /// Ready to go, in order.
+    ready: Vec<Published>,
+    /// What caused the changes the core holds (see [`RawChanges::causes`]).
+    causes: Vec<(u32, Cause, u64)>,
+    last_sent: std::time::Instant,
+}
+
+/// Task changes per batch, about (a batch is taken once the core holds this many; its buffer
+/// has room for twice as many, so the event that crosses the line rarely regrows it).
+const FEED_CHUNK: usize = 1024;
+
+/// Buffers kept for reuse: batches in flight to the observer, at most, before new ones are
+/// allocated (and the surplus dropped when they come back).
+const SPARE_BUFFERS: usize = 16;
+
+/// How long published events may wait to be sent together.
+const FEED_BATCH: std::time::Duration = std::time::Duration::from_millis(5);
+
+impl Publisher {
+    pub(crate) fn new(tx: FeedSender) -> Self {
+        let (recycle, spare) = std::sync::mpsc::sync_channel(SPARE_BUFFERS);
+        Publisher { tx, spare, recycle, ready: Vec::new(), causes: Vec::new(), last_sent: std::time::Instant::now() }
     }
 
-    /// A batch of changes whose keys are already in place.
-    #[must_use]
-    pub fn tasks(at_us: u64, changes: Vec<TaskChange>) -> FeedEvent {
-        FeedEvent::Tasks { at_us, changes, new_keys: KeyText::default() }
+    /// Files the changes the core recorded since it held `before` under `cause`, at `at_us`.
+    pub(crate) fn caused<P: Clone>(&mut self, core: &mut Core<P>, before: usize, cause: Cause, at_us: u64) {
+        let after = core.transitions_pending();
+        if after > before && self.causes.last().is_none_or(|&(_, c, t)| c != cause || t != at_us) {
+            self.causes.push((before as u32, cause, at_us));
+        }
+        if after >= FEED_CHUNK {
+            self.take_changes(core);
+        }
+    }
+
+    /// Publishes `e` after every change recorded before it.
+    pub(crate) fn event<P: Clone>(&mut self, core: &mut Core<P>, e: FeedEvent) {
+        self.take_changes(core);
+        self.ready.push(e.into());
+    }
+
+    /// Sends what has gathered if it has waited long enough, or now if `now`.
+    pub(crate) fn send<P: Clone>(&mut self, core: &mut Core<P>, now: bool) {
+        if now || self.last_sent.elapsed() >= FEED_BATCH || self.ready.len() >= 64 {
+            self.take_changes(core);
+            for e in self.ready.drain(..) {
+                let _ = self.tx.send(e);
+            }
+            self.last_sent = std::time::Instant::now();
+        }
+    }
+
+    /// Moves the core's changes, their keys and causes into one batch without touching a
+    /// change: the core's buffers are swapped for spare ones.
+    fn take_changes<P: Clone>(&mut self, core: &mut Core<P>) {
+        if core.transitions_pending() == 0 {
+            return;
+        }
+        let (mut records, mut causes, mut keys) = self.spare.try_recv().unwrap_or_else(|_| {
+            (Vec::with_capacity(2 * FEED_CHUNK), Vec::with_capacity(FEED_CHUNK), String::with_capacity(32 * FEED_CHUNK))
+        });
+        core.take_transitions(&mut records, &mut keys);
+        std::mem::swap(&mut causes, &mut self.causes);
+        let recycle = self.recycle.clone();
+        self.ready.push(Published(Repr::Changes(RawChanges { records, causes, keys, recycle })));
     }
 }
 
@@ -260,16 +374,10 @@ pub enum FeedEvent {
     },
     /// Task state changes, in the order they happened.
     Tasks {
-        /// When they were published.
+        /// When they happened.
         at_us: u64,
         /// The changes.
         changes: Vec<TaskChange>,
-        /// The keys of tasks first seen in this batch, as text the observer turns into the
-        /// changes' `key` fields ([`FeedEvent::resolve_keys`]) — so the scheduler never shares
-        /// its keys' reference counts with another thread. Empty once resolved (and in
-        /// journals).
-        #[serde(default, skip_serializing_if = "KeyText::is_empty")]
-        new_keys: KeyText,
     },
     /// A submission's dependencies, for the graph view (only graphs up to
     /// [`GRAPH_FEED_LIMIT`] tasks are published).
@@ -328,5 +436,147 @@ pub enum FeedEvent {
 /// no use, and publishing a million edges would cost the scheduler.
 pub const GRAPH_FEED_LIMIT: usize = 5_000;
 
-/// Where the scheduler publishes (see [`crate::SchedulerConfig::feed`]).
-pub type FeedSender = tokio::sync::mpsc::UnboundedSender<FeedEvent>;
+/// Where the scheduler publishes (see [`crate::SchedulerConfig::feed`]); the observer calls
+/// [`Published::into_events`] on what it receives.
+pub type FeedSender = tokio::sync::mpsc::UnboundedSender<Published>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rask_scheduler_core::{
+        ClientId, Config, Event, NewTask, Phase as CorePhase, Via as CoreVia, WorkerId, WorkerSpec,
+    };
+    use std::sync::Arc;
+
+    fn record(task: u64, key: Option<(u32, u32)>, phase: CorePhase, worker: Option<u32>) -> Transition {
+        Transition { task, key, via: CoreVia::default(), phase, worker: worker.map(WorkerId), duration_us: None }
+    }
+
+    /// What the observer sees: the published form of each change, by batch.
+    type Seen = Vec<(u64, Vec<(u64, Option<String>, Phase, Option<u32>, Option<u64>, Cause)>)>;
+
+    fn seen(events: &[FeedEvent]) -> Seen {
+        let tasks = events.iter().filter_map(|e| match e {
+            FeedEvent::Tasks { at_us, changes } => Some((*at_us, changes)),
+            _ => None,
+        });
+        tasks
+            .map(|(at, changes)| {
+                let changes = changes.iter().map(|c| {
+                    (c.task, c.key.as_ref().map(|k| k.as_str().to_owned()), c.phase, c.worker, c.duration_us, c.cause)
+                });
+                (at, changes.collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn raw_changes_become_one_batch_per_moment_with_keys_and_causes_and_their_buffers_come_back() {
+        let submitted = Cause::Submitted { client: 7 };
+        let finished = Cause::Finished { worker: 2 };
+        let (recycle, spare) = std::sync::mpsc::sync_channel(1);
+        let raw = RawChanges {
+            records: vec![
+                record(1, Some((0, 5)), CorePhase::Waiting, None),
+                record(2, Some((5, 8)), CorePhase::Processing, Some(2)),
+                Transition { duration_us: Some(40), ..record(2, None, CorePhase::Memory, Some(2)) },
+                record(1, None, CorePhase::Processing, Some(2)),
+            ],
+            causes: vec![(0, submitted, 10), (2, finished, 20)],
+            keys: "inc-1sum".to_owned(),
+            recycle,
+        };
+        let mut events = Vec::new();
+        Published(Repr::Changes(raw)).into_events(&mut events);
+        let inc = Some("inc-1".to_owned());
+        assert_eq!(
+            seen(&events),
+            [
+                (
+                    10,
+                    vec![
+                        (1, inc, Phase::Waiting, None, None, submitted),
+                        (2, Some("sum".to_owned()), Phase::Processing, Some(2), None, submitted),
+                    ]
+                ),
+                (
+                    20,
+                    vec![
+                        (2, None, Phase::Memory, Some(2), Some(40), finished),
+                        (1, None, Phase::Processing, Some(2), None, finished)
+                    ]
+                ),
+            ]
+        );
+        let (records, causes, keys) = spare.try_recv().expect("the buffers come back to the scheduler");
+        assert!(records.is_empty() && causes.is_empty() && keys.is_empty());
+        assert!(records.capacity() >= 4, "with their memory");
+    }
+
+    #[test]
+    fn other_events_pass_through_unchanged() {
+        let e = FeedEvent::WorkerLeft { at_us: 3, worker: 1, cause: "lost".into() };
+        let mut out = Vec::new();
+        Published::from(e.clone()).into_events(&mut out);
+        assert_eq!(out, [e]);
+    }
+
+    #[test]
+    fn the_publisher_keeps_changes_in_order_with_other_events_and_files_them_under_their_causes() {
+        let mut core: Core<u32> = Core::new(Config { record_transitions: true, ..Config::default() });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut p = Publisher::new(tx);
+        let (client, worker) = (ClientId(1), WorkerId(3));
+        let spec = WorkerSpec {
+            name: Arc::from("w"),
+            address: Arc::from("tcp://127.0.0.1:9"),
+            nthreads: 1,
+            resources: Vec::new(),
+            restarted_after: None,
+        };
+        core.handle(Event::WorkerConnected { worker, spec });
+        core.handle(Event::ClientConnected { client });
+        let submit = Event::GraphSubmitted {
+            client,
+            tasks: vec![NewTask {
+                key: Key::new("a"),
+                deps: Vec::new(),
+                payload: 0,
+                priority: 0,
+                order: 0,
+                restrictions: None,
+                wanted: true,
+            }],
+            wanted: vec![Key::new("a")],
+        };
+        let handle = |core: &mut Core<u32>, p: &mut Publisher, ev, cause, at| {
+            let before = core.transitions_pending();
+            let commands = core.handle(ev);
+            p.caused(core, before, cause, at);
+            commands
+        };
+        let commands = handle(&mut core, &mut p, submit, Cause::Submitted { client: 1 }, 5);
+        let ticket = commands.iter().find_map(|c| match c {
+            rask_scheduler_core::Command::Compute { ticket, .. } => Some(*ticket),
+            _ => None,
+        });
+        p.event(&mut core, FeedEvent::WorkerLeft { at_us: 6, worker: 9, cause: "gone".into() });
+        let finished = Event::TaskFinished { worker, key: Key::new("a"), ticket, nbytes: 1, duration_us: 2 };
+        handle(&mut core, &mut p, finished, Cause::Finished { worker: 3 }, 7);
+        // Only `send` sends.
+        assert!(rx.try_recv().is_err(), "nothing was sent yet");
+        p.send(&mut core, true);
+        let mut events = Vec::new();
+        while let Ok(published) = rx.try_recv() {
+            published.into_events(&mut events);
+        }
+        assert!(matches!(events[1], FeedEvent::WorkerLeft { worker: 9, .. }), "{events:?}");
+        assert_eq!(
+            seen(&events),
+            [
+                (5, vec![(1, Some("a".to_owned()), Phase::Processing, Some(3), None, Cause::Submitted { client: 1 })]),
+                (7, vec![(1, None, Phase::Memory, Some(3), Some(2), Cause::Finished { worker: 3 })]),
+            ]
+        );
+    }
+}

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::RuntimeError;
 use crate::conn::{Outbox, read_loop};
-use crate::feed::{Cause, FeedEvent, FeedSender, GRAPH_FEED_LIMIT, KeyText, TaskChange};
+use crate::feed::{Cause, FeedEvent, FeedSender, GRAPH_FEED_LIMIT, Publisher};
 
 /// Connected peers by connection id (integer keys: the cheap hash).
 type Peers = rask_graph::FxHashMap<u32, Peer>;
@@ -138,7 +138,7 @@ pub async fn start_scheduler(cfg: SchedulerConfig) -> Result<SchedulerHandle, Ru
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64);
-        let _ = feed.send(FeedEvent::Started { unix_ms, address: address.clone() });
+        let _ = feed.send(FeedEvent::Started { unix_ms, address: address.clone() }.into());
     }
     let feed = cfg.feed;
     tokio::spawn(async move {
@@ -207,15 +207,10 @@ async fn core_loop(
     // Reused across events: the loop runs once per task event.
     let mut commands: Vec<Command<Arc<Payload>>> = Vec::new();
     let mut frees: Vec<(WorkerId, Vec<Key>)> = Vec::new();
-    // What this turn publishes (when a feed is attached).
-    let mut published: Vec<FeedEvent> = Vec::new();
-    // Published events go out every few milliseconds (and on each tick), not every turn: each
-    // send may wake the observer's thread, which costs this one a system call.
-    let mut last_sent = std::time::Instant::now();
-    let mut changes: Vec<TaskChange> = Vec::new();
-    let mut new_keys = KeyText::default();
-    let mut key_text = String::new();
-    let mut transitions = Vec::new();
+    // What is published, when a feed is attached.
+    let mut publisher = feed.map(Publisher::new);
+    // Events other than task changes that a turn publishes.
+    let mut extra: Vec<FeedEvent> = Vec::new();
     // The core's clock: microseconds since the scheduler started.
     let started = std::time::Instant::now();
     let now_us = move || started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
@@ -256,10 +251,15 @@ async fn core_loop(
                 .collect(),
             _ => Vec::new(),
         };
-        let publishing = feed.is_some();
+        let publishing = publisher.is_some();
         // One clock reading per turn for what it publishes.
         let turn_us = if publishing { now_us() } else { 0 };
-        let mut events = translate(inbound, &mut peers, &core, publishing.then_some((&mut published, turn_us)));
+        let mut events = translate(inbound, &mut peers, &core, publishing.then_some((&mut extra, turn_us)));
+        if let Some(p) = &mut publisher {
+            for e in extra.drain(..) {
+                p.event(&mut core, e);
+            }
+        }
         if let Some(id) = heard {
             events.push(Event::WorkerHeard { worker: WorkerId(id), at_us: now_us() });
         }
@@ -273,31 +273,17 @@ async fn core_loop(
         }
         worker_count.store(peers.values().filter(|p| matches!(p, Peer::Worker { .. })).count(), Ordering::Relaxed);
         for ev in events {
-            let cause = if publishing { Some(publish_event(&ev, &peers, turn_us, &mut published)) } else { None };
-            core.handle_into(ev, &mut commands);
-            if let Some(cause) = cause {
-                key_text.clear();
-                core.take_transitions(&mut transitions, &mut key_text);
-                for t in transitions.drain(..) {
-                    // A large turn (a graph's intake) goes out in pieces: batches stay small
-                    // enough for the allocator to recycle without fresh pages each time.
-                    if changes.len() == FEED_CHUNK {
-                        publish_changes(&mut changes, &mut new_keys, now_us(), &mut published);
-                    }
-                    // Keys go as text: no reference count is shared with the observer.
-                    if let Some(k) = t.key.and_then(|(s, e)| key_text.get(s as usize..e as usize)) {
-                        new_keys.push(changes.len(), k);
-                    }
-                    changes.push(TaskChange {
-                        task: t.task,
-                        key: None,
-                        via: t.via.into(),
-                        phase: t.phase.into(),
-                        worker: t.worker.map(|w| w.0),
-                        duration_us: t.duration_us,
-                        cause,
-                    });
+            let cause = publisher.as_mut().map(|p| {
+                let (cause, event) = published_by(&ev, &peers, turn_us);
+                if let Some(e) = event {
+                    p.event(&mut core, e);
                 }
+                cause
+            });
+            let before = core.transitions_pending();
+            core.handle_into(ev, &mut commands);
+            if let (Some(p), Some(cause)) = (&mut publisher, cause) {
+                p.caused(&mut core, before, cause, turn_us);
             }
             for cmd in commands.drain(..) {
                 // A worker gets its pending frees before anything else is sent to it: a value
@@ -325,15 +311,18 @@ async fn core_loop(
                         if let Some(Peer::Worker { name, .. }) = peers.remove(&worker.0) {
                             eprintln!("rask scheduler: removed worker {name}: {cause}");
                         }
-                        if publishing {
+                        if let Some(p) = &mut publisher {
                             let at_us = now_us();
-                            published.push(FeedEvent::WorkerLeft { at_us, worker: worker.0, cause: cause.to_string() });
+                            p.event(
+                                &mut core,
+                                FeedEvent::WorkerLeft { at_us, worker: worker.0, cause: cause.to_string() },
+                            );
                         }
                     }
                     Command::Retired { worker } => {
-                        if publishing {
+                        if let Some(p) = &mut publisher {
                             let (at_us, cause) = (now_us(), "retired gracefully (SIGTERM)".to_owned());
-                            published.push(FeedEvent::WorkerLeft { at_us, worker: worker.0, cause });
+                            p.event(&mut core, FeedEvent::WorkerLeft { at_us, worker: worker.0, cause });
                         }
                         if let Some(Peer::Worker { outbox, name, .. }) = peers.remove(&worker.0) {
                             eprintln!("rask scheduler: worker {name} retired; its results live on elsewhere");
@@ -354,45 +343,21 @@ async fn core_loop(
                 outbox.send(FromScheduler::GraphAccepted { tasks }, Vec::new());
             }
         }
-        if let Some(feed) = &feed {
-            if !changes.is_empty() {
-                publish_changes(&mut changes, &mut new_keys, now_us(), &mut published);
-            }
-            if ticked || published.len() >= 1024 || last_sent.elapsed() >= FEED_BATCH {
-                for e in published.drain(..) {
-                    let _ = feed.send(e);
-                }
-                last_sent = std::time::Instant::now();
-            }
+        if let Some(p) = &mut publisher {
+            p.send(&mut core, ticked);
         }
     }
-    if let Some(feed) = &feed {
-        for e in published.drain(..) {
-            let _ = feed.send(e);
-        }
+    if let Some(p) = &mut publisher {
+        p.send(&mut core, true);
     }
 }
 
-/// Moves the changes gathered so far (and their keys) into one published batch. The next list
-/// starts at this one's size, up to a piece: no regrowing it change by change.
-fn publish_changes(changes: &mut Vec<TaskChange>, new_keys: &mut KeyText, at_us: u64, out: &mut Vec<FeedEvent>) {
-    let next = Vec::with_capacity(changes.len().min(FEED_CHUNK));
-    let (changes, new_keys) = (std::mem::replace(changes, next), std::mem::take(new_keys));
-    out.push(FeedEvent::Tasks { at_us, changes, new_keys });
-}
-
-/// Task changes per published batch at most (64 KiB of them).
-const FEED_CHUNK: usize = 1024;
-
-/// How long published events may wait to be sent together.
-const FEED_BATCH: std::time::Duration = std::time::Duration::from_millis(5);
-
-/// What an event publishes besides task state changes (runs, workers, graphs), and the cause
-/// the state changes it brings about are filed under.
-fn publish_event(ev: &Event<Arc<Payload>>, peers: &Peers, now_us: u64, out: &mut Vec<FeedEvent>) -> Cause {
+/// The cause the state changes an event brings about are filed under, and what else it
+/// publishes (a graph, a worker joining or leaving), if anything.
+fn published_by(ev: &Event<Arc<Payload>>, peers: &Peers, now_us: u64) -> (Cause, Option<FeedEvent>) {
     match ev {
         Event::GraphPart { client, tasks } | Event::GraphSubmitted { client, tasks, .. } => {
-            if tasks.len() <= GRAPH_FEED_LIMIT {
+            let graph = (tasks.len() <= GRAPH_FEED_LIMIT).then(|| {
                 // Copies, not clones: the observer's thread must not share these keys'
                 // reference counts with the scheduler's.
                 let copy = |k: &Key| Key::new(k.as_str());
@@ -401,34 +366,44 @@ fn publish_event(ev: &Event<Arc<Payload>>, peers: &Peers, now_us: u64, out: &mut
                     Dep::Position(i) => tasks.get(*i as usize).map(|t| copy(&t.key)),
                 };
                 let tasks = tasks.iter().map(|t| (copy(&t.key), t.deps.iter().filter_map(key_of).collect())).collect();
-                out.push(FeedEvent::Graph { tasks });
-            }
-            Cause::Submitted { client: client.0 }
-        }
-        Event::TaskFinished { worker, .. } => Cause::Finished { worker: worker.0 },
-        Event::TaskFailed { worker, .. } => Cause::Failed { worker: worker.0 },
-        Event::InputsMissing { worker, .. } | Event::TaskDropped { worker, .. } => {
-            Cause::InputsMissing { worker: worker.0 }
+                FeedEvent::Graph { tasks }
+            });
+            (Cause::Submitted { client: client.0 }, graph)
         }
         Event::WorkerConnected { worker, spec } => {
             let memory_limit = match peers.get(&worker.0) {
                 Some(Peer::Worker { memory_limit, .. }) => *memory_limit,
                 _ => None,
             };
-            out.push(FeedEvent::WorkerJoined {
+            let joined = FeedEvent::WorkerJoined {
                 at_us: now_us,
                 worker: worker.0,
                 name: spec.name.to_string(),
                 address: spec.address.to_string(),
                 nthreads: spec.nthreads,
                 memory_limit,
-            });
-            Cause::WorkerJoined { worker: worker.0 }
+            };
+            (Cause::WorkerJoined { worker: worker.0 }, Some(joined))
         }
         Event::WorkerDisconnected { worker, cause } => {
-            out.push(FeedEvent::WorkerLeft { at_us: now_us, worker: worker.0, cause: cause.to_string() });
-            Cause::WorkerLeft { worker: worker.0 }
+            let left = FeedEvent::WorkerLeft { at_us: now_us, worker: worker.0, cause: cause.to_string() };
+            (Cause::WorkerLeft { worker: worker.0 }, Some(left))
         }
+        other => (cause_of(other), None),
+    }
+}
+
+/// The cause an event's state changes are filed under.
+fn cause_of(ev: &Event<Arc<Payload>>) -> Cause {
+    match ev {
+        Event::GraphPart { client, .. } | Event::GraphSubmitted { client, .. } => Cause::Submitted { client: client.0 },
+        Event::TaskFinished { worker, .. } => Cause::Finished { worker: worker.0 },
+        Event::TaskFailed { worker, .. } => Cause::Failed { worker: worker.0 },
+        Event::InputsMissing { worker, .. } | Event::TaskDropped { worker, .. } => {
+            Cause::InputsMissing { worker: worker.0 }
+        }
+        Event::WorkerConnected { worker, .. } => Cause::WorkerJoined { worker: worker.0 },
+        Event::WorkerDisconnected { worker, .. } => Cause::WorkerLeft { worker: worker.0 },
         Event::WorkerHeard { worker, .. }
         | Event::WorkerRetiring { worker }
         | Event::WorkerPaused { worker, .. }
