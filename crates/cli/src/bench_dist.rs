@@ -512,8 +512,16 @@ fn worker_loss(exe: &std::path::Path, n: u64, dask: &DaskRun<'_>) -> Result<(), 
 }
 
 /// What the dashboard costs the scheduler: tree-`depth` on a cluster without a dashboard, one
-/// with the dashboard, and one with the dashboard and a journal, runs alternating so all see
-/// the same machine; the fastest of `repeat` runs each.
+/// with the dashboard, and one with the dashboard and a journal, in rounds that run each once
+/// (in a rotating order, so none always follows another), `2 × repeat + 1` rounds.
+///
+/// After every run the cluster is left to settle (its scheduler process's CPU use stops
+/// growing): a dashboard that fell behind catches up then, on its own clock, instead of
+/// during the next cluster's run; its CPU time until then counts as the run's.
+///
+/// Prints the median over rounds of each configuration's throughput relative to the
+/// dashboard-less run of the same round (pairs from one round saw the same machine), and the
+/// best of each; and the scheduler process's CPU per task.
 ///
 /// `zero_work`: the workers finish every task at once (the scheduler alone, as in the zero-work
 /// measurement); otherwise the whole cluster works, and the dashboard's thread competes with
@@ -543,15 +551,18 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
     }
     let (g, outs, expected) = workload("tree", depth)?;
     let (warm, warm_outs, _) = workload("tree", 11)?;
-    for (_, c) in &clusters {
+    for (cluster, c) in &clusters {
         c.compute(&warm, &warm_outs).map_err(|e| e.to_string())?;
+        settle(cluster);
     }
-    // Wall time and the scheduler process's CPU time (all its threads, the dashboard's too).
+    // Wall time of the computation, and the scheduler process's CPU time (all its threads, the
+    // dashboard's too) until it has settled.
     let run = |cluster: &BenchCluster, c: &BlockingClient| -> Result<(f64, f64), String> {
         let cpu0 = cluster.scheduler_cpu();
         let t0 = Instant::now();
         let got = c.compute(&g, &outs).map_err(|e| e.to_string())?;
         let secs = t0.elapsed().as_secs_f64();
+        settle(cluster);
         let cpu = cluster.cpu_since(cpu0).map_or(f64::NAN, |(s, _)| s.as_secs_f64());
         let got: Vec<Value> = got.into_iter().collect::<Result<_, _>>().map_err(|e| e.to_string())?;
         // Zero-work workers compute nothing (every result is null).
@@ -560,41 +571,74 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
         }
         Ok((secs, cpu))
     };
-    let mut best = [f64::MAX; 3];
-    let mut cpu = [f64::MAX; 3];
-    for _ in 0..repeat {
-        for ((b, c_best), (cluster, c)) in best.iter_mut().zip(cpu.iter_mut()).zip(&clusters) {
-            let (secs, used) = run(cluster, c)?;
-            *b = b.min(secs);
-            *c_best = c_best.min(used);
+    let rounds = 2 * repeat.max(1) + 1;
+    let mut secs: [Vec<f64>; 3] = Default::default();
+    let mut cpu: [Vec<f64>; 3] = Default::default();
+    for round in 0..rounds as usize {
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            let (cluster, c) = &clusters[i];
+            let (s, used) = run(cluster, c)?;
+            secs[i].push(s);
+            cpu[i].push(used);
         }
     }
     let tasks = g.len() as f64;
     let journal_bytes = std::fs::metadata(&journal).map_or(0, |m| m.len());
-    // The journalled cluster ran the warm-up once and the tree `repeat` times.
-    let runs = f64::from(repeat) * tasks + warm.len() as f64;
+    // The journalled cluster ran the warm-up once and the tree once per round.
+    let runs = f64::from(rounds) * tasks + warm.len() as f64;
+    // Throughput relative to the same round's run without the dashboard, as a change in %.
+    let change = |i: usize| median(secs[0].iter().zip(&secs[i]).map(|(off, on)| (off / on - 1.0) * 100.0));
+    let best = |i: usize| tasks / secs[i].iter().copied().fold(f64::MAX, f64::min);
     let what = if zero_work { "scheduler alone (zero-work workers)" } else { "whole cluster" };
     println!(
-        "dashboard, {what}: tree-{depth} at {:.0} tasks/s without the dashboard, {:.0} with it ({:+.1}%), {:.0} with it and a journal ({:+.1}%; {:.0} journal bytes per task)",
-        tasks / best[0],
-        tasks / best[1],
-        (best[0] / best[1] - 1.0) * 100.0,
-        tasks / best[2],
-        (best[0] / best[2] - 1.0) * 100.0,
+        "dashboard, {what}: tree-{depth}, median of {rounds} rounds: throughput {:+.1}% with the dashboard, {:+.1}% with it and a journal ({:.0} journal bytes per task); best runs {:.0} / {:.0} / {:.0} tasks/s without / with / with a journal",
+        change(1),
+        change(2),
         journal_bytes as f64 / runs,
+        best(0),
+        best(1),
+        best(2),
     );
-    let per_task = |s: f64| s * 1e6 / tasks;
+    let per_task = |i: usize| median(cpu[i].iter().copied()) * 1e6 / tasks;
     println!(
-        "dashboard, {what}: scheduler process CPU per task (least of the runs): {:.2} µs without the dashboard, {:.2} µs with it ({:+.1}%), {:.2} µs with it and a journal ({:+.1}%)",
-        per_task(cpu[0]),
-        per_task(cpu[1]),
-        (cpu[1] / cpu[0] - 1.0) * 100.0,
-        per_task(cpu[2]),
-        (cpu[2] / cpu[0] - 1.0) * 100.0,
+        "dashboard, {what}: scheduler process CPU per task, median (its dashboard thread included, until it caught up): {:.2} µs without the dashboard, {:.2} µs with it ({:+.1}%), {:.2} µs with it and a journal ({:+.1}%)",
+        per_task(0),
+        per_task(1),
+        (per_task(1) / per_task(0) - 1.0) * 100.0,
+        per_task(2),
+        (per_task(2) / per_task(0) - 1.0) * 100.0,
     );
     drop(clusters);
     let _ = std::fs::remove_file(&journal);
     Ok(())
+}
+
+/// Waits (up to 10 s) until the cluster's scheduler process stops using CPU time: under 1 ms
+/// in 50 ms, i.e. only its periodic work is left.
+fn settle(cluster: &BenchCluster) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = cluster.scheduler_cpu();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = cluster.scheduler_cpu();
+        match (last, now) {
+            (Some((a, _)), Some((b, _))) if b.saturating_sub(a) < Duration::from_millis(1) => return,
+            (None, _) | (_, None) => return,
+            _ => last = now,
+        }
+    }
+}
+
+/// The median of some numbers (NaN for none).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// The faster of two runs of the same workload.
