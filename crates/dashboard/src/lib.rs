@@ -235,19 +235,27 @@ async fn consume(
                 if n == 0 {
                     break;
                 }
-                // The scheduler's raw records become events on this thread (see `Published`).
+                // The scheduler's raw records become events on this thread (see `Published`);
+                // without a journal, changes go straight into the model, with no list between.
+                let Some((path, w)) = &mut journal else {
+                    let mut m = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for p in batch.drain(..) {
+                        if let Some(e) = p.visit(|at_us, c| m.apply_change(at_us, c)) {
+                            m.apply(e);
+                        }
+                    }
+                    continue;
+                };
                 events.clear();
                 for p in batch.drain(..) {
                     p.into_events(&mut events);
                 }
-                if let Some((path, w)) = &mut journal {
-                    for e in &events {
-                        let written = serde_json::to_writer(&mut *w, e)
-                            .map_err(std::io::Error::other)
-                            .and_then(|()| w.write_all(b"\n"));
-                        if let Err(e) = written {
-                            failed.get_or_insert(format!("cannot write the journal {}: {e}", path.display()));
-                        }
+                for e in &events {
+                    let written = serde_json::to_writer(&mut *w, e)
+                        .map_err(std::io::Error::other)
+                        .and_then(|()| w.write_all(b"\n"));
+                    if let Err(e) = written {
+                        failed.get_or_insert(format!("cannot write the journal {}: {e}", path.display()));
                     }
                 }
                 let mut m = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -405,6 +405,14 @@ impl Model {
         id
     }
 
+    /// Folds in one task state change made at `at_us`: the same as applying a
+    /// [`FeedEvent::Tasks`] holding it, without the list (see `Published::visit`).
+    pub fn apply_change(&mut self, at_us: u64, c: TaskChange) {
+        self.version += 1;
+        self.now_us = self.now_us.max(at_us);
+        self.change(at_us, c);
+    }
+
     /// Folds one published event in.
     pub fn apply(&mut self, event: FeedEvent) {
         self.version += 1;
@@ -414,9 +422,8 @@ impl Model {
                 self.address = address;
             }
             FeedEvent::Tasks { at_us, changes } => {
-                self.now_us = self.now_us.max(at_us);
                 for c in changes {
-                    self.change(at_us, c);
+                    self.apply_change(at_us, c);
                 }
             }
             FeedEvent::Graph { tasks } => {
@@ -816,6 +823,30 @@ mod tests {
         assert_eq!(prefix_of("load-parquet-0a1b2c3d4e5f"), "load-parquet");
         assert_eq!(prefix_of("total"), "total");
         assert_eq!(prefix_of("-1"), "-1");
+    }
+
+    #[test]
+    fn changes_applied_one_by_one_give_the_same_model_as_in_batches() {
+        let changes = vec![
+            change(1, Some("inc-1"), Phase::Waiting, None),
+            change(2, Some("sum"), Phase::Waiting, None),
+            change(1, None, Phase::Processing, Some(1)),
+            TaskChange { duration_us: Some(5), ..change(1, None, Phase::Memory, Some(1)) },
+            change(2, None, Phase::Processing, Some(1)),
+            change(1, None, Phase::Forgotten, None),
+        ];
+        let (mut batched, mut single) = (Model::new(), Model::new());
+        joined(&mut batched, 1, "w1", 1);
+        joined(&mut single, 1, "w1", 1);
+        batched.apply(FeedEvent::Tasks { at_us: 10, changes: changes[..3].to_vec() });
+        batched.apply(FeedEvent::Tasks { at_us: 20, changes: changes[3..].to_vec() });
+        for (i, c) in changes.into_iter().enumerate() {
+            single.apply_change(if i < 3 { 10 } else { 20 }, c);
+        }
+        assert_eq!(single.status(), batched.status());
+        assert_eq!(single.story("inc-1"), batched.story("inc-1"));
+        assert_eq!(single.stream_after(0, 10), batched.stream_after(0, 10));
+        assert_eq!(single.status().workers[0].processing, 1, "sum is processing");
     }
 
     #[test]

@@ -163,8 +163,27 @@ impl Published {
     /// changes one [`FeedEvent::Tasks`] per moment they happened at, every change in the
     /// published form with its own key (allocated on the calling thread).
     pub fn into_events(self, out: &mut Vec<FeedEvent>) {
+        let mut batch: Option<(u64, Vec<TaskChange>)> = None;
+        let event = self.visit(|at_us, change| match &mut batch {
+            Some((at, changes)) if *at == at_us => changes.push(change),
+            _ => {
+                if let Some((at_us, changes)) = batch.replace((at_us, vec![change])) {
+                    out.push(FeedEvent::Tasks { at_us, changes });
+                }
+            }
+        });
+        if let Some((at_us, changes)) = batch {
+            out.push(FeedEvent::Tasks { at_us, changes });
+        }
+        out.extend(event);
+    }
+
+    /// The event this is, if it is one; a batch of changes goes to `on_change` instead, each
+    /// change with its time, in order — without gathering them in a list (an observer that
+    /// keeps no journal needs none).
+    pub fn visit(self, mut on_change: impl FnMut(u64, TaskChange)) -> Option<FeedEvent> {
         let raw = match self.0 {
-            Repr::Event(e) => return out.push(e),
+            Repr::Event(e) => return Some(e),
             Repr::Changes(raw) => raw,
         };
         let RawChanges { mut records, mut causes, mut keys, recycle } = raw;
@@ -172,15 +191,11 @@ impl Published {
         // the first change; were it not so, they would be filed under the periodic check.
         let (mut cause, mut at_us) = causes.first().map_or((Cause::Tick, 0), |&(_, c, t)| (c, t));
         let mut next = causes.iter().peekable();
-        let mut changes = Vec::with_capacity(records.len());
         for (i, t) in records.drain(..).enumerate() {
             while let Some(&(_, c, t)) = next.next_if(|(start, ..)| *start as usize <= i) {
-                if t != at_us && !changes.is_empty() {
-                    out.push(FeedEvent::Tasks { at_us, changes: std::mem::take(&mut changes) });
-                }
                 (cause, at_us) = (c, t);
             }
-            changes.push(TaskChange {
+            let change = TaskChange {
                 task: t.task,
                 key: t.key.and_then(|(s, e)| keys.get(s as usize..e as usize)).map(Key::new),
                 via: t.via.into(),
@@ -188,15 +203,14 @@ impl Published {
                 worker: t.worker.map(|w| w.0),
                 duration_us: t.duration_us,
                 cause,
-            });
-        }
-        if !changes.is_empty() {
-            out.push(FeedEvent::Tasks { at_us, changes });
+            };
+            on_change(at_us, change);
         }
         keys.clear();
         causes.clear();
         // When the scheduler has enough spares, this one is dropped.
         let _ = recycle.try_send((records, causes, keys));
+        None
     }
 }
 
@@ -518,7 +532,9 @@ mod tests {
         let e = FeedEvent::WorkerLeft { at_us: 3, worker: 1, cause: "lost".into() };
         let mut out = Vec::new();
         Published::from(e.clone()).into_events(&mut out);
-        assert_eq!(out, [e]);
+        assert_eq!(out, [e.clone()]);
+        let visited = Published::from(e.clone()).visit(|_, c| panic!("not a change: {c:?}"));
+        assert_eq!(visited, Some(e));
     }
 
     #[test]
