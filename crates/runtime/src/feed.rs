@@ -532,7 +532,7 @@ mod tests {
         let e = FeedEvent::WorkerLeft { at_us: 3, worker: 1, cause: "lost".into() };
         let mut out = Vec::new();
         Published::from(e.clone()).into_events(&mut out);
-        assert_eq!(out, [e.clone()]);
+        assert_eq!(out, std::slice::from_ref(&e));
         let visited = Published::from(e.clone()).visit(|_, c| panic!("not a change: {c:?}"));
         assert_eq!(visited, Some(e));
     }
