@@ -553,34 +553,36 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
     let (warm, warm_outs, _) = workload("tree", 11)?;
     for (cluster, c) in &clusters {
         c.compute(&warm, &warm_outs).map_err(|e| e.to_string())?;
-        settle(cluster);
+        let _ = settle(cluster);
     }
     // Wall time of the computation, and the scheduler process's CPU time (all its threads, the
     // dashboard's too) until it has settled.
-    let run = |cluster: &BenchCluster, c: &BlockingClient| -> Result<(f64, f64), String> {
+    let run = |cluster: &BenchCluster, c: &BlockingClient| -> Result<(f64, f64, f64), String> {
         let cpu0 = cluster.scheduler_cpu();
         let t0 = Instant::now();
         let got = c.compute(&g, &outs).map_err(|e| e.to_string())?;
         let secs = t0.elapsed().as_secs_f64();
-        settle(cluster);
+        let busy = settle(cluster).as_secs_f64();
         let cpu = cluster.cpu_since(cpu0).map_or(f64::NAN, |(s, _)| s.as_secs_f64());
         let got: Vec<Value> = got.into_iter().collect::<Result<_, _>>().map_err(|e| e.to_string())?;
         // Zero-work workers compute nothing (every result is null).
         if !zero_work && got != expected {
             return Err("dashboard: wrong result".into());
         }
-        Ok((secs, cpu))
+        Ok((secs, cpu, busy))
     };
     let rounds = 2 * repeat.max(1) + 1;
     let mut secs: [Vec<f64>; 3] = Default::default();
     let mut cpu: [Vec<f64>; 3] = Default::default();
+    let mut busy: [Vec<f64>; 3] = Default::default();
     for round in 0..rounds as usize {
         for k in 0..3 {
             let i = (round + k) % 3;
             let (cluster, c) = &clusters[i];
-            let (s, used) = run(cluster, c)?;
+            let (s, used, after) = run(cluster, c)?;
             secs[i].push(s);
             cpu[i].push(used);
+            busy[i].push(after);
         }
     }
     let tasks = g.len() as f64;
@@ -609,25 +611,35 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
         per_task(2),
         (per_task(2) / per_task(0) - 1.0) * 100.0,
     );
+    let after = |i: usize| median(busy[i].iter().copied()) * 1e3;
+    println!(
+        "dashboard, {what}: the scheduler process stayed busy after the run for (median, in steps of 50 ms; releasing results, and a dashboard catching up) {:.0} ms without the dashboard, {:.0} ms with it, {:.0} ms with it and a journal",
+        after(0),
+        after(1),
+        after(2),
+    );
     drop(clusters);
     let _ = std::fs::remove_file(&journal);
     Ok(())
 }
 
 /// Waits (up to 10 s) until the cluster's scheduler process stops using CPU time: under 1 ms
-/// in 50 ms, i.e. only its periodic work is left.
-fn settle(cluster: &BenchCluster) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// in 50 ms, i.e. only its periodic work is left. Returns how long it was busy before that
+/// (a multiple of 50 ms).
+fn settle(cluster: &BenchCluster) -> Duration {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
     let mut last = cluster.scheduler_cpu();
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
         let now = cluster.scheduler_cpu();
         match (last, now) {
-            (Some((a, _)), Some((b, _))) if b.saturating_sub(a) < Duration::from_millis(1) => return,
-            (None, _) | (_, None) => return,
+            (Some((a, _)), Some((b, _))) if b.saturating_sub(a) < Duration::from_millis(1) => break,
+            (None, _) | (_, None) => break,
             _ => last = now,
         }
     }
+    started.elapsed().saturating_sub(Duration::from_millis(50))
 }
 
 /// The median of some numbers (NaN for none).
