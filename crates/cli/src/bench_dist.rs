@@ -22,6 +22,7 @@ pub(crate) struct DistArgs {
     intake_tasks: u64,
     /// Runs of each rask measurement, the fastest reported: runs of a fraction of a second are
     /// at the mercy of the shared machine (and of memory first touched after an idle spell).
+    /// The dashboard's cost is measured over `2 × repeat + 1` rounds, and medians reported.
     #[arg(long, default_value_t = 3)]
     repeat: u32,
     /// Run only these parts (for profiling one of them); all by default.
@@ -624,13 +625,17 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
 }
 
 /// Waits (up to 10 s) until the cluster's scheduler process stops using CPU time: under 1 ms
-/// in 50 ms, i.e. only its periodic work is left. Returns how long it was busy before that
-/// (a multiple of 50 ms).
+/// in 50 ms, i.e. only its periodic work is left. Returns about how long it was busy before
+/// that (in steps of 50 ms); says so when it never settled.
 fn settle(cluster: &BenchCluster) -> Duration {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(10);
     let mut last = cluster.scheduler_cpu();
-    while Instant::now() < deadline {
+    loop {
+        if Instant::now() >= deadline {
+            eprintln!("rask bench: the scheduler was still busy 10 s after the run; measuring on");
+            break;
+        }
         std::thread::sleep(Duration::from_millis(50));
         let now = cluster.scheduler_cpu();
         match (last, now) {

@@ -198,23 +198,24 @@ fn run(
     Ok(Dashboard { address, model, finished })
 }
 
-/// Lowers the calling thread's priority (nice 10): the dashboard then runs on CPU time the
-/// scheduler and workers leave idle, and on a saturated machine it falls behind (its feed
-/// queues up, and it catches up when the machine has room) rather than slowing the computation
-/// it observes. Best effort: where the priority cannot be changed, it stays as it was.
+/// Lowers the calling thread's priority (nice 10, on Linux): the dashboard then runs on CPU
+/// time the scheduler and workers leave idle, and on a saturated machine it falls behind (its
+/// feed queues up, and it catches up when the machine has room) rather than slowing the
+/// computation it observes. Best effort: where the priority cannot be changed, it stays as it
+/// was.
 #[allow(unsafe_code)]
 fn yield_to_the_computation() {
     #[cfg(target_os = "linux")]
-    // SAFETY: both calls take and return plain integers and touch no memory. On Linux a nice
-    // value belongs to a thread, and `PRIO_PROCESS` with a thread id sets that thread's alone.
+    // SAFETY: takes and returns plain integers and touches no memory. On Linux a nice value
+    // belongs to a thread, and `PRIO_PROCESS` with 0 sets the calling thread's alone.
     unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, DASHBOARD_NICE);
+        libc::setpriority(libc::PRIO_PROCESS, 0, DASHBOARD_NICE);
     }
 }
 
-/// The dashboard thread's nice value: CFS gives it about a tenth of a busy core's share, so it
-/// still keeps up with a loaded scheduler, and all of an idle core.
+/// The dashboard thread's nice value: the kernel gives it about a tenth of the share of a
+/// normal thread on a busy core, so it keeps up with a loaded scheduler, and all of an idle
+/// core.
 #[cfg(target_os = "linux")]
 const DASHBOARD_NICE: libc::c_int = 10;
 

@@ -826,30 +826,6 @@ mod tests {
     }
 
     #[test]
-    fn changes_applied_one_by_one_give_the_same_model_as_in_batches() {
-        let changes = vec![
-            change(1, Some("inc-1"), Phase::Waiting, None),
-            change(2, Some("sum"), Phase::Waiting, None),
-            change(1, None, Phase::Processing, Some(1)),
-            TaskChange { duration_us: Some(5), ..change(1, None, Phase::Memory, Some(1)) },
-            change(2, None, Phase::Processing, Some(1)),
-            change(1, None, Phase::Forgotten, None),
-        ];
-        let (mut batched, mut single) = (Model::new(), Model::new());
-        joined(&mut batched, 1, "w1", 1);
-        joined(&mut single, 1, "w1", 1);
-        batched.apply(FeedEvent::Tasks { at_us: 10, changes: changes[..3].to_vec() });
-        batched.apply(FeedEvent::Tasks { at_us: 20, changes: changes[3..].to_vec() });
-        for (i, c) in changes.into_iter().enumerate() {
-            single.apply_change(if i < 3 { 10 } else { 20 }, c);
-        }
-        assert_eq!(single.status(), batched.status());
-        assert_eq!(single.story("inc-1"), batched.story("inc-1"));
-        assert_eq!(single.stream_after(0, 10), batched.stream_after(0, 10));
-        assert_eq!(single.status().workers[0].processing, 1, "sum is processing");
-    }
-
-    #[test]
     fn progress_counts_follow_the_task_states_and_runs_fill_the_stream() {
         let mut m = Model::new();
         joined(&mut m, 1, "w1", 2);

@@ -187,8 +187,9 @@ impl Published {
             Repr::Changes(raw) => raw,
         };
         let RawChanges { mut records, mut causes, mut keys, recycle } = raw;
-        // Every recorded change follows the event that caused it, so the first cause starts at
-        // the first change; were it not so, they would be filed under the periodic check.
+        // Every recorded change follows the event that caused it: the first cause starts at
+        // the first change.
+        debug_assert!(records.is_empty() || causes.first().is_some_and(|(start, ..)| *start == 0));
         let (mut cause, mut at_us) = causes.first().map_or((Cause::Tick, 0), |&(_, c, t)| (c, t));
         let mut next = causes.iter().peekable();
         for (i, t) in records.drain(..).enumerate() {
@@ -206,10 +207,16 @@ impl Published {
             };
             on_change(at_us, change);
         }
-        keys.clear();
-        causes.clear();
-        // When the scheduler has enough spares, this one is dropped.
-        let _ = recycle.try_send((records, causes, keys));
+        // Buffers grown far past a usual batch (a large graph's intake is one event, so one
+        // batch) are not kept: the memory goes back rather than circulate for the scheduler's
+        // lifetime. Nor are they when the scheduler has spares enough.
+        if records.capacity() <= MAX_KEPT * FEED_CHUNK {
+            keys.clear();
+            causes.clear();
+            keys.shrink_to(MAX_KEPT * KEY_BYTES * FEED_CHUNK);
+            causes.shrink_to(MAX_KEPT * FEED_CHUNK);
+            let _ = recycle.try_send((records, causes, keys));
+        }
         None
     }
 }
@@ -221,10 +228,11 @@ impl From<FeedEvent> for Published {
 }
 
 /// The scheduler shell's side of the feed. The core keeps recording changes across turns;
-/// they leave it in batches of about [`FEED_CHUNK`] (small enough for the allocator to recycle
-/// without fresh pages) and go to the observer every [`FEED_BATCH`]: the observer's thread
-/// wakes (a system call on the scheduler's) a few hundred times a second at most, whatever
-/// the task rate, and the scheduler's thread never copies a change.
+/// they leave it in batches — once it holds [`FEED_CHUNK`] after an event, before any other
+/// published event, and when sending — and go to the observer every [`FEED_BATCH`]: the
+/// observer's thread wakes (a system call on the scheduler's) a few hundred times a second at
+/// most, whatever the task rate, and the scheduler's thread never copies a change. One event
+/// that changes many tasks (a large graph's intake) makes one batch as large.
 pub(crate) struct Publisher {
     tx: FeedSender,
     /// Emptied buffers coming back from the observer, and where it sends them.
@@ -237,18 +245,24 @@ pub(crate) struct Publisher {
     last_sent: std::time::Instant,
 }
 
-/// Task changes per batch, about (a batch is taken once the core holds this many; its buffer
-/// has room for twice as many, so the event that crosses the line rarely regrows it).
+/// Task changes a batch is taken at, once an event leaves the core holding this many.
 const FEED_CHUNK: usize = 1024;
 
-/// Buffers kept for reuse: batches in flight to the observer, at most, before new ones are
-/// allocated (and the surplus dropped when they come back).
+/// Returned buffers are reused up to this many times [`FEED_CHUNK`] records.
+const MAX_KEPT: usize = 4;
+
+/// Key bytes per record a fresh buffer has room for (keys come with a task's first change).
+const KEY_BYTES: usize = 16;
+
+/// Emptied buffers kept for reuse; more coming back are dropped. A batch taken while none is
+/// spare gets fresh buffers the size of the last batch (they grow as needed).
 const SPARE_BUFFERS: usize = 16;
 
 /// How long published events may wait to be sent together.
 const FEED_BATCH: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Publisher {
+    /// Publishes to `tx`.
     pub(crate) fn new(tx: FeedSender) -> Self {
         let (recycle, spare) = std::sync::mpsc::sync_channel(SPARE_BUFFERS);
         Publisher { tx, spare, recycle, ready: Vec::new(), causes: Vec::new(), last_sent: std::time::Instant::now() }
@@ -271,15 +285,20 @@ impl Publisher {
         self.ready.push(e.into());
     }
 
-    /// Sends what has gathered if it has waited long enough, or now if `now`.
-    pub(crate) fn send<P: Clone>(&mut self, core: &mut Core<P>, now: bool) {
+    /// Sends what has gathered if it has waited long enough, or now if `now`. False when the
+    /// observer is gone: nothing more needs publishing (nor recording).
+    #[must_use]
+    pub(crate) fn send<P: Clone>(&mut self, core: &mut Core<P>, now: bool) -> bool {
         if now || self.last_sent.elapsed() >= FEED_BATCH || self.ready.len() >= 64 {
             self.take_changes(core);
             for e in self.ready.drain(..) {
-                let _ = self.tx.send(e);
+                if self.tx.send(e).is_err() {
+                    return false;
+                }
             }
             self.last_sent = std::time::Instant::now();
         }
+        !self.tx.is_closed()
     }
 
     /// Moves the core's changes, their keys and causes into one batch without touching a
@@ -288,8 +307,11 @@ impl Publisher {
         if core.transitions_pending() == 0 {
             return;
         }
+        // No spare (the observer is behind): fresh buffers sized like this batch, so a backlog
+        // of small batches holds little memory.
         let (mut records, mut causes, mut keys) = self.spare.try_recv().unwrap_or_else(|_| {
-            (Vec::with_capacity(2 * FEED_CHUNK), Vec::with_capacity(FEED_CHUNK), String::with_capacity(32 * FEED_CHUNK))
+            let n = core.transitions_pending().clamp(64, 2 * FEED_CHUNK);
+            (Vec::with_capacity(n), Vec::with_capacity(n / 4), String::with_capacity(KEY_BYTES * n))
         });
         core.take_transitions(&mut records, &mut keys);
         std::mem::swap(&mut causes, &mut self.causes);
@@ -388,7 +410,8 @@ pub enum FeedEvent {
     },
     /// Task state changes, in the order they happened.
     Tasks {
-        /// When they happened.
+        /// When they happened: the start of the scheduler's turn (one pass of its loop, a
+        /// message or a tick) that made them.
         at_us: u64,
         /// The changes.
         changes: Vec<TaskChange>,
@@ -528,6 +551,18 @@ mod tests {
     }
 
     #[test]
+    fn buffers_grown_by_a_large_event_are_not_kept_for_reuse() {
+        let (recycle, spare) = std::sync::mpsc::sync_channel(1);
+        let mut records = Vec::with_capacity(MAX_KEPT * FEED_CHUNK + 1);
+        records.push(record(1, Some((0, 1)), CorePhase::Waiting, None));
+        let raw = RawChanges { records, causes: vec![(0, Cause::Tick, 1)], keys: "a".into(), recycle };
+        let mut events = Vec::new();
+        Published(Repr::Changes(raw)).into_events(&mut events);
+        assert_eq!(seen(&events).len(), 1);
+        assert!(spare.try_recv().is_err(), "the large buffer was dropped");
+    }
+
+    #[test]
     fn other_events_pass_through_unchanged() {
         let e = FeedEvent::WorkerLeft { at_us: 3, worker: 1, cause: "lost".into() };
         let mut out = Vec::new();
@@ -537,12 +572,9 @@ mod tests {
         assert_eq!(visited, Some(e));
     }
 
-    #[test]
-    fn the_publisher_keeps_changes_in_order_with_other_events_and_files_them_under_their_causes() {
+    /// A recording core with one worker (3) and one client (1).
+    fn recording_core() -> Core<u32> {
         let mut core: Core<u32> = Core::new(Config { record_transitions: true, ..Config::default() });
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut p = Publisher::new(tx);
-        let (client, worker) = (ClientId(1), WorkerId(3));
         let spec = WorkerSpec {
             name: Arc::from("w"),
             address: Arc::from("tcp://127.0.0.1:9"),
@@ -550,49 +582,128 @@ mod tests {
             resources: Vec::new(),
             restarted_after: None,
         };
-        core.handle(Event::WorkerConnected { worker, spec });
-        core.handle(Event::ClientConnected { client });
-        let submit = Event::GraphSubmitted {
-            client,
-            tasks: vec![NewTask {
-                key: Key::new("a"),
-                deps: Vec::new(),
-                payload: 0,
-                priority: 0,
-                order: 0,
-                restrictions: None,
-                wanted: true,
-            }],
-            wanted: vec![Key::new("a")],
+        core.handle(Event::WorkerConnected { worker: WorkerId(3), spec });
+        core.handle(Event::ClientConnected { client: ClientId(1) });
+        core
+    }
+
+    /// A submission of independent tasks, all wanted.
+    fn submit(keys: &[String]) -> Event<u32> {
+        let task = |(i, k): (usize, &String)| NewTask {
+            key: Key::new(k),
+            deps: Vec::new(),
+            payload: 0,
+            priority: 0,
+            order: i as u32,
+            restrictions: None,
+            wanted: true,
         };
-        let handle = |core: &mut Core<u32>, p: &mut Publisher, ev, cause, at| {
-            let before = core.transitions_pending();
-            let commands = core.handle(ev);
-            p.caused(core, before, cause, at);
-            commands
-        };
-        let commands = handle(&mut core, &mut p, submit, Cause::Submitted { client: 1 }, 5);
-        let ticket = commands.iter().find_map(|c| match c {
-            rask_scheduler_core::Command::Compute { ticket, .. } => Some(*ticket),
+        let tasks = keys.iter().enumerate().map(task).collect();
+        Event::GraphSubmitted { client: ClientId(1), tasks, wanted: keys.iter().map(|k| Key::new(k)).collect() }
+    }
+
+    /// Handles `ev` as the scheduler's shell does with a feed attached.
+    fn handle(
+        core: &mut Core<u32>,
+        p: &mut Publisher,
+        ev: Event<u32>,
+        cause: Cause,
+        at: u64,
+    ) -> Vec<rask_scheduler_core::Command<u32>> {
+        let before = core.transitions_pending();
+        let commands = core.handle(ev);
+        p.caused(core, before, cause, at);
+        commands
+    }
+
+    fn ticket_of(commands: &[rask_scheduler_core::Command<u32>], key: &str) -> Option<rask_scheduler_core::Ticket> {
+        commands.iter().find_map(|c| match c {
+            rask_scheduler_core::Command::Compute { key: k, ticket, .. } if k.as_str() == key => Some(*ticket),
             _ => None,
-        });
-        p.event(&mut core, FeedEvent::WorkerLeft { at_us: 6, worker: 9, cause: "gone".into() });
-        let finished = Event::TaskFinished { worker, key: Key::new("a"), ticket, nbytes: 1, duration_us: 2 };
-        handle(&mut core, &mut p, finished, Cause::Finished { worker: 3 }, 7);
-        // Only `send` sends.
-        assert!(rx.try_recv().is_err(), "nothing was sent yet");
-        p.send(&mut core, true);
-        let mut events = Vec::new();
+        })
+    }
+
+    fn received(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Published>) -> (usize, Vec<FeedEvent>) {
+        let (mut n, mut events) = (0, Vec::new());
         while let Ok(published) = rx.try_recv() {
+            n += 1;
             published.into_events(&mut events);
         }
+        (n, events)
+    }
+
+    const SUBMITTED: Cause = Cause::Submitted { client: 1 };
+    const FINISHED: Cause = Cause::Finished { worker: 3 };
+
+    #[test]
+    fn the_publisher_keeps_changes_in_order_with_other_events_and_files_them_under_their_causes() {
+        let mut core = recording_core();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut p = Publisher::new(tx);
+        let commands = handle(&mut core, &mut p, submit(&["a".into()]), SUBMITTED, 5);
+        let ticket = ticket_of(&commands, "a");
+        p.event(&mut core, FeedEvent::WorkerLeft { at_us: 6, worker: 9, cause: "gone".into() });
+        let finished =
+            Event::TaskFinished { worker: WorkerId(3), key: Key::new("a"), ticket, nbytes: 1, duration_us: 2 };
+        handle(&mut core, &mut p, finished, FINISHED, 7);
+        // Only `send` sends.
+        assert!(rx.try_recv().is_err(), "nothing was sent yet");
+        assert!(p.send(&mut core, true));
+        let (_, events) = received(&mut rx);
         assert!(matches!(events[1], FeedEvent::WorkerLeft { worker: 9, .. }), "{events:?}");
         assert_eq!(
             seen(&events),
             [
-                (5, vec![(1, Some("a".to_owned()), Phase::Processing, Some(3), None, Cause::Submitted { client: 1 })]),
-                (7, vec![(1, None, Phase::Memory, Some(3), Some(2), Cause::Finished { worker: 3 })]),
+                (5, vec![(1, Some("a".to_owned()), Phase::Processing, Some(3), None, SUBMITTED)]),
+                (7, vec![(1, None, Phase::Memory, Some(3), Some(2), FINISHED)]),
             ]
         );
+    }
+
+    #[test]
+    fn several_events_share_one_batch_each_change_under_its_own_cause_and_time() {
+        let mut core = recording_core();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut p = Publisher::new(tx);
+        let first = handle(&mut core, &mut p, submit(&["a".into()]), SUBMITTED, 5);
+        handle(&mut core, &mut p, submit(&["b".into()]), SUBMITTED, 5);
+        // Same cause, same time: one entry for both.
+        assert_eq!(p.causes.len(), 1);
+        let ticket = ticket_of(&first, "a");
+        let finished =
+            Event::TaskFinished { worker: WorkerId(3), key: Key::new("a"), ticket, nbytes: 1, duration_us: 4 };
+        handle(&mut core, &mut p, finished, FINISHED, 6);
+        assert_eq!(p.causes.len(), 2);
+        assert!(p.send(&mut core, true));
+        let (batches, events) = received(&mut rx);
+        assert_eq!(batches, 1, "one batch for the three events");
+        let seen = seen(&events);
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let (at, changes) = &seen[0];
+        assert_eq!(*at, 5);
+        let firsts: Vec<_> = changes.iter().map(|c| (c.0, c.1.clone(), c.5)).collect();
+        assert_eq!(firsts, [(1, Some("a".to_owned()), SUBMITTED), (2, Some("b".to_owned()), SUBMITTED)]);
+        assert!(seen[1].0 == 6 && seen[1].1.iter().all(|c| c.5 == FINISHED), "{seen:?}");
+        assert!(seen[1].1.iter().any(|c| c.0 == 1 && c.2 == Phase::Memory && c.4 == Some(4)));
+    }
+
+    #[test]
+    fn a_large_event_goes_out_as_its_own_batch_and_a_closed_feed_is_noticed() {
+        let mut core = recording_core();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut p = Publisher::new(tx);
+        let keys: Vec<String> = (0..FEED_CHUNK + 100).map(|i| format!("t-{i}")).collect();
+        handle(&mut core, &mut p, submit(&keys), SUBMITTED, 1);
+        assert_eq!(core.transitions_pending(), 0, "taken once past the chunk size");
+        assert_eq!(p.ready.len(), 1);
+        assert!(p.send(&mut core, true));
+        let (_, events) = received(&mut rx);
+        let changes: usize = seen(&events).iter().map(|(_, c)| c.len()).sum();
+        assert_eq!(changes, keys.len(), "one record per new task");
+        drop(rx);
+        assert!(!p.send(&mut core, true), "the observer is gone");
+        core.stop_recording();
+        handle(&mut core, &mut p, submit(&["late".into()]), SUBMITTED, 2);
+        assert_eq!(core.transitions_pending(), 0, "nothing is recorded any more");
     }
 }

@@ -312,7 +312,7 @@ async fn core_loop(
                             eprintln!("rask scheduler: removed worker {name}: {cause}");
                         }
                         if let Some(p) = &mut publisher {
-                            let at_us = now_us();
+                            let at_us = turn_us;
                             p.event(
                                 &mut core,
                                 FeedEvent::WorkerLeft { at_us, worker: worker.0, cause: cause.to_string() },
@@ -321,7 +321,7 @@ async fn core_loop(
                     }
                     Command::Retired { worker } => {
                         if let Some(p) = &mut publisher {
-                            let (at_us, cause) = (now_us(), "retired gracefully (SIGTERM)".to_owned());
+                            let (at_us, cause) = (turn_us, "retired gracefully (SIGTERM)".to_owned());
                             p.event(&mut core, FeedEvent::WorkerLeft { at_us, worker: worker.0, cause });
                         }
                         if let Some(Peer::Worker { outbox, name, .. }) = peers.remove(&worker.0) {
@@ -343,54 +343,53 @@ async fn core_loop(
                 outbox.send(FromScheduler::GraphAccepted { tasks }, Vec::new());
             }
         }
-        if let Some(p) = &mut publisher {
-            p.send(&mut core, ticked);
+        if publisher.as_mut().is_some_and(|p| !p.send(&mut core, ticked)) {
+            // The observer is gone (its thread ended): stop recording for it.
+            eprintln!("rask scheduler: the dashboard's feed closed; no longer publishing");
+            publisher = None;
+            core.stop_recording();
         }
     }
     if let Some(p) = &mut publisher {
-        p.send(&mut core, true);
+        let _ = p.send(&mut core, true);
     }
 }
 
 /// The cause the state changes an event brings about are filed under, and what else it
 /// publishes (a graph, a worker joining or leaving), if anything.
 fn published_by(ev: &Event<Arc<Payload>>, peers: &Peers, now_us: u64) -> (Cause, Option<FeedEvent>) {
-    match ev {
-        Event::GraphPart { client, tasks } | Event::GraphSubmitted { client, tasks, .. } => {
-            let graph = (tasks.len() <= GRAPH_FEED_LIMIT).then(|| {
-                // Copies, not clones: the observer's thread must not share these keys'
-                // reference counts with the scheduler's.
-                let copy = |k: &Key| Key::new(k.as_str());
-                let key_of = |d: &Dep| match d {
-                    Dep::Key(k) => Some(copy(k)),
-                    Dep::Position(i) => tasks.get(*i as usize).map(|t| copy(&t.key)),
-                };
-                let tasks = tasks.iter().map(|t| (copy(&t.key), t.deps.iter().filter_map(key_of).collect())).collect();
-                FeedEvent::Graph { tasks }
-            });
-            (Cause::Submitted { client: client.0 }, graph)
+    let extra = match ev {
+        Event::GraphPart { tasks, .. } | Event::GraphSubmitted { tasks, .. } if tasks.len() <= GRAPH_FEED_LIMIT => {
+            // Copies, not clones: the observer's thread must not share these keys' reference
+            // counts with the scheduler's.
+            let copy = |k: &Key| Key::new(k.as_str());
+            let key_of = |d: &Dep| match d {
+                Dep::Key(k) => Some(copy(k)),
+                Dep::Position(i) => tasks.get(*i as usize).map(|t| copy(&t.key)),
+            };
+            let tasks = tasks.iter().map(|t| (copy(&t.key), t.deps.iter().filter_map(key_of).collect())).collect();
+            Some(FeedEvent::Graph { tasks })
         }
         Event::WorkerConnected { worker, spec } => {
             let memory_limit = match peers.get(&worker.0) {
                 Some(Peer::Worker { memory_limit, .. }) => *memory_limit,
                 _ => None,
             };
-            let joined = FeedEvent::WorkerJoined {
+            Some(FeedEvent::WorkerJoined {
                 at_us: now_us,
                 worker: worker.0,
                 name: spec.name.to_string(),
                 address: spec.address.to_string(),
                 nthreads: spec.nthreads,
                 memory_limit,
-            };
-            (Cause::WorkerJoined { worker: worker.0 }, Some(joined))
+            })
         }
         Event::WorkerDisconnected { worker, cause } => {
-            let left = FeedEvent::WorkerLeft { at_us: now_us, worker: worker.0, cause: cause.to_string() };
-            (Cause::WorkerLeft { worker: worker.0 }, Some(left))
+            Some(FeedEvent::WorkerLeft { at_us: now_us, worker: worker.0, cause: cause.to_string() })
         }
-        other => (cause_of(other), None),
-    }
+        _ => None,
+    };
+    (cause_of(ev), extra)
 }
 
 /// The cause an event's state changes are filed under.

@@ -819,6 +819,14 @@ impl<P: Clone> Core<P> {
         }
     }
 
+    /// Stops recording state changes (see [`Config::record_transitions`]) and drops those not
+    /// taken yet: for when their observer is gone.
+    pub fn stop_recording(&mut self) {
+        self.cfg.record_transitions = false;
+        self.transitions = Vec::new();
+        self.transition_keys = String::new();
+    }
+
     /// Changes recorded since the last [`Core::take_transitions`]: a caller gathering several
     /// events' changes in one batch notes this before each event to tell them apart.
     #[must_use]

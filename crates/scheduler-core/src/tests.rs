@@ -875,6 +875,22 @@ fn clients_are_told_on_ticks_how_far_their_tasks_have_come() {
 }
 
 #[test]
+fn transitions_taken_into_buffers_in_use_are_appended_with_their_key_spans_moved() {
+    let mut core: Core<P> = Core::new(Config { record_transitions: true, ..Config::default() });
+    core.handle(Event::ClientConnected { client: C1 });
+    core.handle(Event::GraphSubmitted { client: C1, tasks: vec![task("ab", &[])], wanted: vec![Key::new("ab")] });
+    // Empty buffers: swapped.
+    let (mut out, mut text) = (Vec::new(), String::new());
+    core.take_transitions(&mut out, &mut text);
+    assert_eq!((out.len(), out[0].key, text.as_str()), (1, Some((0, 2)), "ab"));
+    core.handle(Event::GraphSubmitted { client: C1, tasks: vec![task("cde", &[])], wanted: vec![Key::new("cde")] });
+    // Buffers holding an earlier batch: appended, the new key's span past the old text.
+    core.take_transitions(&mut out, &mut text);
+    assert_eq!((out.len(), out[1].key, text.as_str()), (2, Some((2, 5)), "abcde"));
+    assert_eq!(core.transitions_pending(), 0);
+}
+
+#[test]
 fn changes_of_a_task_within_one_event_form_one_record() {
     let mut core: Core<P> = Core::new(Config { record_transitions: true, ..Config::default() });
     let spec = WorkerSpec {
