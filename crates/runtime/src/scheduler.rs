@@ -264,6 +264,8 @@ async fn core_loop(
             events.push(Event::WorkerHeard { worker: WorkerId(id), at_us: now_us() });
         }
         if events.is_empty() {
+            // Memory reports may have been published.
+            send_feed(&mut publisher, &mut core, ticked);
             continue;
         }
         if debug_events() {
@@ -343,15 +345,18 @@ async fn core_loop(
                 outbox.send(FromScheduler::GraphAccepted { tasks }, Vec::new());
             }
         }
-        if publisher.as_mut().is_some_and(|p| !p.send(&mut core, ticked)) {
-            // The observer is gone (its thread ended): stop recording for it.
-            eprintln!("rask scheduler: the dashboard's feed closed; no longer publishing");
-            publisher = None;
-            core.stop_recording();
-        }
+        send_feed(&mut publisher, &mut core, ticked);
     }
-    if let Some(p) = &mut publisher {
-        let _ = p.send(&mut core, true);
+    send_feed(&mut publisher, &mut core, true);
+}
+
+/// Sends what the publisher has gathered when it is time (`now`: at once). When the observer
+/// is gone (its thread ended), stops publishing and recording for it.
+fn send_feed(publisher: &mut Option<Publisher>, core: &mut Core<Arc<Payload>>, now: bool) {
+    if publisher.as_mut().is_some_and(|p| !p.send(core, now)) {
+        eprintln!("rask scheduler: the dashboard's feed closed; no longer publishing");
+        *publisher = None;
+        core.stop_recording();
     }
 }
 
