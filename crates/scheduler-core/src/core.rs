@@ -1811,6 +1811,14 @@ impl<P: Clone> Core<P> {
         }
     }
 
+    /// Ends a worker's accounting for its report on `key` (with `ticket`, if it echoed one):
+    /// the task the report is about, if that task was processing there ([`Self::reported`],
+    /// then [`Self::unassign`]).
+    fn take_report(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>) -> Option<Tid> {
+        let t = self.reported(wid, key, ticket);
+        if self.unassign(wid, t, key, ticket) { t } else { None }
+    }
+
     /// The task a worker's report on `key` (with `ticket`, if it echoed one) is about, if that
     /// task is processing there; the key is hashed only without a ticket.
     fn reported(&self, wid: WorkerId, key: &Key, ticket: Option<Ticket>) -> Option<Tid> {
@@ -1938,16 +1946,15 @@ impl<P: Clone> Core<P> {
     }
 
     fn finished(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>, nbytes: u64, duration_us: u64) {
-        let t = self.reported(wid, key, ticket);
-        let was_assigned = self.unassign(wid, t, key, ticket);
+        let t = self.take_report(wid, key, ticket);
         if let Some(w) = self.workers.get_mut(&wid) {
             // Count at least 1 µs, so instant tasks still raise the in-flight limit.
             let d = duration_us.max(1) as f64;
             w.avg_duration_us = if w.avg_duration_us == 0.0 { d } else { 0.9 * w.avg_duration_us + 0.1 * d };
         }
         let t = match t {
-            Some(t) if was_assigned => t,
-            _ => {
+            Some(t) => t,
+            None => {
                 // A result nobody asked for (cancelled, or a duplicate): keep it only if useful.
                 match self.by_key.get(key).copied() {
                     Some(t) if matches!(self.task(t).state, State::Memory { .. }) && self.needed(t) => {
@@ -1987,8 +1994,7 @@ impl<P: Clone> Core<P> {
     }
 
     fn failed(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>, error: Arc<TaskError>) {
-        let t = self.reported(wid, key, ticket);
-        let (true, Some(t)) = (self.unassign(wid, t, key, ticket), t) else { return };
+        let Some(t) = self.take_report(wid, key, ticket) else { return };
         self.set_finished(t, State::Erred(error));
         // The change to erred ended a run on `wid` (time unknown).
         if let Some(tr) = self.last_record(t) {
@@ -2017,8 +2023,7 @@ impl<P: Clone> Core<P> {
                 self.lose(d);
             }
         }
-        let t = self.reported(wid, key, ticket);
-        let (true, Some(t)) = (self.unassign(wid, t, key, ticket), t) else { return };
+        let Some(t) = self.take_report(wid, key, ticket) else { return };
         if !corrected {
             self.task_mut(t).input_failures += 1;
         }
@@ -2095,8 +2100,7 @@ impl<P: Clone> Core<P> {
 
     /// A worker dropped a task it had not started (after a `Free`): release its slot.
     fn dropped(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>) {
-        let t = self.reported(wid, key, ticket);
-        if let (true, Some(t)) = (self.unassign(wid, t, key, ticket), t) {
+        if let Some(t) = self.take_report(wid, key, ticket) {
             self.requeue(t);
         }
     }
