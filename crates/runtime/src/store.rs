@@ -206,19 +206,18 @@ impl DataStore {
         let current = self.writing.get(&job.key).is_some_and(|(id, _)| *id == job.id);
         if !current {
             let rescued = self.rescued.get(&job.key) == Some(&job.id);
+            if rescued {
+                self.rescued.remove(&job.key);
+            }
             match (rescued, result) {
                 // Needed again while being written: the value stays in memory, and the file,
                 // now complete, is kept for its next spill.
                 (true, Ok(bytes)) => {
-                    self.rescued.remove(&job.key);
                     self.io.written += bytes;
                     self.io.write_time += took;
                     self.files.insert(job.key, job.path);
                 }
                 _ => {
-                    if rescued {
-                        self.rescued.remove(&job.key);
-                    }
                     let _ = std::fs::remove_file(&job.path);
                 }
             }
