@@ -122,7 +122,7 @@ const _: () = assert!(Via::CAPACITY == rask_scheduler_core::Via::CAPACITY);
 impl From<rask_scheduler_core::Via> for Via {
     fn from(v: rask_scheduler_core::Via) -> Self {
         // Both hold at most the same number of phases.
-        Via::from_phases(v.as_slice().iter().map(|p| Phase::from(*p))).unwrap_or_default()
+        Via::from_phases(v.iter().map(Phase::from)).unwrap_or_default()
     }
 }
 
@@ -197,12 +197,12 @@ impl Published {
                 (cause, at_us) = (c, t);
             }
             let change = TaskChange {
-                task: t.task,
-                key: t.key.and_then(|(s, e)| keys.get(s as usize..e as usize)).map(Key::new),
-                via: t.via.into(),
-                phase: t.phase.into(),
-                worker: t.worker.map(|w| w.0),
-                duration_us: t.duration_us,
+                task: t.task(),
+                key: t.key().and_then(|(s, e)| keys.get(s as usize..e as usize)).map(Key::new),
+                via: t.via().into(),
+                phase: t.phase().into(),
+                worker: t.worker().map(|w| w.0),
+                duration_us: t.duration_us(),
                 cause,
             };
             on_change(at_us, change);
@@ -480,13 +480,11 @@ pub type FeedSender = tokio::sync::mpsc::UnboundedSender<Published>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rask_scheduler_core::{
-        ClientId, Config, Event, NewTask, Phase as CorePhase, Via as CoreVia, WorkerId, WorkerSpec,
-    };
+    use rask_scheduler_core::{ClientId, Config, Event, NewTask, Phase as CorePhase, WorkerId, WorkerSpec};
     use std::sync::Arc;
 
     fn record(task: u64, key: Option<(u32, u32)>, phase: CorePhase, worker: Option<u32>) -> Transition {
-        Transition { task, key, via: CoreVia::default(), phase, worker: worker.map(WorkerId), duration_us: None }
+        Transition::new(task, key, phase, worker.map(WorkerId))
     }
 
     /// What the observer sees: the published form of each change, by batch.
@@ -516,7 +514,7 @@ mod tests {
             records: vec![
                 record(1, Some((0, 5)), CorePhase::Waiting, None),
                 record(2, Some((5, 8)), CorePhase::Processing, Some(2)),
-                Transition { duration_us: Some(40), ..record(2, None, CorePhase::Memory, Some(2)) },
+                record(2, None, CorePhase::Memory, Some(2)).with_duration_us(40),
                 record(1, None, CorePhase::Processing, Some(2)),
             ],
             causes: vec![(0, submitted, 10), (2, finished, 20)],

@@ -111,6 +111,27 @@ pub enum Phase {
     Forgotten,
 }
 
+impl Phase {
+    /// Three bits standing for it (see [`Transition`]).
+    fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The phase `code` stands for (its low three bits).
+    fn from_code(code: u8) -> Phase {
+        match code & 0b111 {
+            0 => Phase::Released,
+            1 => Phase::Waiting,
+            2 => Phase::Queued,
+            3 => Phase::NoWorker,
+            4 => Phase::Processing,
+            5 => Phase::Memory,
+            6 => Phase::Erred,
+            _ => Phase::Forgotten,
+        }
+    }
+}
+
 /// One task state change, recorded when [`Config::record_transitions`] is on. What caused it is
 /// the event being handled, which the caller knows.
 ///
@@ -123,58 +144,186 @@ pub enum Phase {
 /// transition: its phase is the last, and `via` lists the ones it passed through (a leaf of a
 /// submitted graph goes released → waiting → queued → processing at once). Every phase is kept
 /// (only the worker of an intermediate one is not), and observers handle half as many records.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// A record is 32 bytes, two to a cache line: the core writes several per task on the
+/// scheduler's hot path, and their memory traffic, not the work of filling them, is what
+/// recording costs. Hence the packed fields behind accessors.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
-    /// The task's serial number.
-    pub task: u64,
-    /// Where its key is in the text [`Core::take_transitions`] gives with it (start, end), on its
-    /// first change.
-    pub key: Option<(u32, u32)>,
-    /// The phases it passed through before `phase` in this event, oldest first.
-    pub via: Via,
-    /// Its new state.
-    pub phase: Phase,
-    /// The worker it was sent to (processing), that first held its result (memory), or whose
-    /// run of it failed (erred).
-    pub worker: Option<WorkerId>,
-    /// Set when this change ends a run on a worker: the run time the worker measured (memory),
-    /// or 0 for a failed run (erred). Tasks that fail because an input did never ran: unset.
-    pub duration_us: Option<u64>,
+    task: u64,
+    /// Valid with [`Transition::HAS_DURATION`].
+    duration_us: u64,
+    /// (start, end) in the key text; valid with [`Transition::HAS_KEY`].
+    key: (u32, u32),
+    /// Valid with [`Transition::HAS_WORKER`].
+    worker: u32,
+    via: Via,
+    /// The phase (its [`Phase::code`]) in the low bits, and which optional fields are set.
+    flags: u8,
 }
 
-/// Phases a task passed through within one event, oldest first (see [`Transition`]); kept
-/// inline, up to [`Via::CAPACITY`] (a longer path continues in a second transition).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Via {
-    len: u8,
-    phases: [Phase; Via::CAPACITY],
+impl Transition {
+    const PHASE_BITS: u8 = 0b111;
+    const HAS_KEY: u8 = 1 << 4;
+    const HAS_WORKER: u8 = 1 << 5;
+    const HAS_DURATION: u8 = 1 << 6;
+
+    /// A change of task `task` to `phase`, through no other phase; `key`: its span in the key
+    /// text, on the task's first change; `worker`: as [`Transition::worker`] says.
+    #[must_use]
+    pub fn new(task: u64, key: Option<(u32, u32)>, phase: Phase, worker: Option<WorkerId>) -> Self {
+        let mut flags = phase.code();
+        if key.is_some() {
+            flags |= Self::HAS_KEY;
+        }
+        if worker.is_some() {
+            flags |= Self::HAS_WORKER;
+        }
+        Transition {
+            task,
+            duration_us: 0,
+            key: key.unwrap_or_default(),
+            worker: worker.map_or(0, |w| w.0),
+            via: Via::EMPTY,
+            flags,
+        }
+    }
+
+    /// This change, ending a run on a worker that measured `duration_us` (see
+    /// [`Transition::duration_us`]).
+    #[must_use]
+    pub fn with_duration_us(mut self, duration_us: u64) -> Self {
+        self.duration_us = duration_us;
+        self.flags |= Self::HAS_DURATION;
+        self
+    }
+
+    /// The task's serial number.
+    #[must_use]
+    pub fn task(&self) -> u64 {
+        self.task
+    }
+
+    /// Where its key is in the text [`Core::take_transitions`] gives with it (start, end), on
+    /// its first change.
+    #[must_use]
+    pub fn key(&self) -> Option<(u32, u32)> {
+        (self.flags & Self::HAS_KEY != 0).then_some(self.key)
+    }
+
+    /// The phases it passed through before [`Transition::phase`] in this event, oldest first.
+    #[must_use]
+    pub fn via(&self) -> Via {
+        self.via
+    }
+
+    /// Its new state.
+    #[must_use]
+    pub fn phase(&self) -> Phase {
+        Phase::from_code(self.flags & Self::PHASE_BITS)
+    }
+
+    /// The worker it was sent to (processing), that first held its result (memory), or whose
+    /// run of it failed (erred).
+    #[must_use]
+    pub fn worker(&self) -> Option<WorkerId> {
+        (self.flags & Self::HAS_WORKER != 0).then_some(WorkerId(self.worker))
+    }
+
+    /// Set when this change ends a run on a worker: the run time the worker measured (memory),
+    /// or 0 for a failed run (erred). Tasks that fail because an input did never ran: unset.
+    #[must_use]
+    pub fn duration_us(&self) -> Option<u64> {
+        (self.flags & Self::HAS_DURATION != 0).then_some(self.duration_us)
+    }
+
+    /// Moves on to `phase` (on `worker`), the current phase joining `via`; false, and
+    /// unchanged, when this record ended a run (its time and worker belong to that phase) or
+    /// its `via` is full.
+    pub(crate) fn extend(&mut self, phase: Phase, worker: Option<WorkerId>) -> bool {
+        if self.flags & Self::HAS_DURATION != 0 || !self.via.push(self.phase()) {
+            return false;
+        }
+        self.flags = (self.flags & Self::HAS_KEY) | phase.code();
+        self.set_worker(worker);
+        true
+    }
+
+    /// Sets (or clears) the worker.
+    pub(crate) fn set_worker(&mut self, worker: Option<WorkerId>) {
+        match worker {
+            Some(w) => {
+                self.worker = w.0;
+                self.flags |= Self::HAS_WORKER;
+            }
+            None => self.flags &= !Self::HAS_WORKER,
+        }
+    }
 }
+
+// Two records to a cache line.
+const _: () = assert!(std::mem::size_of::<Transition>() == 32);
+
+impl std::fmt::Debug for Transition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transition")
+            .field("task", &self.task())
+            .field("key", &self.key())
+            .field("via", &self.via())
+            .field("phase", &self.phase())
+            .field("worker", &self.worker())
+            .field("duration_us", &self.duration_us())
+            .finish()
+    }
+}
+
+/// Phases a task passed through within one event, oldest first (see [`Transition`]); up to
+/// [`Via::CAPACITY`] (a longer path continues in a second transition), packed in two bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Via(u16);
 
 impl Via {
     /// Phases one transition can pass through.
     pub const CAPACITY: usize = 4;
 
     /// No intermediate phase.
-    pub const EMPTY: Via = Via { len: 0, phases: [Phase::Released; Via::CAPACITY] };
+    pub const EMPTY: Via = Via(0);
+
+    /// Bits per phase (and for the length, in the low bits).
+    const BITS: u32 = 3;
+
+    /// How many phases.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        usize::from(self.0 & 0b111)
+    }
+
+    /// Whether it passed through none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 
     /// The phases, oldest first.
-    #[must_use]
-    pub fn as_slice(&self) -> &[Phase] {
-        &self.phases[..self.len as usize]
+    pub fn iter(&self) -> impl Iterator<Item = Phase> + use<> {
+        let v = *self;
+        (0..v.len()).map(move |i| Phase::from_code(((v.0 >> (Self::BITS * (i as u32 + 1))) & 0b111) as u8))
     }
 
     /// Appends `p`; false when full.
     fn push(&mut self, p: Phase) -> bool {
-        let Some(slot) = self.phases.get_mut(self.len as usize) else { return false };
-        *slot = p;
-        self.len += 1;
+        let n = self.len();
+        if n == Self::CAPACITY {
+            return false;
+        }
+        self.0 = (self.0 & !0b111) | (n as u16 + 1) | (u16::from(p.code()) << (Self::BITS * (n as u32 + 1)));
         true
     }
 }
 
-impl Default for Via {
-    fn default() -> Self {
-        Via::EMPTY
+impl std::fmt::Debug for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
@@ -850,7 +999,9 @@ impl<P: Clone> Core<P> {
         keys.push_str(&self.transition_keys);
         self.transition_keys.clear();
         out.extend(self.transitions.drain(..).map(|mut t| {
-            t.key = t.key.map(|(s, e)| (s + base, e + base));
+            if t.flags & Transition::HAS_KEY != 0 {
+                t.key = (t.key.0 + base, t.key.1 + base);
+            }
             t
         }));
     }
@@ -1141,7 +1292,7 @@ impl<P: Clone> Core<P> {
             return;
         }
         let at = self.transitions.len() as u32;
-        self.transitions.push(Transition { task: serial, key, via: Via::EMPTY, phase, worker, duration_us: None });
+        self.transitions.push(Transition::new(serial, key, phase, worker));
         self.task_mut(t).noted = (self.event_no, at);
     }
 
@@ -1151,13 +1302,7 @@ impl<P: Clone> Core<P> {
         if noted.0 != self.event_no {
             return false;
         }
-        let Some(tr) = self.transitions.get_mut(noted.1 as usize) else { return false };
-        if tr.task != serial || tr.duration_us.is_some() || !tr.via.push(tr.phase) {
-            return false;
-        }
-        tr.phase = phase;
-        tr.worker = worker;
-        true
+        self.transitions.get_mut(noted.1 as usize).is_some_and(|tr| tr.task == serial && tr.extend(phase, worker))
     }
 
     /// The record of `t`'s latest change, if it was made in this event.
@@ -1974,7 +2119,7 @@ impl<P: Clone> Core<P> {
         self.set_finished(t, State::Memory { who_has: smallvec::smallvec![wid] });
         // The change to memory carries the run time.
         if let Some(tr) = self.last_record(t) {
-            tr.duration_us = Some(duration_us);
+            *tr = tr.with_duration_us(duration_us);
         }
         self.note_held(wid, t);
         self.notify_wanters(t);
@@ -1998,8 +2143,8 @@ impl<P: Clone> Core<P> {
         self.set_finished(t, State::Erred(error));
         // The change to erred ended a run on `wid` (time unknown).
         if let Some(tr) = self.last_record(t) {
-            tr.worker = Some(wid);
-            tr.duration_us = Some(0);
+            tr.set_worker(Some(wid));
+            *tr = tr.with_duration_us(0);
         }
         self.notify_wanters(t);
         self.propagate_failure(t);
@@ -2182,14 +2327,7 @@ impl<P: Clone> Core<P> {
             }
         }
         if self.cfg.record_transitions && !self.extend_record(task.serial, task.noted, Phase::Forgotten, None) {
-            self.transitions.push(Transition {
-                task: task.serial,
-                key: None,
-                via: Via::EMPTY,
-                phase: Phase::Forgotten,
-                worker: None,
-                duration_us: None,
-            });
+            self.transitions.push(Transition::new(task.serial, None, Phase::Forgotten, None));
         }
         self.free_slots.push(t.0);
         self.acquiring.remove(&t);

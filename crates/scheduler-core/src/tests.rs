@@ -49,22 +49,22 @@ impl Env {
         let mut closed: HashMap<u64, bool> = HashMap::new();
         for tr in self.transitions.drain(..) {
             // One record per task per event, unless a record filled up or ended a run.
-            if let Some(previous_closed) = closed.insert(tr.task, false) {
+            if let Some(previous_closed) = closed.insert(tr.task(), false) {
                 assert!(previous_closed, "changes of one task in one event were split: {tr:?}");
             }
-            closed.insert(tr.task, tr.via.as_slice().len() == crate::Via::CAPACITY || tr.duration_us.is_some());
+            closed.insert(tr.task(), tr.via().len() == crate::Via::CAPACITY || tr.duration_us().is_some());
             assert!(
-                tr.duration_us.is_none() || matches!(tr.phase, Phase::Memory | Phase::Erred),
+                tr.duration_us().is_none() || matches!(tr.phase(), Phase::Memory | Phase::Erred),
                 "only the end of a run has a duration"
             );
-            let path: Vec<Phase> = tr.via.as_slice().iter().copied().chain([tr.phase]).collect();
-            let mut known = match tr.key.map(|(s, e)| Key::new(&text[s as usize..e as usize])) {
+            let path: Vec<Phase> = tr.via().iter().chain([tr.phase()]).collect();
+            let mut known = match tr.key().map(|(s, e)| Key::new(&text[s as usize..e as usize])) {
                 Some(key) => {
-                    assert!(!self.phases.contains_key(&tr.task), "a serial is given once");
+                    assert!(!self.phases.contains_key(&tr.task()), "a serial is given once");
                     (key, path[0])
                 }
                 None => {
-                    let (key, was) = self.phases.get(&tr.task).cloned().expect("the key came with the first change");
+                    let (key, was) = self.phases.get(&tr.task()).cloned().expect("the key came with the first change");
                     assert_ne!(was, path[0], "{key}: a change to the state it already had");
                     (key, path[0])
                 }
@@ -74,10 +74,10 @@ impl Env {
                 assert_ne!(known.1, Phase::Forgotten, "{}: a change after being forgotten", known.0);
                 known.1 = *p;
             }
-            if tr.phase == Phase::Forgotten {
-                self.phases.remove(&tr.task);
+            if tr.phase() == Phase::Forgotten {
+                self.phases.remove(&tr.task());
             } else {
-                self.phases.insert(tr.task, known);
+                self.phases.insert(tr.task(), known);
             }
         }
         assert_eq!(self.phases.len(), self.core.task_count(), "every known task was published");
@@ -882,11 +882,11 @@ fn transitions_taken_into_buffers_in_use_are_appended_with_their_key_spans_moved
     // Empty buffers: swapped.
     let (mut out, mut text) = (Vec::new(), String::new());
     core.take_transitions(&mut out, &mut text);
-    assert_eq!((out.len(), out[0].key, text.as_str()), (1, Some((0, 2)), "ab"));
+    assert_eq!((out.len(), out[0].key(), text.as_str()), (1, Some((0, 2)), "ab"));
     core.handle(Event::GraphSubmitted { client: C1, tasks: vec![task("cde", &[])], wanted: vec![Key::new("cde")] });
     // Buffers holding an earlier batch: appended, the new key's span past the old text.
     core.take_transitions(&mut out, &mut text);
-    assert_eq!((out.len(), out[1].key, text.as_str()), (2, Some((2, 5)), "abcde"));
+    assert_eq!((out.len(), out[1].key(), text.as_str()), (2, Some((2, 5)), "abcde"));
     assert_eq!(core.transitions_pending(), 0);
 }
 
@@ -909,10 +909,10 @@ fn changes_of_a_task_within_one_event_form_one_record() {
     core.handle(Event::GraphSubmitted { client: C1, tasks: vec![task("a", &[])], wanted: vec![Key::new("a")] });
     core.take_transitions(&mut out, &mut text);
     assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(out[0].key, Some((0, 1)));
+    assert_eq!(out[0].key(), Some((0, 1)));
     assert_eq!(text, "a");
-    assert_eq!(out[0].via.as_slice(), [Phase::Released, Phase::Waiting, Phase::Queued]);
-    assert_eq!((out[0].phase, out[0].worker), (Phase::Processing, Some(W1)));
+    assert_eq!(out[0].via().iter().collect::<Vec<_>>(), [Phase::Released, Phase::Waiting, Phase::Queued]);
+    assert_eq!((out[0].phase(), out[0].worker()), (Phase::Processing, Some(W1)));
     out.clear();
     // The end of a run keeps its own record (its time and worker); what follows at once is
     // the next one.
@@ -921,8 +921,54 @@ fn changes_of_a_task_within_one_event_form_one_record() {
     core.handle(Event::KeysReleased { client: C1, keys: vec![Key::new("a")] });
     core.take_transitions(&mut out, &mut text);
     let got: Vec<(Vec<Phase>, Phase, Option<u64>)> =
-        out.iter().map(|t| (t.via.as_slice().to_vec(), t.phase, t.duration_us)).collect();
+        out.iter().map(|t| (t.via().iter().collect(), t.phase(), t.duration_us())).collect();
     assert_eq!(got, [(vec![], Phase::Memory, Some(7)), (vec![Phase::Released], Phase::Forgotten, None)]);
+}
+
+#[test]
+fn packed_records_keep_every_field() {
+    const ALL: [Phase; 8] = [
+        Phase::Released,
+        Phase::Waiting,
+        Phase::Queued,
+        Phase::NoWorker,
+        Phase::Processing,
+        Phase::Memory,
+        Phase::Erred,
+        Phase::Forgotten,
+    ];
+    for (i, &p) in ALL.iter().enumerate() {
+        let bare = Transition::new(u64::MAX - i as u64, None, p, None);
+        assert_eq!((bare.task(), bare.key(), bare.phase()), (u64::MAX - i as u64, None, p));
+        assert_eq!((bare.worker(), bare.duration_us(), bare.via().len()), (None, None, 0));
+        // Zero and the largest values are values, not "unset".
+        let full = Transition::new(7, Some((0, u32::MAX)), p, Some(WorkerId(u32::MAX))).with_duration_us(0);
+        assert_eq!(
+            (full.key(), full.worker(), full.duration_us()),
+            (Some((0, u32::MAX)), Some(WorkerId(u32::MAX)), Some(0))
+        );
+        assert_eq!(Transition::new(7, Some((0, 0)), p, Some(WorkerId(0))).worker(), Some(WorkerId(0)));
+    }
+    // A path through every phase: four fit in `via`, then the record is full and unchanged.
+    let mut tr = Transition::new(1, Some((3, 5)), ALL[0], None);
+    for (i, &p) in ALL.iter().enumerate().skip(1) {
+        let before = tr;
+        let w = (i % 2 == 0).then_some(WorkerId(i as u32));
+        if i <= crate::Via::CAPACITY {
+            assert!(tr.extend(p, w));
+            assert_eq!((tr.phase(), tr.worker(), tr.key()), (p, w, Some((3, 5))));
+            assert_eq!(tr.via().iter().collect::<Vec<_>>(), ALL[..i]);
+        } else {
+            assert!(!tr.extend(p, w));
+            assert_eq!(tr, before);
+        }
+    }
+    // The end of a run is not extended.
+    let mut ended = Transition::new(2, None, Phase::Memory, Some(WorkerId(1))).with_duration_us(9);
+    assert!(!ended.extend(Phase::Released, None));
+    assert_eq!((ended.phase(), ended.duration_us(), ended.via().len()), (Phase::Memory, Some(9), 0));
+    ended.set_worker(None);
+    assert_eq!(ended.worker(), None);
 }
 
 #[test]
