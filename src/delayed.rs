@@ -152,7 +152,7 @@ impl<Args, R> Function<Args, R> {
 /// # Errors
 /// If `name` is already registered (builtin op names included).
 pub fn function<Args, F: IntoOp<Args>>(name: &str, f: F) -> Result<Function<Args, F::Output>, Error> {
-    rask_ops::register_global(name, OpEntry { func: f.into_op(name), check: None })?;
+    rask_ops::register_global(name, OpEntry { func: f.into_op(name), check: None, quick: false })?;
     Ok(Function { name: Arc::from(name), _t: PhantomData })
 }
 

@@ -91,7 +91,7 @@ fn flaky(registry: &mut Registry, name: &str, failures: usize) -> Arc<AtomicUsiz
         let n = c.fetch_add(1, Ordering::SeqCst);
         if n < failures { Err(OpError(format!("attempt {} failed", n + 1))) } else { Ok(Value::Int(n as i64 + 1)) }
     });
-    registry.register_raw(name, OpEntry { func, check: None }).expect("fresh name");
+    registry.register_raw(name, OpEntry { func, check: None, quick: false }).expect("fresh name");
     calls
 }
 
@@ -161,7 +161,7 @@ fn priorities_decide_among_runnable_tasks() {
         l.lock().expect("log").push(ctx.key().as_str().to_owned());
         Ok(Value::Null)
     });
-    reg.register_raw("log", OpEntry { func, check: None }).expect("fresh");
+    reg.register_raw("log", OpEntry { func, check: None, quick: false }).expect("fresh");
     let p = |k: &str, priority| {
         TaskSpec::new(k, "log", vec![]).with_annotations(Annotations { priority, ..Default::default() })
     };
@@ -189,11 +189,11 @@ fn intermediate_is_freed_once_its_last_dependent_has_run() {
         *w.lock().expect("watch") = Arc::downgrade(&v);
         Ok(Value::List(v))
     });
-    reg.register_raw("make", OpEntry { func: make, check: None }).expect("fresh");
+    reg.register_raw("make", OpEntry { func: make, check: None, quick: false }).expect("fresh");
     let w = Arc::clone(&watch);
     let check =
         Arc::new(move |_: &TaskCtx<'_>, _: &[Value]| Ok(Value::Bool(w.lock().expect("watch").upgrade().is_none())));
-    reg.register_raw("freed", OpEntry { func: check, check: None }).expect("fresh");
+    reg.register_raw("freed", OpEntry { func: check, check: None, quick: false }).expect("fresh");
     let g = build(vec![
         TaskSpec::new("big", "make", vec![]),
         TaskSpec::new("use", "len", vec![r("big")]),
@@ -218,7 +218,7 @@ fn resources_are_never_overcommitted() {
         ru.fetch_sub(1, Ordering::SeqCst);
         Ok(Value::Null)
     });
-    reg.register_raw("gpu", OpEntry { func, check: None }).expect("fresh");
+    reg.register_raw("gpu", OpEntry { func, check: None, quick: false }).expect("fresh");
     let gpu = Annotations { resources: vec![(Arc::from("GPU"), 1.0)], ..Default::default() };
     let mut specs: Vec<TaskSpec> =
         (0..8).map(|k| TaskSpec::new(format!("g{k}"), "gpu", vec![]).with_annotations(gpu.clone())).collect();

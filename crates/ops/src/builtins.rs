@@ -243,6 +243,11 @@ fn check_builtin(op: &str, args: &[ArgSpec]) -> Result<(), String> {
 
 type Body = fn(&TaskCtx<'_>, &[Value]) -> Result<Value, OpError>;
 
+/// Builtins whose time follows the size of their arguments (see [`crate::OpEntry::quick`]).
+/// Not `range` or `bytes` (an argument's value sets how much they make), `sleep`, `shell`.
+const QUICK: &[&str] =
+    &["identity", "add", "mul", "sub", "div", "sum", "min", "max", "len", "concat", "index", "noop", "fail", "nbytes"];
+
 pub(crate) fn install(r: &mut Registry) {
     let ops: &[(&str, Body)] = &[
         ("identity", |_, a| Ok(a[0].clone())),
@@ -292,7 +297,7 @@ pub(crate) fn install(r: &mut Registry) {
             body(ctx, args)
         });
         // Names are distinct literals above.
-        let _ = r.register_raw(name, OpEntry { func, check: Some(check_builtin) });
+        let _ = r.register_raw(name, OpEntry { func, check: Some(check_builtin), quick: QUICK.contains(name) });
     }
 }
 
@@ -494,6 +499,20 @@ fn make_bytes(_: &TaskCtx<'_>, a: &[Value]) -> Result<Value, OpError> {
 mod tests {
     use super::*;
     use rask_graph::Key;
+
+    #[test]
+    fn only_builtins_bounded_by_their_arguments_size_are_quick() {
+        let r = Registry::with_builtins();
+        for op in ["add", "sum", "concat", "identity", "noop"] {
+            assert!(r.is_quick(op), "{op}");
+        }
+        for op in ["sleep", "shell", "range", "bytes", "no-such-op"] {
+            assert!(!r.is_quick(op), "{op}");
+        }
+        let mut mine = Registry::empty();
+        mine.register("mine", |x: i64| x).expect("fresh");
+        assert!(!mine.is_quick("mine"), "user functions promise nothing");
+    }
 
     fn run(op: &str, args: Vec<Value>) -> Result<Value, OpError> {
         let r = Registry::with_builtins();

@@ -114,6 +114,12 @@ pub struct OpEntry {
     pub func: OpFn,
     /// Validation of literal arguments; `None` accepts anything (typed functions check at run time).
     pub check: Option<ArgCheck>,
+    /// Promises that a call takes time in proportion to the size of its arguments, and no
+    /// more: no I/O, no sleeping or waiting, no work set by an argument's value. A worker may
+    /// then run a call with small inputs on its event loop instead of handing it to a task
+    /// thread (which costs more than such a call). Arithmetic and small list builtins are
+    /// quick; functions registered with [`Registry::register`] are not.
+    pub quick: bool,
 }
 
 /// Errors of registration.
@@ -162,13 +168,19 @@ impl Registry {
     /// # Errors
     /// If the name is taken.
     pub fn register<Args, F: IntoOp<Args>>(&mut self, name: &str, f: F) -> Result<(), RegistryError> {
-        self.register_raw(name, OpEntry { func: f.into_op(name), check: None })
+        self.register_raw(name, OpEntry { func: f.into_op(name), check: None, quick: false })
     }
 
     /// The function registered under `name`.
     #[must_use]
     pub fn get(&self, name: &str) -> Option<&OpFn> {
         self.ops.get(name).map(|e| &e.func)
+    }
+
+    /// Whether `name` is registered as quick (see [`OpEntry::quick`]).
+    #[must_use]
+    pub fn is_quick(&self, name: &str) -> bool {
+        self.ops.get(name).is_some_and(|e| e.quick)
     }
 
     /// Whether `name` is registered.
@@ -257,7 +269,7 @@ mod tests {
     fn global_registry_is_copy_on_write() {
         let before = global();
         let f = |x: i64| x * 3;
-        register_global("ops-test-triple", OpEntry { func: f.into_op("ops-test-triple"), check: None })
+        register_global("ops-test-triple", OpEntry { func: f.into_op("ops-test-triple"), check: None, quick: false })
             .expect("fresh name");
         assert!(!before.contains("ops-test-triple"));
         assert!(global().contains("ops-test-triple"));
