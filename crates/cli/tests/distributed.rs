@@ -1634,47 +1634,101 @@ fn dashboard_in_a_headless_browser_updates_live_and_its_replay_shows_the_same_co
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn worker_serves_its_own_metrics_and_health() {
-    let mut cluster = Cluster::start();
+/// A worker with its metrics on a free port, named `name`, joined to `cluster`: its
+/// metrics' `HOST:PORT`.
+fn metered_worker(cluster: &mut Cluster, name: &str) -> String {
     let mut worker = Command::new(RASK)
-        .args(["worker", &cluster.address, "--no-nanny", "--name", "metered", "--nthreads", "1", "--metrics-port", "0"])
+        .args(["worker", &cluster.address, "--no-nanny", "--name", name, "--nthreads", "1", "--metrics-port", "0"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start worker");
     let url = wait_for_line(&mut worker, "metrics at http://");
     cluster.workers.push(worker);
-    let web = url.trim_end_matches("/metrics").to_owned();
-    assert_eq!(http_get(&web, "/health"), (200, "ok\n".to_owned()));
-    let o = rask(&["run", &example("pipeline.json"), "--json", "--scheduler", &cluster.address]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    // The figures follow the worker's heartbeats (a few a second).
+    url.trim_end_matches("/metrics").to_owned()
+}
+
+/// Waits (bounded) until worker `name`'s metrics at `web` satisfy `done` (they follow its
+/// heartbeats, a few a second); returns the metric reader that did.
+fn worker_metrics_until(web: &str, name: &str, done: impl Fn(&dyn Fn(&str) -> f64) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (code, metrics) = http_get(&web, "/metrics");
+        let (code, metrics) = http_get(web, "/metrics");
         assert_eq!(code, 200);
         let scrape =
             prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text");
-        let value = |name: &str| {
+        let value = |metric: &str| {
             scrape
                 .samples
                 .iter()
-                .find(|s| s.metric == name && s.labels.get("worker") == Some("metered"))
+                .find(|s| s.metric == metric && s.labels.get("worker") == Some(name))
                 .map(|s| match s.value {
                     prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
                     _ => f64::NAN,
                 })
-                .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+                .unwrap_or_else(|| panic!("no {metric} in\n{metrics}"))
         };
-        if value("rask_worker_tasks_finished_total") >= 17.0 {
-            assert!(value("rask_worker_memory_rss_bytes") > 0.0);
-            assert!(value("rask_worker_cpu_seconds_total") > 0.0);
-            assert_eq!(value("rask_worker_paused"), 0.0);
-            assert_eq!(value("rask_worker_tasks_failed_total"), 0.0);
-            break;
+        if done(&value) {
+            return;
         }
-        assert!(Instant::now() < deadline, "the worker's metrics never showed its tasks:\n{metrics}");
+        assert!(Instant::now() < deadline, "worker {name}'s metrics never got there:\n{metrics}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn worker_serves_its_own_metrics_and_health() {
+    let mut cluster = Cluster::start();
+    let web = metered_worker(&mut cluster, "metered");
+    assert_eq!(http_get(&web, "/health"), (200, "ok\n".to_owned()));
+    let o = rask(&["run", &example("pipeline.json"), "--json", "--scheduler", &cluster.address]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    worker_metrics_until(&web, "metered", |value| {
+        if value("rask_worker_tasks_finished_total") < 17.0 {
+            return false;
+        }
+        assert!(value("rask_worker_memory_rss_bytes") > 0.0);
+        assert!(value("rask_worker_cpu_seconds_total") > 0.0);
+        assert_eq!(value("rask_worker_paused"), 0.0);
+        assert_eq!(value("rask_worker_tasks_failed_total"), 0.0);
+        assert!(value("rask_worker_tasks_inline_total") <= 17.0);
+        true
+    });
+}
+
+#[test]
+fn quick_tasks_run_on_the_workers_event_loop_and_slow_ones_on_its_thread() {
+    let mut cluster = Cluster::start();
+    let web = metered_worker(&mut cluster, "inline");
+    let c = BlockingClient::connect(&cluster.address).expect("client");
+    let graph = |op: &str, n: i64| {
+        let mut b = GraphBuilder::new();
+        for i in 0..n {
+            b.add(TaskSpec::new(format!("{op}-{i}"), op, vec![ArgSpec::Lit(Value::Int(i))]));
+        }
+        let g = b.build().expect("graph");
+        let outs: Vec<_> = g.ids().collect();
+        (g, outs)
+    };
+    // Additions, the task thread idle: each runs in place, where its input is.
+    let (g, outs) = graph("add", 40);
+    let got: Vec<Value> = c.compute(&g, &outs).expect("computes").into_iter().map(|r| r.expect("ok")).collect();
+    assert_eq!(got, (0..40).map(Value::Int).collect::<Vec<_>>());
+    worker_metrics_until(&web, "inline", |value| {
+        value("rask_worker_tasks_finished_total") >= 40.0 && {
+            assert_eq!(value("rask_worker_tasks_inline_total"), 40.0);
+            true
+        }
+    });
+    // Sleeping is not quick, however short: on the thread, every time.
+    let (g, outs) = graph("sleep", 10);
+    for r in c.compute(&g, &outs).expect("computes") {
+        assert_eq!(r.expect("ok"), Value::Null);
+    }
+    worker_metrics_until(&web, "inline", |value| {
+        value("rask_worker_tasks_finished_total") >= 50.0 && {
+            assert_eq!(value("rask_worker_tasks_inline_total"), 40.0);
+            true
+        }
+    });
 }

@@ -18,7 +18,7 @@ use crate::DashboardError;
 pub fn render(s: &WorkerStats) -> String {
     let label = crate::model::escape_label(&s.name);
     let m = &s.memory;
-    let rows: [(&str, &str, &str, String); 12] = [
+    let rows: [(&str, &str, &str, String); 13] = [
         ("rask_worker_memory_managed_bytes", "gauge", "Bytes of results in memory.", m.managed.to_string()),
         ("rask_worker_memory_spilled_bytes", "gauge", "Bytes of results on disk.", m.spilled.to_string()),
         ("rask_worker_memory_rss_bytes", "gauge", "Resident memory of the worker process.", m.rss.to_string()),
@@ -38,6 +38,12 @@ pub fn render(s: &WorkerStats) -> String {
         ),
         ("rask_worker_tasks_finished_total", "counter", "Tasks finished.", s.tasks_finished.to_string()),
         ("rask_worker_tasks_failed_total", "counter", "Tasks that failed.", s.tasks_failed.to_string()),
+        (
+            "rask_worker_tasks_inline_total",
+            "counter",
+            "Tasks run on the worker's event loop (quick functions, small inputs, idle task threads).",
+            s.tasks_inline.to_string(),
+        ),
         ("rask_worker_tasks_assigned", "gauge", "Tasks assigned and not finished.", s.tasks_assigned.to_string()),
         ("rask_worker_paused", "gauge", "1 while paused for memory.", u8::from(s.paused).to_string()),
         (

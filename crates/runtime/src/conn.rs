@@ -71,6 +71,64 @@ impl<M: Serialize + Send + Sync + 'static> Outbox<M> {
     }
 }
 
+/// Paces an event loop that shares its thread with connection writers (the scheduler's and
+/// workers' shells run on single-threaded runtimes). Under load messages keep arriving, and
+/// such a loop takes in up to tokio's budget of them (128 channel receives) before it yields:
+/// what it produced meanwhile — tasks for workers, results for the scheduler — waits in the
+/// writers' queues for milliseconds, and the other side runs dry. [`Turns::pause`] yields once
+/// the loop has run [`Turns::EVERY`] without doing so.
+pub(crate) struct Turns {
+    since: std::time::Instant,
+}
+
+impl Default for Turns {
+    fn default() -> Self {
+        Turns { since: std::time::Instant::now() }
+    }
+}
+
+impl Turns {
+    /// The longest a loop keeps its thread from the writers (a turn longer than this is not
+    /// cut short; the pause comes after it).
+    pub(crate) const EVERY: std::time::Duration = std::time::Duration::from_micros(100);
+
+    /// Call after each turn: yields to the other tasks on this thread if it is time.
+    pub(crate) async fn pause(&mut self) {
+        if self.since.elapsed() >= Self::EVERY {
+            tokio::task::yield_now().await;
+            self.since = std::time::Instant::now();
+        }
+    }
+}
+
+/// How long an idle loop (the scheduler's, a worker's, an executor thread) polls for its next
+/// message or job before sleeping: about a few round-trips between processes.
+pub(crate) const SPIN_BEFORE_SLEEP: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Receives the next message, polling for up to `spin` (letting other threads on this CPU and
+/// the other tasks on this thread run in between) before sleeping until one comes. For loops
+/// whose next message usually follows within a round-trip: waking a sleeping thread costs
+/// tens of microseconds on a busy or virtual machine. `None` when every sender is gone.
+pub(crate) async fn recv_spinning<T>(rx: &mut mpsc::UnboundedReceiver<T>, spin: std::time::Duration) -> Option<T> {
+    let mut until = None;
+    loop {
+        match rx.try_recv() {
+            Ok(m) => return Some(m),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let now = std::time::Instant::now();
+                if now >= *until.get_or_insert(now + spin) {
+                    return rx.recv().await;
+                }
+                // Another thread that wants this CPU gets it; then this thread's sockets are
+                // polled (tokio wakes a yielded task after polling its I/O driver).
+                std::thread::yield_now();
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
 /// Most messages per frame; larger batches are split.
 const MAX_BATCH: usize = 4096;
 

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::RuntimeError;
-use crate::conn::{Outbox, read_loop};
+use crate::conn::{Outbox, SPIN_BEFORE_SLEEP, Turns, read_loop, recv_spinning};
 use crate::feed::{Cause, FeedEvent, FeedSender, GRAPH_FEED_LIMIT, Publisher};
 
 /// Connected peers by connection id (integer keys: the cheap hash).
@@ -216,9 +216,11 @@ async fn core_loop(
     let now_us = move || started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
     let mut ticker = tokio::time::interval(std::time::Duration::from_millis(250));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut turns = Turns::default();
     loop {
         let inbound = tokio::select! {
-            m = rx.recv() => match m { Some(m) => m, None => break },
+            // The next report usually follows within a round-trip (see `recv_spinning`).
+            m = recv_spinning(&mut rx, SPIN_BEFORE_SLEEP) => match m { Some(m) => m, None => break },
             _ = ticker.tick() => Inbound::Tick,
             reason = &mut stop => {
                 let reason = reason.unwrap_or_else(|_| "scheduler stopped".into());
@@ -346,6 +348,8 @@ async fn core_loop(
             }
         }
         send_feed(&mut publisher, &mut core, ticked);
+        // Under load, let the writers send what these turns produced (see `Turns`).
+        turns.pause().await;
     }
     send_feed(&mut publisher, &mut core, true);
 }

@@ -8,7 +8,9 @@
 //!   fetches. Fetched copies are dropped once no local task needs them.
 //! - Tasks run on `nthreads` OS threads in scheduler priority order, through the same
 //!   `rask_ops::run_call` as the local schedulers; an unknown function is a task error naming
-//!   the function and this worker.
+//!   the function and this worker. A task of quick functions on small inputs runs on the event
+//!   loop itself while those threads are idle (see `runs_inline`): the hand-off would cost more
+//!   than the task.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -27,11 +29,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::RuntimeError;
-use crate::conn::{Fetched, Outbox, PeerPool, dial, read_loop};
+use crate::conn::{Fetched, Outbox, PeerPool, SPIN_BEFORE_SLEEP, Turns, dial, read_loop, recv_spinning};
 use crate::store::{DataStore, Store, lock, process_cpu_us, process_rss, remove_stale_spill_dirs};
-
-/// How long an idle executor thread polls for new work before sleeping.
-const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(200);
 
 /// An executor thread reports results in batches while it runs short jobs back to back (each
 /// report may wake the event loop, which costs more than a tiny task): it holds at most this
@@ -94,6 +93,9 @@ pub struct WorkerStats {
     pub tasks_finished: u64,
     /// Tasks that failed on it.
     pub tasks_failed: u64,
+    /// Tasks (finished or failed) it ran on its event loop, being quick ones on small inputs,
+    /// instead of on a task thread.
+    pub tasks_inline: u64,
     /// Tasks assigned to it and not finished yet (running, queued or waiting for inputs).
     pub tasks_assigned: u64,
     /// Whether it is paused for memory.
@@ -134,6 +136,25 @@ struct JobQueue {
     cv: Condvar,
     /// Entries in the heap, readable without the lock (spinning threads poll it).
     ready: AtomicUsize,
+    /// Jobs the executor threads are running (taken from the heap, not reported yet).
+    running: AtomicUsize,
+}
+
+impl Default for JobQueue {
+    fn default() -> Self {
+        JobQueue {
+            q: Mutex::new(Queue {
+                heap: BinaryHeap::new(),
+                jobs: FxHashMap::default(),
+                closed: false,
+                paused: false,
+                sleeping: 0,
+            }),
+            cv: Condvar::new(),
+            ready: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+        }
+    }
 }
 
 struct Queue {
@@ -226,17 +247,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     });
 
     // Executor threads.
-    let queue = Arc::new(JobQueue {
-        q: Mutex::new(Queue {
-            heap: BinaryHeap::new(),
-            jobs: FxHashMap::default(),
-            closed: false,
-            paused: false,
-            sleeping: 0,
-        }),
-        cv: Condvar::new(),
-        ready: AtomicUsize::new(0),
-    });
+    let queue = Arc::new(JobQueue::default());
     let location: Arc<str> = Arc::from(format!("on worker {} ({data_address})", cfg.name));
     let own_address: Arc<str> = Arc::from(data_address.as_str());
     let mut threads = Vec::new();
@@ -258,7 +269,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     let (paused_tx, paused_rx) = tokio::sync::watch::channel(false);
     // Bytes of inputs fetched from peers so far (reported with the heartbeats).
     let mut fetched_bytes = 0u64;
-    let (mut tasks_finished, mut tasks_failed) = (0u64, 0u64);
+    let mut tally = Tally::default();
     let mut waiting: FxHashMap<Key, Waiting> = FxHashMap::default();
     // input key -> tasks waiting for it
     let mut fetching: FxHashMap<Key, Vec<Key>> = FxHashMap::default();
@@ -273,9 +284,16 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     // Since when this worker has been retiring (SIGTERM): it leaves when the scheduler says so.
     let mut retiring: Option<Instant> = None;
 
+    let mut turns = Turns::default();
+    // Tasks run on the event loop (see `runs_inline`): argument scratch, and reports not sent yet.
+    let mut inline_buf: Vec<Value> = Vec::new();
+    let mut inline_reports: Vec<ToScheduler> = Vec::new();
     let exit = loop {
+        // Under load, let the writer send the results reported so far (see `Turns`).
+        turns.pause().await;
         let msg = tokio::select! {
-            m = rx.recv() => m,
+            // The heartbeat first: messages arriving back to back must not starve it.
+            biased;
             _ = ticker.tick() => {
                 if stop.load(Ordering::Relaxed) {
                     match retiring {
@@ -333,14 +351,19 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     let mut s = lock(stats);
                     s.name.clone_from(&cfg.name);
                     s.memory = report;
-                    s.tasks_finished = tasks_finished;
-                    s.tasks_failed = tasks_failed;
+                    s.tasks_finished = tally.finished;
+                    s.tasks_failed = tally.failed;
+                    s.tasks_inline = tally.inline;
                     s.tasks_assigned = (queued.len() + waiting.len()) as u64;
                     s.paused = paused;
                 }
                 to_scheduler.send(ToScheduler::Memory { report }, Vec::new());
                 continue;
             }
+            // The next message usually comes within a round-trip (the next task of a chain):
+            // poll for it briefly before sleeping, as the executor threads do — waking a
+            // sleeping thread (on a VM, a halted CPU) costs tens of µs a hop.
+            m = recv_spinning(&mut rx, SPIN_BEFORE_SLEEP) => m,
         };
         let Some(msg) = msg else { break WorkerExit::Stopped };
         match msg {
@@ -391,7 +414,25 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                     }
                                 }
                             }
-                            if missing == 0 {
+                            if missing == 0
+                                && runs_inline(&job, &cfg.registry, &queue, ready.is_empty(), *paused_rx.borrow())
+                            {
+                                let start = Instant::now();
+                                let result = run_job(&job, &cfg.registry, &location, &mut inline_buf);
+                                inline_buf.clear();
+                                let duration = start.elapsed();
+                                tally.inline += 1;
+                                let Job { key, ticket, replicas: used, .. } = job;
+                                release_replicas(&mut replicas, used);
+                                let outcome = Outcome { key, ticket, replicas: Vec::new(), result, duration };
+                                inline_reports.push(conclude(outcome, &mut lock(&store), &mut tally));
+                                // A long frame of them: the results go back in batches as they
+                                // come, and the writer gets to send them.
+                                if inline_reports.len() >= OUTCOME_BATCH {
+                                    to_scheduler.send_many(std::mem::take(&mut inline_reports));
+                                    turns.pause().await;
+                                }
+                            } else if missing == 0 {
                                 seq += 1;
                                 queued.insert(key, seq);
                                 ready.push((job, priority, seq));
@@ -474,6 +515,7 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                     }
                 }
                 enqueue(&queue, &mut ready);
+                to_scheduler.send_many(std::mem::take(&mut inline_reports));
                 if let Some(reason) = shutdown {
                     break WorkerExit::SchedulerShutdown(reason);
                 }
@@ -578,22 +620,10 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
             Inbox::Done(outcomes) => {
                 let mut reports = Vec::with_capacity(outcomes.len());
                 let mut held = lock(&store);
-                for Outcome { key, ticket, replicas: used, result, duration } in outcomes {
-                    queued.remove(&key);
-                    let duration_us = duration.as_micros().min(u128::from(u64::MAX)) as u64;
-                    release_replicas(&mut replicas, used);
-                    match result {
-                        Ok(v) => {
-                            tasks_finished += 1;
-                            let nbytes = v.nbytes() as u64;
-                            held.insert(key.clone(), v);
-                            reports.push(ToScheduler::TaskFinished { key, ticket, nbytes, duration_us });
-                        }
-                        Err(e) => {
-                            tasks_failed += 1;
-                            reports.push(ToScheduler::TaskFailed { key, ticket, error: WireError::from(&e) });
-                        }
-                    }
+                for mut o in outcomes {
+                    queued.remove(&o.key);
+                    release_replicas(&mut replicas, std::mem::take(&mut o.replicas));
+                    reports.push(conclude(o, &mut held, &mut tally));
                 }
                 drop(held);
                 to_scheduler.send_many(reports);
@@ -657,6 +687,73 @@ fn release_replicas(replicas: &mut FxHashMap<Key, (Value, usize)>, used: Vec<Key
                 replicas.remove(&k);
             }
         }
+    }
+}
+
+/// Tasks this worker ended, for its metrics.
+#[derive(Default)]
+struct Tally {
+    finished: u64,
+    failed: u64,
+    /// Of those, run on the event loop (see `runs_inline`).
+    inline: u64,
+}
+
+/// The end of a job, run by an executor thread or inline: its result goes into the store, and
+/// the report for the scheduler is returned. (The caller has released its fetched inputs.)
+fn conclude(o: Outcome, held: &mut DataStore, tally: &mut Tally) -> ToScheduler {
+    let Outcome { key, ticket, result, duration, .. } = o;
+    let duration_us = duration.as_micros().min(u128::from(u64::MAX)) as u64;
+    match result {
+        Ok(v) => {
+            tally.finished += 1;
+            let nbytes = v.nbytes() as u64;
+            held.insert(key.clone(), v);
+            ToScheduler::TaskFinished { key, ticket, nbytes, duration_us }
+        }
+        Err(e) => {
+            tally.failed += 1;
+            ToScheduler::TaskFailed { key, ticket, error: WireError::from(&e) }
+        }
+    }
+}
+
+/// Whether `job`, its inputs all here, runs on the event loop at once rather than going to an
+/// executor thread. The hand-off (queue, wake-up, result sent back) costs several microseconds,
+/// more than a quick function on small inputs, and a stream of such tasks keeps the threads
+/// waking and sleeping. It does when:
+/// - every function it calls is quick ([`rask_ops::OpEntry::quick`]: time bounded by the size of
+///   its arguments) and its inputs are [`small`] — so the loop is held up for microseconds;
+/// - it has no timeout (one is enforced on a thread of its own);
+/// - the worker is not paused for memory;
+/// - the executor threads have nothing running or queued, and nothing earlier in this frame
+///   waits to be queued (`frame_idle`): it overtakes no work of higher priority, and the worker
+///   never runs more tasks at once than it has threads.
+fn runs_inline(job: &Job, registry: &Registry, queue: &JobQueue, frame_idle: bool, paused: bool) -> bool {
+    let quick = match &*job.body {
+        WireBody::Call(c) => registry.is_quick(&c.op),
+        WireBody::Chain(links) => links.iter().all(|(_, c)| registry.is_quick(&c.op)),
+    };
+    quick
+        && frame_idle
+        && !paused
+        && job.timeout.is_none()
+        && job.inputs.iter().all(|(_, v)| small(v))
+        && queue.ready.load(Ordering::Acquire) == 0
+        && queue.running.load(Ordering::Acquire) == 0
+}
+
+/// Whether a quick function's input is small enough to keep it a matter of microseconds: a
+/// scalar, a string or blob of up to 4 KiB, or up to 64 scalars in a list or map (checked
+/// without walking anything larger).
+fn small(v: &Value) -> bool {
+    let scalar = |x: &Value| matches!(x, Value::Null | Value::Bool(_) | Value::Int(_) | Value::Float(_));
+    match v {
+        Value::Str(s) => s.len() <= 4096,
+        Value::Bytes(b) => b.len() <= 4096,
+        Value::List(l) => l.len() <= 64 && l.iter().all(scalar),
+        Value::Map(m) => m.len() <= 64 && m.values().all(scalar),
+        scalar_value => scalar(scalar_value),
     }
 }
 
@@ -750,11 +847,17 @@ fn executor_thread(queue: &JobQueue, tx: &mpsc::UnboundedSender<Inbox>, registry
                     continue;
                 }
                 if let Some(Reverse((_, seq))) = q.heap.pop() {
-                    queue.ready.store(q.heap.len(), Ordering::Release);
-                    if let Some(job) = q.jobs.remove(&seq) {
-                        break job;
+                    let job = q.jobs.remove(&seq);
+                    // Counted as running before it stops counting as queued: the event loop,
+                    // reading `ready` then `running`, never sees it as neither.
+                    if job.is_some() {
+                        queue.running.fetch_add(1, Ordering::AcqRel);
                     }
-                    continue;
+                    queue.ready.store(q.heap.len(), Ordering::Release);
+                    match job {
+                        Some(job) => break job,
+                        None => continue,
+                    }
                 }
                 if !spun {
                     // Dependent tasks usually arrive within a round-trip: wait for them briefly
@@ -791,6 +894,7 @@ fn executor_thread(queue: &JobQueue, tx: &mpsc::UnboundedSender<Inbox>, registry
         if done.is_empty() {
             held_since = Instant::now();
         }
+        queue.running.fetch_sub(1, Ordering::Release);
         done.push(Outcome { key: job.key, ticket: job.ticket, replicas: job.replicas, result, duration });
     }
 }
@@ -924,4 +1028,64 @@ async fn serve_peer(stream: TcpStream, store: &Store) -> Result<(), RuntimeError
 /// Flushes a peer connection: TLS holds the end of a write in its session buffer until then.
 async fn flush(stream: &mut rask_protocol::tls::Stream) -> Result<(), RuntimeError> {
     tokio::io::AsyncWriteExt::flush(stream).await.map_err(|e| RuntimeError::Protocol(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rask_protocol::wire::WireCall;
+
+    fn job(ops: &[&str], inputs: Vec<Value>) -> Job {
+        let call = |op: &str| WireCall { op: op.to_owned(), args: Vec::new() };
+        let body = match ops {
+            [op] => WireBody::Call(call(op)),
+            _ => WireBody::Chain(
+                ops.iter().enumerate().map(|(i, op)| (Key::new(&format!("link-{i}")), call(op))).collect(),
+            ),
+        };
+        Job {
+            key: Key::new("t"),
+            body: Arc::new(body),
+            inputs: inputs.into_iter().enumerate().map(|(i, v)| (Key::new(&format!("in-{i}")), v)).collect(),
+            retries: 0,
+            timeout: None,
+            replicas: Vec::new(),
+            ticket: WireTicket { slot: 0, serial: 0 },
+        }
+    }
+
+    #[test]
+    fn small_inputs_are_scalars_short_texts_and_short_flat_collections() {
+        let ints = |n: i64| Value::List(Arc::new((0..n).map(Value::Int).collect()));
+        assert!(small(&Value::Float(1.5)) && small(&Value::Null));
+        assert!(small(&Value::Str("x".repeat(4096).into())));
+        assert!(!small(&Value::Str("x".repeat(4097).into())));
+        assert!(!small(&Value::Bytes(Bytes::from(vec![0u8; 4097]))));
+        assert!(small(&ints(64)) && !small(&ints(65)));
+        assert!(!small(&Value::List(Arc::new(vec![ints(1)]))), "nested: not walked");
+        let map = |n: i64| Value::Map(Arc::new((0..n).map(|i| (i.to_string(), Value::Int(i))).collect()));
+        assert!(small(&map(64)) && !small(&map(65)));
+    }
+
+    #[test]
+    fn only_quick_small_untimed_tasks_run_inline_and_only_while_the_threads_are_idle() {
+        let registry = Registry::with_builtins();
+        let queue = JobQueue::default();
+        let inline = |j: &Job, frame_idle: bool, paused: bool| runs_inline(j, &registry, &queue, frame_idle, paused);
+        let quick = job(&["add"], vec![Value::Int(1), Value::Int(2)]);
+        assert!(inline(&quick, true, false));
+        assert!(inline(&job(&["identity", "sum"], vec![]), true, false), "a chain of quick functions");
+        assert!(!inline(&job(&["identity", "sleep"], vec![]), true, false), "a chain with a slow link");
+        assert!(!inline(&job(&["sleep"], vec![]), true, false));
+        assert!(!inline(&job(&["no-such-op"], vec![]), true, false), "unknown: the thread reports it");
+        assert!(!inline(&job(&["sum"], vec![Value::List(Arc::new(vec![Value::Int(1); 100]))]), true, false));
+        assert!(!inline(&Job { timeout: Some(Duration::from_secs(1)), ..job(&["add"], vec![]) }, true, false));
+        assert!(!inline(&quick, true, true), "paused for memory");
+        assert!(!inline(&quick, false, false), "earlier tasks of the frame go first");
+        queue.ready.store(1, Ordering::Release);
+        assert!(!inline(&quick, true, false), "jobs queued for the threads go first");
+        queue.ready.store(0, Ordering::Release);
+        queue.running.store(1, Ordering::Release);
+        assert!(!inline(&quick, true, false), "no more tasks at once than threads");
+    }
 }
