@@ -156,6 +156,20 @@ pub fn function<Args, F: IntoOp<Args>>(name: &str, f: F) -> Result<Function<Args
     Ok(Function { name: Arc::from(name), _t: PhantomData })
 }
 
+/// Like [`function`], for a function whose time is bounded by the size of its arguments: no
+/// I/O, no sleeping or waiting, no work set by an argument's value (arithmetic, small reshaping).
+/// A worker may then run a call of it on small inputs in place, on its event loop, instead of
+/// handing it to a task thread and back — which costs more than such a call (see
+/// [`rask_ops::OpEntry::quick`]). A function that breaks the promise holds up the worker's
+/// messages while it runs.
+///
+/// # Errors
+/// If `name` is already registered (builtin op names included).
+pub fn quick_function<Args, F: IntoOp<Args>>(name: &str, f: F) -> Result<Function<Args, F::Output>, Error> {
+    rask_ops::register_global(name, OpEntry { func: f.into_op(name), check: None, quick: true })?;
+    Ok(Function { name: Arc::from(name), _t: PhantomData })
+}
+
 /// A typed handle to a function registered elsewhere — a builtin op (`"add"`, `"shell"`) or a
 /// function only the cluster's workers register. Nothing is registered here and the types are
 /// not checked until the function runs: a mismatch is a task error naming the function.

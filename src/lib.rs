@@ -42,7 +42,7 @@ pub mod distributed {
     };
 }
 
-pub use delayed::{ArgParts, Computable, Delayed, Function, IntoArg, compute, function, op, value};
+pub use delayed::{ArgParts, Computable, Delayed, Function, IntoArg, compute, function, op, quick_function, value};
 pub use rask_graph::{
     Annotations, Arg, ArgSpec, Executor, FailureKind, Graph, GraphBuilder, GraphError, GraphErrors, Key, TaskError,
     TaskId, TaskResult, TaskSpec, Value, execution_ranks, fuse, order, to_dot, tokenize, workflow,

@@ -18,6 +18,17 @@ fn lazy_calls_compute_on_both_schedulers() {
 }
 
 #[test]
+fn quick_functions_compute_like_others_and_say_so_to_workers() {
+    let double = rask::quick_function("api-quick-double", |x: i64| x * 2).expect("fresh name");
+    let slow = rask::function("api-not-quick", |x: i64| x + 1).expect("fresh name");
+    assert_eq!(slow.call(double.call(20)).compute().expect("computes"), 41);
+    let registry = rask_ops::global();
+    assert!(registry.is_quick("api-quick-double"));
+    assert!(!registry.is_quick("api-not-quick"), "plain functions promise nothing");
+    assert!(rask::quick_function("api-quick-double", |x: i64| x).is_err(), "names stay unique");
+}
+
+#[test]
 fn same_call_twice_is_one_task() {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&calls);
