@@ -160,8 +160,10 @@ pub fn function<Args, F: IntoOp<Args>>(name: &str, f: F) -> Result<Function<Args
 /// I/O, no sleeping or waiting, no work set by an argument's value (arithmetic, small reshaping).
 /// A worker may then run a call of it on small inputs in place, on its event loop, instead of
 /// handing it to a task thread and back — which costs more than such a call (see
-/// [`rask_ops::OpEntry::quick`]). A function that breaks the promise holds up the worker's
-/// messages while it runs.
+/// [`rask_ops::OpEntry::quick`]). A call that breaks the promise holds up everything else the
+/// worker does while it runs — its heartbeats (a worker silent for 30 s is dropped), serving
+/// its results to peers, taking new tasks; a worker stops running a function in place once
+/// one of its calls took over 5 ms.
 ///
 /// # Errors
 /// If `name` is already registered (builtin op names included).

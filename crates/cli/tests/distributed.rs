@@ -1691,7 +1691,9 @@ fn worker_serves_its_own_metrics_and_health() {
         assert!(value("rask_worker_cpu_seconds_total") > 0.0);
         assert_eq!(value("rask_worker_paused"), 0.0);
         assert_eq!(value("rask_worker_tasks_failed_total"), 0.0);
-        assert!(value("rask_worker_tasks_inline_total") <= 17.0);
+        // Nine of the pipeline's tasks call only quick builtins; `shell`, `bytes` and `range`
+        // always run on the task thread.
+        assert!(value("rask_worker_tasks_inline_total") <= 9.0);
         true
     });
 }
@@ -1710,21 +1712,15 @@ fn quick_tasks_run_on_the_workers_event_loop_and_slow_ones_on_its_thread() {
         let outs: Vec<_> = g.ids().collect();
         (g, outs)
     };
-    // Additions, the task thread idle: each runs in place, where its input is.
-    let (g, outs) = graph("add", 40);
-    let got: Vec<Value> = c.compute(&g, &outs).expect("computes").into_iter().map(|r| r.expect("ok")).collect();
-    assert_eq!(got, (0..40).map(Value::Int).collect::<Vec<_>>());
-    worker_metrics_until(&web, "inline", |value| {
-        value("rask_worker_tasks_finished_total") >= 40.0 && {
-            assert_eq!(value("rask_worker_tasks_inline_total"), 40.0);
-            true
-        }
-    });
     // Sleeping is not quick, however short: on the thread, every time.
     let (g, outs) = graph("sleep", 10);
     for r in c.compute(&g, &outs).expect("computes") {
         assert_eq!(r.expect("ok"), Value::Null);
     }
+    // Then additions, the task thread idle again: each runs in place.
+    let (g, outs) = graph("add", 40);
+    let got: Vec<Value> = c.compute(&g, &outs).expect("computes").into_iter().map(|r| r.expect("ok")).collect();
+    assert_eq!(got, (0..40).map(Value::Int).collect::<Vec<_>>());
     worker_metrics_until(&web, "inline", |value| {
         value("rask_worker_tasks_finished_total") >= 50.0 && {
             assert_eq!(value("rask_worker_tasks_inline_total"), 40.0);

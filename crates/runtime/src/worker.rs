@@ -8,9 +8,10 @@
 //!   fetches. Fetched copies are dropped once no local task needs them.
 //! - Tasks run on `nthreads` OS threads in scheduler priority order, through the same
 //!   `rask_ops::run_call` as the local schedulers; an unknown function is a task error naming
-//!   the function and this worker. A task of quick functions on small inputs runs on the event
-//!   loop itself while those threads are idle (see `runs_inline`): the hand-off would cost more
-//!   than the task.
+//!   the function and this worker. A task of quick functions on small inputs, all of them here
+//!   when it arrives, runs on the event loop itself while those threads are idle (see
+//!   `Inline`): the hand-off would cost more than the task. (One whose inputs had to be fetched
+//!   goes to the threads.)
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -19,12 +20,12 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rask_graph::{FailureKind, FxHashMap, Key, TaskError, Value};
+use rask_graph::{FailureKind, FxHashMap, FxHashSet, Key, TaskError, Value};
 use rask_ops::{CallPolicy, Registry};
 use rask_protocol::frame::{read_frame, write_frame};
 use rask_protocol::handshake::{self, Role, WorkerInfo};
 use rask_protocol::msg::{FromScheduler, MemoryReport, PeerMsg, ToScheduler};
-use rask_protocol::wire::{WireArg, WireBody, WireError, WireTicket, WireValue, resolve_arg, value_to_wire};
+use rask_protocol::wire::{WireArg, WireBody, WireCall, WireError, WireTicket, WireValue, resolve_arg, value_to_wire};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -136,7 +137,7 @@ struct JobQueue {
     cv: Condvar,
     /// Entries in the heap, readable without the lock (spinning threads poll it).
     ready: AtomicUsize,
-    /// Jobs the executor threads are running (taken from the heap, not reported yet).
+    /// Jobs the executor threads are running (taken from the heap, not finished yet).
     running: AtomicUsize,
 }
 
@@ -281,11 +282,14 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
     // Jobs ready to hand to the executor threads, queued together at the end of each message.
     let mut ready: Vec<(Job, Prio, u64)> = Vec::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    // After a stall, one heartbeat rather than every one missed.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Since when this worker has been retiring (SIGTERM): it leaves when the scheduler says so.
     let mut retiring: Option<Instant> = None;
 
     let mut turns = Turns::default();
-    // Tasks run on the event loop (see `runs_inline`): argument scratch, and reports not sent yet.
+    let mut inline = Inline { registry: &cfg.registry, queue: &queue, overran: FxHashSet::default() };
+    // Tasks run on the event loop (see `Inline`): argument scratch, and reports not sent yet.
     let mut inline_buf: Vec<Value> = Vec::new();
     let mut inline_reports: Vec<ToScheduler> = Vec::new();
     let exit = loop {
@@ -414,13 +418,12 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                     }
                                 }
                             }
-                            if missing == 0
-                                && runs_inline(&job, &cfg.registry, &queue, ready.is_empty(), *paused_rx.borrow())
-                            {
+                            if missing == 0 && inline.allows(&job, ready.is_empty(), *paused_rx.borrow()) {
                                 let start = Instant::now();
                                 let result = run_job(&job, &cfg.registry, &location, &mut inline_buf);
                                 inline_buf.clear();
                                 let duration = start.elapsed();
+                                inline.ran(&job, duration, &cfg.name);
                                 tally.inline += 1;
                                 let Job { key, ticket, replicas: used, .. } = job;
                                 release_replicas(&mut replicas, used);
@@ -473,10 +476,19 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             for k in keys {
                                 lock(&store).remove(&k);
                                 // A task not started yet is dropped, and the scheduler told so
-                                // (it keeps the slot reserved until it hears back).
-                                if let Some(ticket) =
-                                    unstart(k.as_str(), &mut waiting, &mut fetching, &mut queued, &mut replicas, &queue)
-                                {
+                                // (it keeps the slot reserved until it hears back). So is one
+                                // run inline earlier in this frame whose report has not gone:
+                                // its result was just deleted.
+                                let ticket = unstart(
+                                    k.as_str(),
+                                    &mut waiting,
+                                    &mut fetching,
+                                    &mut queued,
+                                    &mut replicas,
+                                    &queue,
+                                )
+                                .or_else(|| take_report(&mut inline_reports, &k));
+                                if let Some(ticket) = ticket {
                                     to_scheduler.send(ToScheduler::TaskDropped { key: k, ticket }, Vec::new());
                                 }
                             }
@@ -678,6 +690,18 @@ fn unstart(
     None
 }
 
+/// Removes the report on `key` from `reports` (not sent yet), returning its ticket.
+fn take_report(reports: &mut Vec<ToScheduler>, key: &Key) -> Option<WireTicket> {
+    let i = reports.iter().position(|r| match r {
+        ToScheduler::TaskFinished { key: k, .. } | ToScheduler::TaskFailed { key: k, .. } => k == key,
+        _ => false,
+    })?;
+    match reports.swap_remove(i) {
+        ToScheduler::TaskFinished { ticket, .. } | ToScheduler::TaskFailed { ticket, .. } => Some(ticket),
+        _ => None,
+    }
+}
+
 /// A local task no longer needs these fetched copies; drop the ones nobody needs.
 fn release_replicas(replicas: &mut FxHashMap<Key, (Value, usize)>, used: Vec<Key>) {
     for k in used {
@@ -695,7 +719,7 @@ fn release_replicas(replicas: &mut FxHashMap<Key, (Value, usize)>, used: Vec<Key
 struct Tally {
     finished: u64,
     failed: u64,
-    /// Of those, run on the event loop (see `runs_inline`).
+    /// Of those, run on the event loop (see `Inline`).
     inline: u64,
 }
 
@@ -718,29 +742,113 @@ fn conclude(o: Outcome, held: &mut DataStore, tally: &mut Tally) -> ToScheduler 
     }
 }
 
-/// Whether `job`, its inputs all here, runs on the event loop at once rather than going to an
-/// executor thread. The hand-off (queue, wake-up, result sent back) costs several microseconds,
-/// more than a quick function on small inputs, and a stream of such tasks keeps the threads
-/// waking and sleeping. It does when:
-/// - every function it calls is quick ([`rask_ops::OpEntry::quick`]: time bounded by the size of
-///   its arguments) and its inputs are [`small`] — so the loop is held up for microseconds;
-/// - it has no timeout (one is enforced on a thread of its own);
-/// - the worker is not paused for memory;
-/// - the executor threads have nothing running or queued, and nothing earlier in this frame
-///   waits to be queued (`frame_idle`): it overtakes no work of higher priority, and the worker
-///   never runs more tasks at once than it has threads.
-fn runs_inline(job: &Job, registry: &Registry, queue: &JobQueue, frame_idle: bool, paused: bool) -> bool {
-    let quick = match &*job.body {
-        WireBody::Call(c) => registry.is_quick(&c.op),
-        WireBody::Chain(links) => links.iter().all(|(_, c)| registry.is_quick(&c.op)),
-    };
-    quick
-        && frame_idle
-        && !paused
-        && job.timeout.is_none()
-        && job.inputs.iter().all(|(_, v)| small(v))
-        && queue.ready.load(Ordering::Acquire) == 0
-        && queue.running.load(Ordering::Acquire) == 0
+/// Inputs a task run on the event loop may have (see [`Inline::allows`]).
+const INLINE_INPUTS: usize = 16;
+/// Fused calls a task run on the event loop may chain.
+const INLINE_LINKS: usize = 8;
+/// What the literal arguments of a task run on the event loop may add up to: one per value,
+/// one per 64 bytes of text or binary data.
+const INLINE_BUDGET: usize = 256;
+/// A quick function that takes longer than this on the event loop broke its promise (or the
+/// machine stalled): it runs on the task threads from then on.
+const INLINE_OVERRUN: Duration = Duration::from_millis(5);
+
+/// Which tasks run on the event loop itself rather than on an executor thread. The hand-off
+/// (queue, wake-up, result sent back) costs several microseconds, more than a quick function on
+/// small inputs, and a stream of such tasks keeps the threads waking and sleeping.
+struct Inline<'a> {
+    registry: &'a Registry,
+    queue: &'a JobQueue,
+    /// Functions that overran ([`INLINE_OVERRUN`]) on this worker.
+    overran: FxHashSet<String>,
+}
+
+impl Inline<'_> {
+    /// Whether `job`, its inputs all here, runs on the event loop now. It does when:
+    /// - every function it calls is quick ([`rask_ops::OpEntry::quick`]: time bounded by the size
+    ///   of its arguments) and none overran here;
+    /// - its arguments are few and small: at most [`INLINE_INPUTS`] inputs, each [`small`],
+    ///   literals within [`INLINE_BUDGET`], at most [`INLINE_LINKS`] fused calls, no retries — so
+    ///   the loop is held up for microseconds;
+    /// - it has no timeout (one is enforced on a thread of its own);
+    /// - the worker is not paused for memory;
+    /// - the executor threads have nothing running or queued, and nothing earlier in this frame
+    ///   waits to be queued (`frame_idle`): it overtakes no work of higher priority, and the
+    ///   worker never runs more tasks at once than it has threads.
+    fn allows(&self, job: &Job, frame_idle: bool, paused: bool) -> bool {
+        if !frame_idle
+            || paused
+            || job.timeout.is_some()
+            || job.retries != 0
+            || job.inputs.len() > INLINE_INPUTS
+            || self.queue.ready.load(Ordering::Acquire) != 0
+            || self.queue.running.load(Ordering::Acquire) != 0
+        {
+            return false;
+        }
+        let mut budget = INLINE_BUDGET;
+        let mut quick = |c: &WireCall| {
+            self.registry.is_quick(&c.op)
+                && (self.overran.is_empty() || !self.overran.contains(c.op.as_str()))
+                && c.args.iter().all(|a| spend_arg(a, &mut budget))
+        };
+        let calls = match &*job.body {
+            WireBody::Call(c) => quick(c),
+            WireBody::Chain(links) => links.len() <= INLINE_LINKS && links.iter().all(|(_, c)| quick(c)),
+        };
+        calls && job.inputs.iter().all(|(_, v)| small(v))
+    }
+
+    /// Notes an inline run of `job` that took `took`: functions that overran are not run inline
+    /// again on this worker.
+    fn ran(&mut self, job: &Job, took: Duration, worker: &str) {
+        if took <= INLINE_OVERRUN {
+            return;
+        }
+        let ops: Vec<&str> = match &*job.body {
+            WireBody::Call(c) => vec![c.op.as_str()],
+            WireBody::Chain(links) => links.iter().map(|(_, c)| c.op.as_str()).collect(),
+        };
+        eprintln!(
+            "rask worker {worker}: {} ran {took:?} for {}, though registered as quick; it runs on task threads from now on",
+            ops.join(" → "),
+            job.key
+        );
+        self.overran.extend(ops.into_iter().map(str::to_owned));
+    }
+}
+
+/// Takes `n` from `budget`; false (and `budget` unchanged) when it has less.
+fn take(budget: &mut usize, n: usize) -> bool {
+    let ok = *budget >= n;
+    if ok {
+        *budget -= n;
+    }
+    ok
+}
+
+/// Charges an argument to a literal budget (see [`INLINE_BUDGET`]); false when it does not fit.
+/// References cost one: the values they name are checked as inputs.
+fn spend_arg(a: &WireArg, budget: &mut usize) -> bool {
+    take(budget, 1)
+        && match a {
+            WireArg::Lit(v) => spend_value(v, budget),
+            WireArg::Ref(_) | WireArg::Link(_) => true,
+            WireArg::List(items) => items.iter().all(|x| spend_arg(x, budget)),
+            WireArg::Map(items) => items.iter().all(|(_, x)| spend_arg(x, budget)),
+        }
+}
+
+fn spend_value(v: &WireValue, budget: &mut usize) -> bool {
+    match v {
+        WireValue::Str(s) => take(budget, s.len() / 64),
+        WireValue::Bytes(b) => take(budget, b.len() / 64),
+        // Large by definition.
+        WireValue::Blob(_) => false,
+        WireValue::List(items) => items.iter().all(|x| take(budget, 1) && spend_value(x, budget)),
+        WireValue::Map(items) => items.iter().all(|(_, x)| take(budget, 1) && spend_value(x, budget)),
+        WireValue::Null | WireValue::Bool(_) | WireValue::Int(_) | WireValue::Float(_) => true,
+    }
 }
 
 /// Whether a quick function's input is small enough to keep it a matter of microseconds: a
@@ -1033,7 +1141,6 @@ async fn flush(stream: &mut rask_protocol::tls::Stream) -> Result<(), RuntimeErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rask_protocol::wire::WireCall;
 
     fn job(ops: &[&str], inputs: Vec<Value>) -> Job {
         let call = |op: &str| WireCall { op: op.to_owned(), args: Vec::new() };
@@ -1071,21 +1178,58 @@ mod tests {
     fn only_quick_small_untimed_tasks_run_inline_and_only_while_the_threads_are_idle() {
         let registry = Registry::with_builtins();
         let queue = JobQueue::default();
-        let inline = |j: &Job, frame_idle: bool, paused: bool| runs_inline(j, &registry, &queue, frame_idle, paused);
+        let mut gate = Inline { registry: &registry, queue: &queue, overran: FxHashSet::default() };
         let quick = job(&["add"], vec![Value::Int(1), Value::Int(2)]);
-        assert!(inline(&quick, true, false));
-        assert!(inline(&job(&["identity", "sum"], vec![]), true, false), "a chain of quick functions");
-        assert!(!inline(&job(&["identity", "sleep"], vec![]), true, false), "a chain with a slow link");
-        assert!(!inline(&job(&["sleep"], vec![]), true, false));
-        assert!(!inline(&job(&["no-such-op"], vec![]), true, false), "unknown: the thread reports it");
-        assert!(!inline(&job(&["sum"], vec![Value::List(Arc::new(vec![Value::Int(1); 100]))]), true, false));
-        assert!(!inline(&Job { timeout: Some(Duration::from_secs(1)), ..job(&["add"], vec![]) }, true, false));
-        assert!(!inline(&quick, true, true), "paused for memory");
-        assert!(!inline(&quick, false, false), "earlier tasks of the frame go first");
+        assert!(gate.allows(&quick, true, false));
+        assert!(gate.allows(&job(&["identity", "sum"], vec![]), true, false), "a chain of quick functions");
+        assert!(!gate.allows(&job(&["identity", "sleep"], vec![]), true, false), "a chain with a slow link");
+        assert!(!gate.allows(&job(&["identity"; INLINE_LINKS + 1], vec![]), true, false), "a long chain");
+        assert!(!gate.allows(&job(&["sleep"], vec![]), true, false));
+        assert!(!gate.allows(&job(&["no-such-op"], vec![]), true, false), "unknown: the thread reports it");
+        let big = Value::List(Arc::new(vec![Value::Int(1); 100]));
+        assert!(!gate.allows(&job(&["sum"], vec![big]), true, false), "a large input");
+        let many = job(&["add"], vec![Value::Int(1); INLINE_INPUTS + 1]);
+        assert!(!gate.allows(&many, true, false), "many inputs");
+        let literal = |args: Vec<WireArg>| Job {
+            body: Arc::new(WireBody::Call(WireCall { op: "sum".into(), args })),
+            ..job(&["sum"], vec![])
+        };
+        let ints = |n: i64| WireArg::Lit(WireValue::List((0..n).map(WireValue::Int).collect()));
+        assert!(gate.allows(&literal(vec![ints(100)]), true, false));
+        assert!(!gate.allows(&literal(vec![ints(1000)]), true, false), "a large literal");
+        assert!(!gate.allows(&literal(vec![WireArg::Lit(WireValue::Blob(0))]), true, false));
+        assert!(!gate.allows(&Job { timeout: Some(Duration::from_secs(1)), ..job(&["add"], vec![]) }, true, false));
+        assert!(!gate.allows(&Job { retries: 2, ..job(&["add"], vec![]) }, true, false));
+        assert!(!gate.allows(&quick, true, true), "paused for memory");
+        assert!(!gate.allows(&quick, false, false), "earlier tasks of the frame go first");
         queue.ready.store(1, Ordering::Release);
-        assert!(!inline(&quick, true, false), "jobs queued for the threads go first");
+        assert!(!gate.allows(&quick, true, false), "jobs queued for the threads go first");
         queue.ready.store(0, Ordering::Release);
         queue.running.store(1, Ordering::Release);
-        assert!(!inline(&quick, true, false), "no more tasks at once than threads");
+        assert!(!gate.allows(&quick, true, false), "no more tasks at once than threads");
+        queue.running.store(0, Ordering::Release);
+        // A quick function that overran is not run inline again here.
+        gate.ran(&quick, Duration::from_micros(50), "w");
+        assert!(gate.allows(&quick, true, false));
+        gate.ran(&quick, INLINE_OVERRUN * 2, "w");
+        assert!(!gate.allows(&quick, true, false));
+        assert!(gate.allows(&job(&["mul"], vec![]), true, false), "other functions still do");
+    }
+
+    #[test]
+    fn a_report_not_sent_yet_is_taken_back_with_its_ticket() {
+        let ticket = |serial| WireTicket { slot: 1, serial };
+        let finished = |k: &str, serial| ToScheduler::TaskFinished {
+            key: Key::new(k),
+            ticket: ticket(serial),
+            nbytes: 8,
+            duration_us: 1,
+        };
+        let mut reports = vec![finished("a", 1), finished("b", 2), finished("c", 3)];
+        assert_eq!(take_report(&mut reports, &Key::new("b")), Some(ticket(2)));
+        assert_eq!(reports.len(), 2);
+        assert_eq!(take_report(&mut reports, &Key::new("b")), None, "taken once");
+        assert_eq!(take_report(&mut reports, &Key::new("z")), None);
+        assert_eq!(reports, [finished("a", 1), finished("c", 3)]);
     }
 }

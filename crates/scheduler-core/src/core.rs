@@ -111,6 +111,9 @@ pub enum Phase {
     Forgotten,
 }
 
+// Every phase fits the three bits a record keeps for it.
+const _: () = assert!(Phase::Forgotten as u8 == 7);
+
 impl Phase {
     /// Three bits standing for it (see [`Transition`]).
     fn code(self) -> u8 {
@@ -256,7 +259,11 @@ impl Transition {
                 self.worker = w.0;
                 self.flags |= Self::HAS_WORKER;
             }
-            None => self.flags &= !Self::HAS_WORKER,
+            // Cleared, so records equal through their accessors compare equal.
+            None => {
+                self.worker = 0;
+                self.flags &= !Self::HAS_WORKER;
+            }
         }
     }
 }
