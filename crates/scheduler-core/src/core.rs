@@ -409,6 +409,24 @@ pub struct NewTask<P> {
     pub wanted: bool,
 }
 
+/// What a worker's report is about (see `Core::take_report_of`).
+enum Report {
+    /// A task processing there.
+    Assigned(Tid),
+    /// An assignment cancelled while it ran (the task was forgotten; the worker was told to
+    /// free its result).
+    Orphan,
+    /// Nothing this worker was asked for (a duplicate, or a task moved meanwhile).
+    Unasked,
+}
+
+/// What ending a worker's accounting for a report found (see `Core::unassign`).
+enum Unassigned {
+    Processing,
+    Orphan,
+    Nothing,
+}
+
 /// Why a worker was lost: carried by its removal, recorded in [`Core::departures`], and
 /// quoted in the error of a task that kept killing workers.
 #[derive(Clone, Debug, PartialEq)]
@@ -1967,8 +1985,20 @@ impl<P: Clone> Core<P> {
     /// the task the report is about, if that task was processing there ([`Self::reported`],
     /// then [`Self::unassign`]).
     fn take_report(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>) -> Option<Tid> {
+        match self.take_report_of(wid, key, ticket) {
+            Report::Assigned(t) => Some(t),
+            Report::Orphan | Report::Unasked => None,
+        }
+    }
+
+    /// [`Self::take_report`], telling apart a report on an assignment that was cancelled.
+    fn take_report_of(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>) -> Report {
         let t = self.reported(wid, key, ticket);
-        if self.unassign(wid, t, key, ticket) { t } else { None }
+        match (self.unassign(wid, t, key, ticket), t) {
+            (Unassigned::Processing, Some(t)) => Report::Assigned(t),
+            (Unassigned::Orphan, _) => Report::Orphan,
+            _ => Report::Unasked,
+        }
     }
 
     /// The task a worker's report on `key` (with `ticket`, if it echoed one) is about, if that
@@ -1982,28 +2012,27 @@ impl<P: Clone> Core<P> {
     }
 
     /// Ends a worker's accounting for a report on `key` (with `ticket`, if echoed) about task
-    /// `t` (from [`Self::reported`]); returns whether `t` was processing there. A report about
+    /// `t` (from [`Self::reported`]); says whether `t` was processing there. A report about
     /// a task forgotten while it ran releases that orphan's slot instead: the one its ticket
     /// names, or without a ticket the oldest of that key.
-    fn unassign(&mut self, wid: WorkerId, t: Option<Tid>, key: &Key, ticket: Option<Ticket>) -> bool {
+    fn unassign(&mut self, wid: WorkerId, t: Option<Tid>, key: &Key, ticket: Option<Ticket>) -> Unassigned {
         let Self { tasks, workers, .. } = self;
-        let Some(w) = workers.get_mut(&wid) else { return false };
+        let Some(w) = workers.get_mut(&wid) else { return Unassigned::Nothing };
         if let Some(t) = t {
             if w.processing.remove(&t) {
                 let task = tasks[t.0 as usize].as_ref().expect("invariant: live task id");
                 w.adjust_available(task.resources(), 1.0);
-                return true;
+                return Unassigned::Processing;
             }
         }
         let orphan = w.orphans.iter().position(|o| match ticket {
             Some(tk) => o.serial == tk.serial,
             None => o.key == *key,
         });
-        if let Some(i) = orphan {
-            let Orphan { resources, .. } = w.orphans.remove(i);
-            w.adjust_available(&resources, 1.0);
-        }
-        false
+        let Some(i) = orphan else { return Unassigned::Nothing };
+        let Orphan { resources, .. } = w.orphans.remove(i);
+        w.adjust_available(&resources, 1.0);
+        Unassigned::Orphan
     }
 
     fn scattered(&mut self, client: ClientId, items: Vec<(Key, u64, Vec<WorkerId>)>) {
@@ -2098,16 +2127,31 @@ impl<P: Clone> Core<P> {
     }
 
     fn finished(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>, nbytes: u64, duration_us: u64) {
-        let t = self.take_report(wid, key, ticket);
+        let report = self.take_report_of(wid, key, ticket);
         if let Some(w) = self.workers.get_mut(&wid) {
             // Count at least 1 µs, so instant tasks still raise the in-flight limit.
             let d = duration_us.max(1) as f64;
             w.avg_duration_us = if w.avg_duration_us == 0.0 { d } else { 0.9 * w.avg_duration_us + 0.1 * d };
         }
-        let t = match t {
-            Some(t) => t,
-            None => {
-                // A result nobody asked for (cancelled, or a duplicate): keep it only if useful.
+        let t = match report {
+            Report::Assigned(t) => t,
+            Report::Orphan => {
+                // Cancelled while it ran: the worker was told to free it, and drops it (or
+                // did already, when it ran the task at once). It is not adopted, even if the
+                // key is in memory elsewhere by now; the `Free` is repeated in case the result
+                // landed after it — unless this worker runs or holds the key anew.
+                let anew = self.by_key.get(key).is_some_and(|t| match &self.task(*t).state {
+                    State::Processing { on } => *on == wid,
+                    State::Memory { who_has } => who_has.contains(&wid),
+                    _ => false,
+                });
+                if !anew {
+                    self.out.push(Command::Free { worker: wid, key: key.clone() });
+                }
+                return;
+            }
+            Report::Unasked => {
+                // A result nobody asked for (a duplicate): keep it only if useful.
                 match self.by_key.get(key).copied() {
                     Some(t) if matches!(self.task(t).state, State::Memory { .. }) && self.needed(t) => {
                         if let State::Memory { who_has } = &mut self.task_mut(t).state {

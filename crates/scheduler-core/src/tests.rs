@@ -926,6 +926,41 @@ fn changes_of_a_task_within_one_event_form_one_record() {
 }
 
 #[test]
+fn result_of_a_run_cancelled_meanwhile_is_not_adopted_when_the_key_is_back() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 1, &[]);
+    env.worker(W2, "w2", 1, &[]);
+    let on = |w: &'static str| {
+        let mut t = task("a", &[]);
+        t.restrictions = Some(Box::new(Restrictions { workers: vec![Arc::from(w)], ..Default::default() }));
+        t
+    };
+    env.submit(C1, vec![on("w1")], &["a"]);
+    // Cancelled while it runs on w1: w1 is told to free it (and may have run it already).
+    let out = env.ev(Event::KeysReleased { client: C1, keys: vec![Key::new("a")] });
+    assert_eq!(frees(&out), [(W1, "a".to_owned())]);
+    // Wanted again, computed on w2.
+    env.submit(C2, vec![on("w2")], &["a"]);
+    env.finish(W2, "a", 8);
+    // w1's late report: its copy is gone (or going), so it is not counted as a holder.
+    let out = env.finish(W1, "a", 8);
+    assert_eq!(env.core.who_has("a"), [W2]);
+    assert_eq!(frees(&out), [(W1, "a".to_owned())], "told again, in case the result landed after the first");
+    // A worker that runs the key anew is not told to free it by the old run's report.
+    env.ev(Event::KeysReleased { client: C2, keys: vec![Key::new("a")] });
+    let sent = env.submit(C1, vec![on("w1")], &["a"]);
+    let old = ticket_in(&sent);
+    assert!(old.is_some());
+    let out = env.ev(Event::KeysReleased { client: C1, keys: vec![Key::new("a")] });
+    assert_eq!(frees(&out), [(W1, "a".to_owned())]);
+    env.submit(C2, vec![on("w1")], &["a"]);
+    let late = Event::TaskFinished { worker: W1, key: Key::new("a"), ticket: old, nbytes: 8, duration_us: 1 };
+    let out = env.ev(late);
+    assert!(frees(&out).is_empty(), "the old run's report must not free the new run: {out:?}");
+    assert_eq!(env.core.state_of("a"), Some("processing"));
+}
+
+#[test]
 fn packed_records_keep_every_field() {
     const ALL: [Phase; 8] = [
         Phase::Released,
