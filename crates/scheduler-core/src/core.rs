@@ -2205,8 +2205,10 @@ impl<P: Clone> Core<P> {
 
     fn inputs_missing(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>, missing: Vec<(Key, WorkerId)>) {
         // The holders that failed to deliver do not have the value (any more): believe them,
-        // so the next attempt goes elsewhere or the value is recomputed.
-        let mut corrected = false;
+        // so the next attempt goes elsewhere or the value is recomputed. Holders that have left
+        // meanwhile are not named (the shell knows no such worker): their departure explains
+        // the failure, and was handled already.
+        let mut corrected = missing.is_empty();
         for (input, holder) in missing {
             let Some(d) = self.by_key.get(&input).copied() else { continue };
             let State::Memory { who_has } = &mut self.task_mut(d).state else { continue };

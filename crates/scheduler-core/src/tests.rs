@@ -926,6 +926,29 @@ fn changes_of_a_task_within_one_event_form_one_record() {
 }
 
 #[test]
+fn inputs_missing_because_their_holder_left_do_not_count_as_failures() {
+    let mut env = Env::new();
+    env.worker(W2, "w2", 1, &[]);
+    let on = |key: &'static str, deps: &[&str], w: &'static str| {
+        let mut t = task(key, deps);
+        t.restrictions = Some(Box::new(Restrictions { workers: vec![Arc::from(w)], ..Default::default() }));
+        t
+    };
+    env.submit(C1, vec![on("i", &[], "w1"), on("t", &["i"], "w2")], &["t"]);
+    // More rounds than failures allowed: each time the holder of `i` leaves before `t`'s
+    // worker reports that it could not fetch `i` (naming no holder the scheduler still knows).
+    for round in 0..=Config::default().max_input_failures + 1 {
+        let holder = WorkerId(10 + round);
+        env.worker(holder, "w1", 1, &[]);
+        env.finish(holder, "i", 8);
+        assert_eq!(env.core.state_of("t"), Some("processing"), "round {round}");
+        env.ev(Event::WorkerDisconnected { worker: holder, cause: LossCause::ConnectionClosed });
+        env.ev(Event::InputsMissing { worker: W2, key: Key::new("t"), ticket: None, missing: Vec::new() });
+        assert_ne!(env.core.state_of("t"), Some("erred"), "round {round}");
+    }
+}
+
+#[test]
 fn result_of_a_run_cancelled_meanwhile_is_not_adopted_when_the_key_is_back() {
     let mut env = Env::new();
     env.worker(W1, "w1", 1, &[]);
