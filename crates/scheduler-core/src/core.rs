@@ -57,7 +57,9 @@ pub struct Config {
     /// A task may be running on this many workers that die before it fails as
     /// [`FailureKind::KilledWorker`] (one more death fails it; Dask's `allowed-failures`).
     pub allowed_failures: u32,
-    /// How often a task may be sent back because its inputs could not be fetched.
+    /// How often a task may be sent back because its inputs could not be fetched from holders
+    /// the scheduler no longer believed in (a holder it did believe in is corrected instead,
+    /// and one that has left explains the failure: neither counts).
     pub max_input_failures: u32,
     /// Work stealing: only tasks on workers whose tasks take at least this long on average
     /// are worth a round-trip to move.
