@@ -73,10 +73,11 @@ impl<M: Serialize + Send + Sync + 'static> Outbox<M> {
 
 /// Paces an event loop that shares its thread with connection writers (the scheduler's and
 /// workers' shells run on single-threaded runtimes). Under load messages keep arriving, and
-/// such a loop takes in up to tokio's budget of them (128 channel receives) before it yields:
-/// what it produced meanwhile — tasks for workers, results for the scheduler — waits in the
-/// writers' queues for milliseconds, and the other side runs dry. [`Turns::pause`] yields once
-/// the loop has run [`Turns::EVERY`] without doing so.
+/// such a loop would not yield for a long time: `recv().await` only after tokio's budget of
+/// 128 receives, and [`recv_spinning`] not at all while a message is waiting. What it produced
+/// meanwhile — tasks for workers, results for the scheduler — would wait in the writers'
+/// queues, and the other side run dry. [`Turns::pause`] yields once the loop has run
+/// [`Turns::EVERY`] without doing so.
 pub(crate) struct Turns {
     since: std::time::Instant,
 }
@@ -108,7 +109,8 @@ pub(crate) const SPIN_BEFORE_SLEEP: std::time::Duration = std::time::Duration::f
 /// Receives the next message, polling for up to `spin` (letting other threads on this CPU and
 /// the other tasks on this thread run in between) before sleeping until one comes. For loops
 /// whose next message usually follows within a round-trip: waking a sleeping thread costs
-/// tens of microseconds on a busy or virtual machine. `None` when every sender is gone.
+/// tens of microseconds on a busy or virtual machine. `None` when every sender is gone. It
+/// does not yield while messages are waiting: a loop using it paces itself with [`Turns`].
 pub(crate) async fn recv_spinning<T>(rx: &mut mpsc::UnboundedReceiver<T>, spin: std::time::Duration) -> Option<T> {
     let mut until = None;
     loop {
