@@ -426,9 +426,8 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 inline.ran(&job, duration, &cfg.name);
                                 tally.inline += 1;
                                 let Job { key, ticket, replicas: used, .. } = job;
-                                release_replicas(&mut replicas, used);
-                                let outcome = Outcome { key, ticket, replicas: Vec::new(), result, duration };
-                                inline_reports.push(conclude(outcome, &mut lock(&store), &mut tally));
+                                let outcome = Outcome { key, ticket, replicas: used, result, duration };
+                                inline_reports.push(conclude(outcome, &mut lock(&store), &mut replicas, &mut tally));
                                 // A long frame of them: the results go back in batches as they
                                 // come, and the writer gets to send them.
                                 if inline_reports.len() >= OUTCOME_BATCH {
@@ -632,10 +631,9 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
             Inbox::Done(outcomes) => {
                 let mut reports = Vec::with_capacity(outcomes.len());
                 let mut held = lock(&store);
-                for mut o in outcomes {
+                for o in outcomes {
                     queued.remove(&o.key);
-                    release_replicas(&mut replicas, std::mem::take(&mut o.replicas));
-                    reports.push(conclude(o, &mut held, &mut tally));
+                    reports.push(conclude(o, &mut held, &mut replicas, &mut tally));
                 }
                 drop(held);
                 to_scheduler.send_many(reports);
@@ -723,10 +721,16 @@ struct Tally {
     inline: u64,
 }
 
-/// The end of a job, run by an executor thread or inline: its result goes into the store, and
-/// the report for the scheduler is returned. (The caller has released its fetched inputs.)
-fn conclude(o: Outcome, held: &mut DataStore, tally: &mut Tally) -> ToScheduler {
-    let Outcome { key, ticket, result, duration, .. } = o;
+/// The end of a job, run by an executor thread or inline: the fetched copies it used are
+/// released, its result goes into the store, and the report for the scheduler is returned.
+fn conclude(
+    o: Outcome,
+    held: &mut DataStore,
+    replicas: &mut FxHashMap<Key, (Value, usize)>,
+    tally: &mut Tally,
+) -> ToScheduler {
+    let Outcome { key, ticket, replicas: used, result, duration } = o;
+    release_replicas(replicas, used);
     let duration_us = duration.as_micros().min(u128::from(u64::MAX)) as u64;
     match result {
         Ok(v) => {

@@ -422,13 +422,6 @@ enum Report {
     Unasked,
 }
 
-/// What ending a worker's accounting for a report found (see `Core::unassign`).
-enum Unassigned {
-    Processing,
-    Orphan,
-    Nothing,
-}
-
 /// Why a worker was lost: carried by its removal, recorded in [`Core::departures`], and
 /// quoted in the error of a task that kept killing workers.
 #[derive(Clone, Debug, PartialEq)]
@@ -1996,11 +1989,7 @@ impl<P: Clone> Core<P> {
     /// [`Self::take_report`], telling apart a report on an assignment that was cancelled.
     fn take_report_of(&mut self, wid: WorkerId, key: &Key, ticket: Option<Ticket>) -> Report {
         let t = self.reported(wid, key, ticket);
-        match (self.unassign(wid, t, key, ticket), t) {
-            (Unassigned::Processing, Some(t)) => Report::Assigned(t),
-            (Unassigned::Orphan, _) => Report::Orphan,
-            _ => Report::Unasked,
-        }
+        self.unassign(wid, t, key, ticket)
     }
 
     /// The task a worker's report on `key` (with `ticket`, if it echoed one) is about, if that
@@ -2014,27 +2003,27 @@ impl<P: Clone> Core<P> {
     }
 
     /// Ends a worker's accounting for a report on `key` (with `ticket`, if echoed) about task
-    /// `t` (from [`Self::reported`]); says whether `t` was processing there. A report about
-    /// a task forgotten while it ran releases that orphan's slot instead: the one its ticket
-    /// names, or without a ticket the oldest of that key.
-    fn unassign(&mut self, wid: WorkerId, t: Option<Tid>, key: &Key, ticket: Option<Ticket>) -> Unassigned {
+    /// `t` (from [`Self::reported`]); says what the report is about. A report about a task
+    /// forgotten while it ran releases that orphan's slot: the one its ticket names, or
+    /// without a ticket the oldest of that key.
+    fn unassign(&mut self, wid: WorkerId, t: Option<Tid>, key: &Key, ticket: Option<Ticket>) -> Report {
         let Self { tasks, workers, .. } = self;
-        let Some(w) = workers.get_mut(&wid) else { return Unassigned::Nothing };
+        let Some(w) = workers.get_mut(&wid) else { return Report::Unasked };
         if let Some(t) = t {
             if w.processing.remove(&t) {
                 let task = tasks[t.0 as usize].as_ref().expect("invariant: live task id");
                 w.adjust_available(task.resources(), 1.0);
-                return Unassigned::Processing;
+                return Report::Assigned(t);
             }
         }
         let orphan = w.orphans.iter().position(|o| match ticket {
             Some(tk) => o.serial == tk.serial,
             None => o.key == *key,
         });
-        let Some(i) = orphan else { return Unassigned::Nothing };
+        let Some(i) = orphan else { return Report::Unasked };
         let Orphan { resources, .. } = w.orphans.remove(i);
         w.adjust_available(&resources, 1.0);
-        Unassigned::Orphan
+        Report::Orphan
     }
 
     fn scattered(&mut self, client: ClientId, items: Vec<(Key, u64, Vec<WorkerId>)>) {
