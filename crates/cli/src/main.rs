@@ -30,7 +30,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// a noticeable share of the run zeroing pages, and a worker's resident size — which its
 /// memory limit watches — overstated what it holds. Without them, tree-15 in `rask bench
 /// distributed` ran faster in 7 of 8 alternating pairs (median +9%; scheduler CPU per task
-/// −15%, workers' −11%). Inherited by the processes this one starts.
+/// −15%, workers' −11%), and moving 1 GiB between workers in 64 MiB frames (whose receive
+/// buffers ask for huge pages) kept its speed. Inherited by the processes this one starts.
 #[allow(unsafe_code)]
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
