@@ -787,7 +787,8 @@ fn client_leaving_halfway_through_a_graph_in_parts_leaves_nothing_behind() {
                 body: WireBody::Call(WireCall {
                     op: "bytes".into(),
                     args: vec![WireArg::Lit(WireValue::Int(1_000_000)), WireArg::Lit(WireValue::Int(i))],
-                }),
+                })
+                .into(),
                 annotations: None,
                 order: i as u32,
                 wanted: true,
@@ -874,6 +875,66 @@ fn unknown_function_is_a_task_error_naming_function_and_worker() {
         other => panic!("expected a task error, got {other:?}"),
     }
     // The worker is still serving.
+    let ok = c.submit("add", vec![CallArg::Value(Value::Int(1)), CallArg::Value(Value::Int(1))]);
+    assert_eq!(c.gather(&[ok]).pop().expect("one").expect("ok"), Value::Int(2));
+}
+
+#[test]
+fn task_whose_body_does_not_decode_fails_alone_naming_the_worker() {
+    use rask_protocol::msg::{FromScheduler, ToScheduler};
+    use rask_protocol::wire::{TaskBody, WireArg, WireBody, WireCall, WireTask, WireValue};
+    let cluster = Cluster::with_workers(1, &[]);
+    // A raw client: bodies travel encoded and the scheduler forwards them unread, so one that
+    // is not a body at all reaches the worker next to a good one.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let host_port = cluster.address.trim_start_matches("tcp://").to_owned();
+    let outcomes = rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(&host_port).await.expect("connect");
+        let role = rask_protocol::handshake::Role::Client { name: "raw".into() };
+        rask_protocol::handshake::connect(&mut s, &role).await.expect("handshake");
+        let task = |key: &str, body: TaskBody| WireTask {
+            key: key.into(),
+            deps: Vec::new(),
+            body,
+            annotations: None,
+            order: 0,
+            wanted: true,
+        };
+        let junk = TaskBody::Encoded(std::sync::Arc::from(&[0xff_u8, 0xff, 0xff, 0x07][..]));
+        let add =
+            WireCall { op: "add".into(), args: vec![WireArg::Lit(WireValue::Int(1)), WireArg::Lit(WireValue::Int(2))] };
+        let tasks = vec![task("junk", junk), task("fine", WireBody::Call(add).into())];
+        let submit = ToScheduler::SubmitGraph { tasks, wanted: Vec::new() };
+        rask_protocol::frame::write_frame(&mut s, &[submit], &[]).await.expect("submit");
+        let mut outcomes = std::collections::BTreeMap::new();
+        while outcomes.len() < 2 {
+            let frame = tokio::time::timeout(Duration::from_secs(20), rask_protocol::frame::read_frame(&mut s))
+                .await
+                .expect("both tasks settle within 20 s")
+                .expect("reads")
+                .expect("the scheduler keeps the connection");
+            for m in frame.messages {
+                match m {
+                    FromScheduler::KeyErred { key, error } => {
+                        outcomes.insert(key.as_str().to_owned(), Err(error.message))
+                    }
+                    FromScheduler::KeyInMemory { key, .. } => outcomes.insert(key.as_str().to_owned(), Ok(())),
+                    _ => None,
+                };
+            }
+        }
+        outcomes
+    });
+    match &outcomes["junk"] {
+        Err(message) => {
+            assert!(message.contains("cannot read what to run"), "{message}");
+            assert!(message.contains("worker w0"), "{message}");
+        }
+        Ok(()) => panic!("a body that is not one ran"),
+    }
+    assert_eq!(outcomes["fine"], Ok(()), "the good task of the same message ran");
+    // The worker and the scheduler are still serving.
+    let c = BlockingClient::connect(&cluster.address).expect("client");
     let ok = c.submit("add", vec![CallArg::Value(Value::Int(1)), CallArg::Value(Value::Int(1))]);
     assert_eq!(c.gather(&[ok]).pop().expect("one").expect("ok"), Value::Int(2));
 }

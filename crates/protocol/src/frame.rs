@@ -207,7 +207,7 @@ mod tests {
         let task = WireTask {
             key: Key::new("b"),
             deps: vec![WireDep::Key(Key::new("a")), WireDep::Position(0)],
-            body: WireBody::Call(call.clone()),
+            body: WireBody::Call(call.clone()).into(),
             annotations: None,
             order: 3,
             wanted: true,
@@ -225,7 +225,7 @@ mod tests {
         let from = encode(&|buf| {
             let m = vec![FromScheduler::Compute {
                 key: Key::new("b"),
-                body: std::sync::Arc::new(WireBody::Call(call.clone())),
+                body: WireBody::Call(call.clone()).into(),
                 inputs: vec![(Key::new("a"), vec![std::sync::Arc::from("tcp://127.0.0.1:1")])],
                 retries: 1,
                 timeout_us: Some(5),

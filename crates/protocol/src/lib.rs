@@ -20,7 +20,7 @@ pub mod tls;
 pub mod wire;
 
 /// Version of the message formats below; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Identifies the build: processes of different builds may register different functions under
 /// the same names, so they refuse each other.

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use rask_graph::Key;
 
-use crate::wire::{WireBody, WireError, WireTask, WireTicket, WireValue};
+use crate::wire::{TaskBody, WireError, WireTask, WireTicket, WireValue};
 
 /// How a worker's memory is used, and its spill traffic since it started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,8 +202,9 @@ pub enum FromScheduler {
     Compute {
         /// The task.
         key: Key,
-        /// What to run (shared, not copied, between the scheduler's copy and the message).
-        body: Arc<WireBody>,
+        /// What to run, as the client encoded it (shared, not copied, between the scheduler's
+        /// copy and the message).
+        body: TaskBody,
         /// (input key, data addresses holding it), in dependency order.
         inputs: Vec<(Key, Vec<Arc<str>>)>,
         /// Re-runs after a failed attempt.

@@ -215,6 +215,103 @@ pub enum WireBody {
     Chain(Vec<(Key, WireCall)>),
 }
 
+/// What a task runs, as it travels from the client through the scheduler to a worker: encoded
+/// once (a [`WireBody`] in postcard, sent as a byte string), kept and forwarded by the
+/// scheduler without being decoded, and decoded by the worker that runs it.
+///
+/// The scheduler needs a task's key, inputs and annotations, never its function and arguments;
+/// decoding those cost it several allocations per task (the function's name, the argument list,
+/// each argument's key), as many frees when the task was forgotten, and an encoding per
+/// dispatch. Now a body costs it one allocation, and a copy of its bytes to dispatch it. A
+/// body that does not decode fails its task only (see [`TaskBody::decode`]), not the message
+/// that carried it.
+#[derive(Clone, Debug)]
+pub enum TaskBody {
+    /// Built by this process (a client's submission, a test), encoded when sent.
+    Plain(Arc<WireBody>),
+    /// As received: the encoded bytes.
+    Encoded(Arc<[u8]>),
+}
+
+impl TaskBody {
+    /// The body, decoding it if it came encoded.
+    ///
+    /// # Errors
+    /// When the bytes are not a postcard-encoded [`WireBody`].
+    pub fn decode(&self) -> Result<Arc<WireBody>, ProtocolError> {
+        match self {
+            TaskBody::Plain(b) => Ok(Arc::clone(b)),
+            TaskBody::Encoded(bytes) => postcard::from_bytes(bytes)
+                .map(Arc::new)
+                .map_err(|e| ProtocolError::Malformed(format!("undecodable task body: {e}"))),
+        }
+    }
+}
+
+impl From<WireBody> for TaskBody {
+    fn from(b: WireBody) -> Self {
+        TaskBody::Plain(Arc::new(b))
+    }
+}
+
+/// Equal when they encode to the same bytes.
+impl PartialEq for TaskBody {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (TaskBody::Plain(a), TaskBody::Plain(b)) => a == b,
+            (TaskBody::Encoded(a), TaskBody::Encoded(b)) => a == b,
+            (TaskBody::Plain(p), TaskBody::Encoded(e)) | (TaskBody::Encoded(e), TaskBody::Plain(p)) => {
+                postcard::to_allocvec(&**p).is_ok_and(|v| *v == **e)
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Reused to encode plain bodies (one per task of a submission) without an allocation each.
+    static BODY_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Serialize for TaskBody {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TaskBody::Encoded(bytes) => s.serialize_bytes(bytes),
+            TaskBody::Plain(body) => BODY_SCRATCH.with(|scratch| {
+                // Taken out of the cell while in use, so no borrow is held across the
+                // serializer (and a body serialized within a body would just allocate).
+                let mut buf = scratch.take();
+                buf.clear();
+                let result = match postcard::to_extend(&**body, buf) {
+                    Ok(b) => {
+                        let r = s.serialize_bytes(&b);
+                        buf = b;
+                        r
+                    }
+                    Err(e) => return Err(serde::ser::Error::custom(format_args!("cannot encode a task body: {e}"))),
+                };
+                scratch.replace(buf);
+                result
+            }),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = TaskBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an encoded task body (bytes)")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<TaskBody, E> {
+                Ok(TaskBody::Encoded(Arc::from(v)))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
 /// Scheduling annotations on the wire.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 pub struct WireAnnotations {
@@ -260,7 +357,7 @@ pub struct WireTask {
     /// The tasks it needs (data and ordering), in argument order, each once.
     pub deps: Vec<WireDep>,
     /// What to run.
-    pub body: WireBody,
+    pub body: TaskBody,
     /// Non-default annotations (boxed: most tasks have none, and a million-task submission
     /// should not carry 80 empty bytes per task in memory).
     pub annotations: Option<Box<WireAnnotations>>,
@@ -382,7 +479,8 @@ pub fn tasks_to_wire(g: &Graph, rank: &[u32], ids: impl Iterator<Item = TaskId>,
             let body = match &task.body {
                 Body::Call(c) => WireBody::Call(call(c)),
                 Body::Chain(links) => WireBody::Chain(links.iter().map(|l| (l.key.clone(), call(&l.call))).collect()),
-            };
+            }
+            .into();
             let annotations = task.annotations.as_deref().map(|a| Box::new(annotations_to_wire(a)));
             WireTask {
                 key: g.key(t).clone(),
@@ -453,6 +551,47 @@ pub fn resolve_arg(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample_body(i: i64) -> WireBody {
+        WireBody::Chain(vec![
+            (Key::new("a"), WireCall { op: "add".into(), args: vec![WireArg::Ref(Key::new("x")), WireArg::Link(0)] }),
+            (
+                Key::new("b"),
+                WireCall {
+                    op: "concat".into(),
+                    args: vec![WireArg::List(vec![WireArg::Lit(WireValue::Int(i)), WireArg::Lit(WireValue::Null)])],
+                },
+            ),
+        ])
+    }
+
+    #[test]
+    fn a_body_reaches_the_worker_as_the_client_built_it_and_the_scheduler_forwards_its_bytes() {
+        let tasks: Vec<TaskBody> = (0..3).map(|i| sample_body(i).into()).collect();
+        // Client → scheduler: what arrives is the encoded bytes, never decoded.
+        let sent = postcard::to_allocvec(&tasks).expect("encodes");
+        let received: Vec<TaskBody> = postcard::from_bytes(&sent).expect("decodes");
+        assert!(received.iter().all(|b| matches!(b, TaskBody::Encoded(_))));
+        // Scheduler → worker: forwarding sends exactly the bytes the client sent.
+        assert_eq!(postcard::to_allocvec(&received).expect("encodes"), sent);
+        for (i, b) in received.iter().enumerate() {
+            assert_eq!(*b.decode().expect("a valid body decodes"), sample_body(i as i64));
+            assert_eq!(*b, tasks[i], "equal across forms when the bytes match");
+            assert_ne!(*b, tasks[(i + 1) % 3]);
+        }
+    }
+
+    #[test]
+    fn a_body_that_does_not_decode_fails_alone_and_says_so() {
+        // The enclosing message decodes (the body is a well-formed byte string)...
+        let junk = TaskBody::Encoded(Arc::from(&[0xff_u8, 0xff, 0xff, 0x07][..]));
+        let sent = postcard::to_allocvec(&vec![junk, sample_body(1).into()]).expect("encodes");
+        let received: Vec<TaskBody> = postcard::from_bytes(&sent).expect("decodes");
+        // ...and only decoding that one body fails, with a message naming what it was.
+        let err = received[0].decode().expect_err("junk is not a body");
+        assert!(err.to_string().contains("undecodable task body"), "{err}");
+        assert_eq!(*received[1].decode().expect("decodes"), sample_body(1));
+    }
 
     #[test]
     fn deeply_nested_values_are_refused_not_a_stack_overflow() {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use rask_graph::{Key, TaskError};
 use rask_protocol::handshake::{self, Role, Welcome};
 use rask_protocol::msg::{FromScheduler, MemoryReport, ToScheduler};
-use rask_protocol::wire::{WireBody, WireDep, WireError, WireTask, WireTicket};
+use rask_protocol::wire::{TaskBody, WireDep, WireError, WireTask, WireTicket};
 use rask_scheduler_core::{
     ClientId, Command, Config, Core, Dep, Event, LossCause, NewTask, Restrictions, Ticket, WorkerId, WorkerSpec,
 };
@@ -29,7 +29,8 @@ type Peers = rask_graph::FxHashMap<u32, Peer>;
 /// What a worker runs for a task; opaque to the core.
 #[derive(Debug)]
 pub(crate) struct Payload {
-    body: Arc<WireBody>,
+    /// As the client encoded it: forwarded, never decoded here.
+    body: TaskBody,
     retries: u32,
     timeout_us: Option<u64>,
 }
@@ -642,7 +643,7 @@ fn new_task(t: WireTask) -> NewTask<Arc<Payload>> {
                 WireDep::Position(i) => Dep::Position(i),
             })
             .collect(),
-        payload: Arc::new(Payload { body: Arc::new(t.body), retries: ann.retries, timeout_us: ann.timeout_us }),
+        payload: Arc::new(Payload { body: t.body, retries: ann.retries, timeout_us: ann.timeout_us }),
         priority: ann.priority,
         order: t.order,
         restrictions,
@@ -694,7 +695,7 @@ fn dispatch(cmd: Command<Arc<Payload>>, peers: &Peers) {
                 .collect();
             let msg = FromScheduler::Compute {
                 key,
-                body: Arc::clone(&payload.body),
+                body: payload.body.clone(),
                 inputs,
                 retries: payload.retries,
                 timeout_us: payload.timeout_us,

@@ -382,6 +382,21 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                             to_scheduler.send(done, Vec::new());
                         }
                         FromScheduler::Compute { key, body, inputs, retries, timeout_us, priority, ticket } => {
+                            // Bodies travel encoded (see `TaskBody`): one that does not decode
+                            // fails its task, and only it.
+                            let body = match body.decode() {
+                                Ok(body) => body,
+                                Err(e) => {
+                                    let error = WireError {
+                                        key: key.clone(),
+                                        message: format!("worker {} cannot read what to run: {e}", cfg.name),
+                                        kind: rask_protocol::wire::WireFailure::Unrunnable,
+                                        attempts: 0,
+                                    };
+                                    to_scheduler.send(ToScheduler::TaskFailed { key, ticket, error }, Vec::new());
+                                    continue;
+                                }
+                            };
                             let mut job = Job {
                                 key: key.clone(),
                                 body,
