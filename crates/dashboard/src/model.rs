@@ -41,9 +41,10 @@ pub fn prefix_of(key: &str) -> &str {
     &key[..end]
 }
 
-/// One task the scheduler still knows.
+/// One task the scheduler still knows: what every change reads and writes, kept small (16
+/// bytes) so the live tasks' records stay in cache; its key lives apart (see [`TaskTable`]).
+#[derive(Clone, Copy)]
 struct TaskRec {
-    key: Key,
     phase: Phase,
     /// Its result was computed (and not lost since): released or forgotten now means done.
     finished: bool,
@@ -54,18 +55,21 @@ struct TaskRec {
 
 /// Live tasks by serial number. Serials are handed out in order and tasks mostly finish in
 /// order, so a window indexed by serial holds them (no hashing; neighbours are adjacent in
-/// memory, which matters at a few hundred thousand changes a second). Tasks that outlive the
-/// window's front by far move to a map, so one long-lived task cannot pin a window of
-/// everything submitted after it.
+/// memory, which matters at a few hundred thousand changes a second). Keys sit in a window of
+/// their own, touched only when a task appears, finishes a run or is forgotten. Tasks that
+/// outlive the window's front by far move to a map, so one long-lived task cannot pin a window
+/// of everything submitted after it.
 #[derive(Default)]
 struct TaskTable {
     /// Serial of `window[0]`.
     base: u64,
     window: VecDeque<Option<TaskRec>>,
+    /// The key of each task in `window`, at the same position.
+    keys: VecDeque<Option<Key>>,
     /// Live tasks in `window`.
     in_window: usize,
     /// Stragglers from before `base`.
-    old: FxHashMap<u64, TaskRec>,
+    old: FxHashMap<u64, (TaskRec, Key)>,
 }
 
 impl TaskTable {
@@ -87,67 +91,79 @@ impl TaskTable {
     fn get(&self, serial: u64) -> Option<&TaskRec> {
         match self.index(serial) {
             Some(i) => self.window[i].as_ref(),
-            None => self.old.get(&serial),
+            None => self.old.get(&serial).map(|(r, _)| r),
         }
     }
 
     fn get_mut(&mut self, serial: u64) -> Option<&mut TaskRec> {
         match self.index(serial) {
             Some(i) => self.window[i].as_mut(),
-            None => self.old.get_mut(&serial),
+            None => self.old.get_mut(&serial).map(|(r, _)| r),
         }
     }
 
-    fn insert(&mut self, serial: u64, rec: TaskRec) {
+    fn key(&self, serial: u64) -> Option<&Key> {
+        match self.index(serial) {
+            Some(i) => self.keys[i].as_ref(),
+            None => self.old.get(&serial).map(|(_, k)| k),
+        }
+    }
+
+    fn insert(&mut self, serial: u64, rec: TaskRec, key: Key) {
         if self.window.is_empty() {
             self.base = serial;
         }
         if serial < self.base {
-            self.old.insert(serial, rec);
+            self.old.insert(serial, (rec, key));
             return;
         }
         let i = (serial - self.base) as usize;
         if i >= self.window.len() {
-            self.window.resize_with(i + 1, || None);
+            self.window.resize(i + 1, None);
+            self.keys.resize(i + 1, None);
         }
+        self.keys[i] = Some(key);
         if self.window[i].replace(rec).is_none() {
             self.in_window += 1;
         }
     }
 
-    fn remove(&mut self, serial: u64) -> Option<TaskRec> {
+    fn remove(&mut self, serial: u64) -> Option<(TaskRec, Key)> {
         let gone = match self.index(serial) {
             Some(i) => {
                 let gone = self.window[i].take();
+                let key = self.keys[i].take();
                 if gone.is_some() {
                     self.in_window -= 1;
                 }
-                gone
+                gone.zip(key)
             }
             None => self.old.remove(&serial),
         };
         while matches!(self.window.front(), Some(None)) {
             self.window.pop_front();
+            self.keys.pop_front();
             self.base += 1;
         }
         while self.window.len() > Self::SPAN && self.window.len() > 4 * self.in_window {
-            if let Some(Some(rec)) = self.window.pop_front() {
+            let key = self.keys.pop_front().flatten();
+            if let (Some(Some(rec)), Some(key)) = (self.window.pop_front(), key) {
                 self.in_window -= 1;
-                self.old.insert(self.base, rec);
+                self.old.insert(self.base, (rec, key));
             }
             self.base += 1;
         }
         gone
     }
 
-    fn iter(&self) -> impl Iterator<Item = (u64, &TaskRec)> {
+    /// Live tasks with their keys.
+    fn iter(&self) -> impl Iterator<Item = (u64, &TaskRec, &Key)> {
         let base = self.base;
-        let window = self.window.iter().enumerate().filter_map(move |(i, r)| r.as_ref().map(|r| (base + i as u64, r)));
-        window.chain(self.old.iter().map(|(s, r)| (*s, r)))
-    }
-
-    fn values(&self) -> impl Iterator<Item = &TaskRec> {
-        self.iter().map(|(_, r)| r)
+        let window = self.window.iter().zip(&self.keys).enumerate().filter_map(move |(i, (r, k))| match (r, k) {
+            (Some(r), Some(k)) => Some((base + i as u64, r, k)),
+            _ => None,
+        });
+        window.chain(self.old.iter().map(|(s, (r, k))| (*s, r, k)))
     }
 }
 
@@ -253,11 +269,13 @@ pub struct Run {
     pub ok: bool,
 }
 
-/// A [`Run`] as kept: its prefix by number, so recording one touches no reference count.
+/// A [`Run`] as kept: its task and prefix by number, so recording one touches no reference
+/// count (most runs leave the stream before anyone reads them); keys are found when read.
 #[derive(Clone, Debug)]
 struct RunRec {
     seq: u64,
-    key: Key,
+    /// The task's serial number.
+    task: u64,
     prefix: u32,
     worker: u32,
     lane: u32,
@@ -265,6 +283,9 @@ struct RunRec {
     duration_us: u64,
     ok: bool,
 }
+
+/// The name shown for a run whose task is no longer known (forgotten long ago).
+const UNKNOWN_KEY: &str = "(forgotten)";
 
 /// One entry of a task's story.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -339,6 +360,8 @@ pub struct Model {
     forgotten: VecDeque<(u64, Key)>,
     prefixes: Vec<PrefixProgress>,
     prefix_ids: FxHashMap<String, u32>,
+    /// The prefix [`Model::prefix_id`] found last (a hint: checked before use).
+    last_prefix: u32,
     completed: u64,
     failed: u64,
     story: VecDeque<StoryEntry>,
@@ -368,7 +391,16 @@ fn phase_name(p: Phase) -> &'static str {
 
 /// Where `phase` is in [`LIVE_PHASES`] (`None`: forgotten).
 fn live_index(phase: Phase) -> Option<usize> {
-    LIVE_PHASES.iter().position(|p| *p == phase)
+    match phase {
+        Phase::Released => Some(0),
+        Phase::Waiting => Some(1),
+        Phase::Queued => Some(2),
+        Phase::NoWorker => Some(3),
+        Phase::Processing => Some(4),
+        Phase::Memory => Some(5),
+        Phase::Erred => Some(6),
+        Phase::Forgotten => None,
+    }
 }
 
 const LIVE_PHASES: [Phase; 7] =
@@ -389,7 +421,12 @@ impl Model {
 
     fn prefix_id(&mut self, key: &str) -> u32 {
         let mut p = prefix_of(key);
+        // New tasks come in runs of one prefix: the last one found is checked before hashing.
+        if self.prefixes.get(self.last_prefix as usize).is_some_and(|last| *last.name == *p) {
+            return self.last_prefix;
+        }
         if let Some(id) = self.prefix_ids.get(p) {
+            self.last_prefix = *id;
             return *id;
         }
         // Keys that do not group (no numbered suffix) would make a prefix per task.
@@ -511,7 +548,7 @@ impl Model {
     fn change(&mut self, at_us: u64, c: TaskChange) {
         let TaskChange { task, key, via, phase, worker, duration_us, cause } = c;
         // The key is not cloned per change.
-        let (old_phase, old_finished, prefix, old_worker) = match (self.tasks.get(task), &key) {
+        let (old_phase, old_finished, prefix, old_worker) = match (self.tasks.get(task).copied(), &key) {
             (Some(t), _) => (Some(t.phase), t.finished, t.prefix, t.worker),
             (None, Some(key)) => (None, false, self.prefix_id(key.as_str()), None),
             // A change for a task whose first change was never seen (a journal cut short at
@@ -549,7 +586,6 @@ impl Model {
             if ok {
                 p.runs += 1;
                 p.total_duration_us += duration_us;
-                p.mean_duration_us = p.total_duration_us / p.runs;
                 self.completed += 1;
                 self.finishes.push_back(at_us);
                 let since = at_us.saturating_sub(THROUGHPUT_WINDOW_US);
@@ -568,12 +604,7 @@ impl Model {
             };
             self.stream_seq += 1;
             let seq = self.stream_seq;
-            let key = match (&key, self.tasks.get(task)) {
-                (Some(k), _) => k.clone(),
-                (None, Some(t)) => t.key.clone(),
-                (None, None) => return,
-            };
-            self.stream.push_back(RunRec { seq, key, prefix, worker: w, lane, start_us, duration_us, ok });
+            self.stream.push_back(RunRec { seq, task, prefix, worker: w, lane, start_us, duration_us, ok });
             if self.stream.len() > STREAM_LIMIT {
                 self.stream.pop_front();
             }
@@ -592,8 +623,8 @@ impl Model {
             self.story.pop_front();
         }
         if phase == Phase::Forgotten {
-            let Some(gone) = self.tasks.remove(task) else { return };
-            self.forgotten.push_back((task, gone.key));
+            let Some((_, gone)) = self.tasks.remove(task) else { return };
+            self.forgotten.push_back((task, gone));
             if self.forgotten.len() > STORY_LIMIT / 4 {
                 self.forgotten.pop_front();
             }
@@ -606,7 +637,7 @@ impl Model {
                 }
                 None => {
                     if let Some(key) = key {
-                        self.tasks.insert(task, TaskRec { key, phase, finished, prefix, worker: processing_on });
+                        self.tasks.insert(task, TaskRec { phase, finished, prefix, worker: processing_on }, key);
                     }
                 }
             }
@@ -638,40 +669,66 @@ impl Model {
             completed: self.completed,
             failed: self.failed,
             throughput: self.throughput(),
-            prefixes: self.prefixes.clone(),
+            // Means are worked out here, not with every run.
+            prefixes: self
+                .prefixes
+                .iter()
+                .map(|p| PrefixProgress {
+                    mean_duration_us: p.total_duration_us.checked_div(p.runs).unwrap_or(0),
+                    ..p.clone()
+                })
+                .collect(),
             workers: self.workers.values().cloned().collect(),
             stream_seq: self.stream_seq,
         }
     }
 
-    /// A kept run in its published form (with its prefix's name).
-    fn run(&self, r: &RunRec) -> Run {
-        let prefix =
-            self.prefixes.get(r.prefix as usize).map_or_else(|| Arc::from(OTHER_PREFIX), |p| Arc::clone(&p.name));
-        Run {
-            seq: r.seq,
-            key: r.key.clone(),
-            prefix,
-            worker: r.worker,
-            lane: r.lane,
-            start_us: r.start_us,
-            duration_us: r.duration_us,
-            ok: r.ok,
+    /// Kept runs in their published form (with their keys and prefixes' names). Keys of tasks
+    /// forgotten since are found among the recently forgotten, in one pass for all the runs.
+    fn runs<'a>(&self, runs: impl Iterator<Item = &'a RunRec>) -> Vec<Run> {
+        let runs: Vec<&RunRec> = runs.collect();
+        let mut gone: FxHashMap<u64, Option<&Key>> =
+            runs.iter().filter(|r| self.tasks.key(r.task).is_none()).map(|r| (r.task, None)).collect();
+        if !gone.is_empty() {
+            for (serial, key) in &self.forgotten {
+                if let Some(slot) = gone.get_mut(serial) {
+                    *slot = Some(key);
+                }
+            }
         }
+        runs.into_iter()
+            .map(|r| {
+                let key = self.tasks.key(r.task).or_else(|| gone.get(&r.task).copied().flatten());
+                let prefix = self
+                    .prefixes
+                    .get(r.prefix as usize)
+                    .map_or_else(|| Arc::from(OTHER_PREFIX), |p| Arc::clone(&p.name));
+                Run {
+                    seq: r.seq,
+                    key: key.cloned().unwrap_or_else(|| Key::new(UNKNOWN_KEY)),
+                    prefix,
+                    worker: r.worker,
+                    lane: r.lane,
+                    start_us: r.start_us,
+                    duration_us: r.duration_us,
+                    ok: r.ok,
+                }
+            })
+            .collect()
     }
 
     /// Task runs after `seq`, oldest first, at most `limit`.
     #[must_use]
     pub fn stream_after(&self, seq: u64, limit: usize) -> Vec<Run> {
         let start = self.stream.partition_point(|r| r.seq <= seq);
-        self.stream.range(start..).take(limit).map(|r| self.run(r)).collect()
+        self.runs(self.stream.range(start..).take(limit))
     }
 
     /// A task's current state (`None`: not known now) and its recorded story, oldest first
     /// (the latest task of that key, if the key was used more than once).
     #[must_use]
     pub fn story(&self, key: &str) -> (Option<Phase>, Vec<StoryEntry>) {
-        let live = self.tasks.iter().find(|(_, t)| t.key.as_str() == key).map(|(s, t)| (s, Some(t.phase)));
+        let live = self.tasks.iter().find(|(_, _, k)| k.as_str() == key).map(|(s, t, _)| (s, Some(t.phase)));
         let found =
             live.or_else(|| self.forgotten.iter().rev().find(|(_, k)| k.as_str() == key).map(|(s, _)| (*s, None)));
         let Some((serial, now)) = found else { return (None, Vec::new()) };
@@ -683,8 +740,7 @@ impl Model {
     pub fn worker(&self, name: &str) -> Option<(WorkerView, Vec<MemorySample>, Vec<Run>)> {
         let w = self.workers.values().rev().find(|w| w.name == name)?;
         let memory = self.memory.get(&w.id).map(|h| h.iter().copied().collect()).unwrap_or_default();
-        let runs: Vec<Run> =
-            self.stream.iter().rev().filter(|r| r.worker == w.id).take(200).map(|r| self.run(r)).collect();
+        let runs = self.runs(self.stream.iter().rev().filter(|r| r.worker == w.id).take(200));
         Some((w.clone(), memory, runs))
     }
 
@@ -692,7 +748,7 @@ impl Model {
     /// limit), and whether it was cut short.
     #[must_use]
     pub fn graph(&self) -> (Vec<GraphNode>, bool) {
-        let live: HashMap<&str, Phase> = self.tasks.values().map(|t| (t.key.as_str(), t.phase)).collect();
+        let live: HashMap<&str, Phase> = self.tasks.iter().map(|(_, t, k)| (k.as_str(), t.phase)).collect();
         let nodes = self
             .graph
             .iter()
@@ -854,7 +910,7 @@ mod tests {
         assert_eq!(s.prefixes[0].mean_duration_us, 5);
         assert_eq!(s.workers[0].processing, 0);
         assert_eq!(s.counts["waiting"], 2);
-        let recount = |m: &Model, phase: Phase| m.tasks.values().filter(|t| t.phase == phase).count() as u64;
+        let recount = |m: &Model, phase: Phase| m.tasks.iter().filter(|(_, t, _)| t.phase == phase).count() as u64;
         for phase in LIVE_PHASES {
             assert_eq!(s.counts[phase_name(phase)], recount(&m, phase), "{phase:?} counted as it changed");
         }
@@ -938,15 +994,15 @@ mod tests {
         assert_eq!((s.prefixes[MAX_PREFIXES].name.as_ref(), s.prefixes[MAX_PREFIXES].waiting), (OTHER_PREFIX, 10));
     }
 
-    fn rec(key: &str) -> TaskRec {
-        TaskRec { key: Key::new(key), phase: Phase::Waiting, finished: false, prefix: 0, worker: None }
+    fn rec() -> TaskRec {
+        TaskRec { phase: Phase::Waiting, finished: false, prefix: 0, worker: None }
     }
 
     #[test]
     fn the_task_table_keeps_stragglers_without_pinning_its_window() {
         let mut t = TaskTable::default();
         for s in 1..=200_000u64 {
-            t.insert(s, rec(&format!("k{s}")));
+            t.insert(s, rec(), Key::new(&format!("k{s}")));
         }
         // All but the first finish: the window moves past it, and it moves to the map.
         for s in 2..=200_000u64 {
@@ -954,11 +1010,40 @@ mod tests {
         }
         assert_eq!(t.len(), 1);
         assert!(t.window.len() <= TaskTable::SPAN, "window {}", t.window.len());
-        assert_eq!(t.get(1).map(|r| r.key.as_str()), Some("k1"));
-        t.insert(200_001, rec("late"));
-        assert_eq!(t.iter().map(|(s, _)| s).collect::<Vec<_>>().len(), 2);
+        assert_eq!(t.key(1).map(Key::as_str), Some("k1"));
+        assert_eq!(t.get(1).map(|r| r.phase), Some(Phase::Waiting));
+        t.insert(200_001, rec(), Key::new("late"));
+        let live: Vec<(u64, &str)> = t.iter().map(|(s, _, k)| (s, k.as_str())).collect();
+        assert_eq!(live, vec![(200_001, "late"), (1, "k1")]);
         assert!(t.remove(1).is_some() && t.remove(200_001).is_some() && t.is_empty());
         assert!(t.remove(7).is_none());
+    }
+
+    #[test]
+    fn a_run_whose_task_is_long_forgotten_stays_listed_under_a_placeholder() {
+        let mut m = Model::new();
+        joined(&mut m, 1, "w1", 1);
+        let finished = TaskChange { duration_us: Some(5), ..change(1, Some("first-1"), Phase::Memory, Some(1)) };
+        m.apply(FeedEvent::Tasks { at_us: 10, changes: vec![finished, change(1, None, Phase::Forgotten, None)] });
+        assert_eq!(m.stream_after(0, 10)[0].key.as_str(), "first-1", "found among the recently forgotten");
+        // More tasks are forgotten (cancelled before they ran) than the model remembers keys of.
+        let n = STORY_LIMIT as u64 / 4 + 1;
+        let changes = (2..n + 2)
+            .flat_map(|t| {
+                [change(t, Some(&format!("x-{t}")), Phase::Waiting, None), change(t, None, Phase::Forgotten, None)]
+            })
+            .collect();
+        m.apply(FeedEvent::Tasks { at_us: 20, changes });
+        let runs = m.stream_after(0, 10);
+        assert_eq!((runs.len(), runs[0].key.as_str(), runs[0].duration_us), (1, UNKNOWN_KEY, 5));
+    }
+
+    #[test]
+    fn live_index_is_the_position_in_live_phases() {
+        for (i, p) in LIVE_PHASES.iter().enumerate() {
+            assert_eq!(live_index(*p), Some(i), "{p:?}");
+        }
+        assert_eq!(live_index(Phase::Forgotten), None);
     }
 
     #[test]
@@ -967,52 +1052,5 @@ mod tests {
         assert_eq!(lane_for(&mut lanes, 0, 10), 0);
         assert_eq!(lane_for(&mut lanes, 5, 10), 1);
         assert_eq!(lane_for(&mut lanes, 12, 1), 0);
-    }
-}
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-
-    #[test]
-    #[ignore = "timing probe: cargo test --release -p rask-dashboard -- --ignored --nocapture"]
-    fn apply_cost_per_task() {
-        let keys: Vec<Key> = (0..65536).map(|i| Key::from(format!("tree-{}-{i}", i % 16))).collect();
-        let mut m = Model::new();
-        m.apply(FeedEvent::WorkerJoined {
-            at_us: 0,
-            worker: 1,
-            name: "w".into(),
-            address: "a".into(),
-            nthreads: 1,
-            memory_limit: None,
-        });
-        let t0 = std::time::Instant::now();
-        let mut serial = 0u64;
-        for round in 0..4u64 {
-            for chunk in keys.chunks(512) {
-                let mut changes = Vec::new();
-                for k in chunk {
-                    serial += 1;
-                    let c = |via: &[Phase], phase, key: Option<Key>, d| TaskChange {
-                        task: serial,
-                        key,
-                        via: Via::from_phases(via.iter().copied()).unwrap_or_default(),
-                        phase,
-                        worker: Some(1),
-                        duration_us: d,
-                        cause: Cause::Tick,
-                    };
-                    // As an inner task of a tree is published: one change per scheduler event.
-                    changes.push(c(&[Phase::Released], Phase::Waiting, Some(k.clone()), None));
-                    changes.push(c(&[Phase::Queued], Phase::Processing, None, None));
-                    changes.push(c(&[], Phase::Memory, None, Some(1)));
-                    changes.push(c(&[Phase::Released], Phase::Forgotten, None, None));
-                }
-                m.apply(FeedEvent::Tasks { at_us: round, changes });
-            }
-        }
-        let per = t0.elapsed().as_nanos() as f64 / (4.0 * 65536.0);
-        eprintln!("apply: {per:.0} ns per task (7 states in 4 changes, one run)");
     }
 }
