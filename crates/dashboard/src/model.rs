@@ -146,13 +146,15 @@ impl TaskTable {
             self.base += 1;
         }
         while self.window.len() > Self::SPAN && self.window.len() > 4 * self.in_window {
-            let key = self.keys.pop_front().flatten();
-            if let (Some(Some(rec)), Some(key)) = (self.window.pop_front(), key) {
+            let (rec, key) = (self.window.pop_front().flatten(), self.keys.pop_front().flatten());
+            debug_assert_eq!(rec.is_some(), key.is_some(), "a task's record and key are kept together");
+            if let (Some(rec), Some(key)) = (rec, key) {
                 self.in_window -= 1;
                 self.old.insert(self.base, (rec, key));
             }
             self.base += 1;
         }
+        debug_assert_eq!(self.window.len(), self.keys.len());
         gone
     }
 
@@ -269,13 +271,11 @@ pub struct Run {
     pub ok: bool,
 }
 
-/// A [`Run`] as kept: its task and prefix by number, so recording one touches no reference
-/// count (most runs leave the stream before anyone reads them); keys are found when read.
+/// A [`Run`] as kept: its prefix by number, so recording one touches one reference count.
 #[derive(Clone, Debug)]
 struct RunRec {
     seq: u64,
-    /// The task's serial number.
-    task: u64,
+    key: Key,
     prefix: u32,
     worker: u32,
     lane: u32,
@@ -283,9 +283,6 @@ struct RunRec {
     duration_us: u64,
     ok: bool,
 }
-
-/// The name shown for a run whose task is no longer known (forgotten long ago).
-const UNKNOWN_KEY: &str = "(forgotten)";
 
 /// One entry of a task's story.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -604,7 +601,12 @@ impl Model {
             };
             self.stream_seq += 1;
             let seq = self.stream_seq;
-            self.stream.push_back(RunRec { seq, task, prefix, worker: w, lane, start_us, duration_us, ok });
+            // A known task has its key in the table; a new one brings it.
+            let key = match (&key, self.tasks.key(task)) {
+                (Some(k), _) | (None, Some(k)) => k.clone(),
+                (None, None) => return,
+            };
+            self.stream.push_back(RunRec { seq, key, prefix, worker: w, lane, start_us, duration_us, ok });
             if self.stream.len() > STREAM_LIMIT {
                 self.stream.pop_front();
             }
@@ -683,45 +685,27 @@ impl Model {
         }
     }
 
-    /// Kept runs in their published form (with their keys and prefixes' names). Keys of tasks
-    /// forgotten since are found among the recently forgotten, in one pass for all the runs.
-    fn runs<'a>(&self, runs: impl Iterator<Item = &'a RunRec>) -> Vec<Run> {
-        let runs: Vec<&RunRec> = runs.collect();
-        let mut gone: FxHashMap<u64, Option<&Key>> =
-            runs.iter().filter(|r| self.tasks.key(r.task).is_none()).map(|r| (r.task, None)).collect();
-        if !gone.is_empty() {
-            for (serial, key) in &self.forgotten {
-                if let Some(slot) = gone.get_mut(serial) {
-                    *slot = Some(key);
-                }
-            }
+    /// A kept run in its published form (with its prefix's name).
+    fn run(&self, r: &RunRec) -> Run {
+        let prefix =
+            self.prefixes.get(r.prefix as usize).map_or_else(|| Arc::from(OTHER_PREFIX), |p| Arc::clone(&p.name));
+        Run {
+            seq: r.seq,
+            key: r.key.clone(),
+            prefix,
+            worker: r.worker,
+            lane: r.lane,
+            start_us: r.start_us,
+            duration_us: r.duration_us,
+            ok: r.ok,
         }
-        runs.into_iter()
-            .map(|r| {
-                let key = self.tasks.key(r.task).or_else(|| gone.get(&r.task).copied().flatten());
-                let prefix = self
-                    .prefixes
-                    .get(r.prefix as usize)
-                    .map_or_else(|| Arc::from(OTHER_PREFIX), |p| Arc::clone(&p.name));
-                Run {
-                    seq: r.seq,
-                    key: key.cloned().unwrap_or_else(|| Key::new(UNKNOWN_KEY)),
-                    prefix,
-                    worker: r.worker,
-                    lane: r.lane,
-                    start_us: r.start_us,
-                    duration_us: r.duration_us,
-                    ok: r.ok,
-                }
-            })
-            .collect()
     }
 
     /// Task runs after `seq`, oldest first, at most `limit`.
     #[must_use]
     pub fn stream_after(&self, seq: u64, limit: usize) -> Vec<Run> {
         let start = self.stream.partition_point(|r| r.seq <= seq);
-        self.runs(self.stream.range(start..).take(limit))
+        self.stream.range(start..).take(limit).map(|r| self.run(r)).collect()
     }
 
     /// A task's current state (`None`: not known now) and its recorded story, oldest first
@@ -740,7 +724,8 @@ impl Model {
     pub fn worker(&self, name: &str) -> Option<(WorkerView, Vec<MemorySample>, Vec<Run>)> {
         let w = self.workers.values().rev().find(|w| w.name == name)?;
         let memory = self.memory.get(&w.id).map(|h| h.iter().copied().collect()).unwrap_or_default();
-        let runs = self.runs(self.stream.iter().rev().filter(|r| r.worker == w.id).take(200));
+        let runs: Vec<Run> =
+            self.stream.iter().rev().filter(|r| r.worker == w.id).take(200).map(|r| self.run(r)).collect();
         Some((w.clone(), memory, runs))
     }
 
@@ -1020,13 +1005,12 @@ mod tests {
     }
 
     #[test]
-    fn a_run_whose_task_is_long_forgotten_stays_listed_under_a_placeholder() {
+    fn a_run_keeps_its_key_however_long_ago_its_task_was_forgotten() {
         let mut m = Model::new();
         joined(&mut m, 1, "w1", 1);
         let finished = TaskChange { duration_us: Some(5), ..change(1, Some("first-1"), Phase::Memory, Some(1)) };
         m.apply(FeedEvent::Tasks { at_us: 10, changes: vec![finished, change(1, None, Phase::Forgotten, None)] });
-        assert_eq!(m.stream_after(0, 10)[0].key.as_str(), "first-1", "found among the recently forgotten");
-        // More tasks are forgotten (cancelled before they ran) than the model remembers keys of.
+        // More tasks are forgotten (cancelled before they ran) than the model keeps stories of.
         let n = STORY_LIMIT as u64 / 4 + 1;
         let changes = (2..n + 2)
             .flat_map(|t| {
@@ -1035,7 +1019,7 @@ mod tests {
             .collect();
         m.apply(FeedEvent::Tasks { at_us: 20, changes });
         let runs = m.stream_after(0, 10);
-        assert_eq!((runs.len(), runs[0].key.as_str(), runs[0].duration_us), (1, UNKNOWN_KEY, 5));
+        assert_eq!((runs.len(), runs[0].key.as_str(), runs[0].duration_us), (1, "first-1", 5));
     }
 
     #[test]
