@@ -146,14 +146,15 @@ impl BenchCluster {
     }
 }
 
-/// CPU time a process has used, all its threads together (on-CPU nanoseconds from
-/// `/proc/PID/task/*/schedstat`; threads that already exited are not counted).
-/// CPU time of one thread of a process (from `/proc`, Linux only).
+/// CPU time one thread of a process has used (on-CPU nanoseconds from
+/// `/proc/PID/task/TID/schedstat`, Linux only).
 fn thread_cpu(pid: u32, tid: u32) -> Option<Duration> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
     s.split_whitespace().next().and_then(|v| v.parse().ok()).map(Duration::from_nanos)
 }
 
+/// CPU time a process has used, all its threads together (on-CPU nanoseconds from
+/// `/proc/PID/task/*/schedstat`; threads that already exited are not counted).
 fn cpu_of(pid: u32) -> Option<Duration> {
     let mut total = Duration::ZERO;
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
@@ -528,7 +529,8 @@ fn worker_loss(exe: &std::path::Path, n: u64, dask: &DaskRun<'_>) -> Result<(), 
 ///
 /// Prints the median over rounds of each configuration's throughput relative to the
 /// dashboard-less run of the same round (pairs from one round saw the same machine), and the
-/// best of each; and the scheduler process's CPU per task.
+/// best of each; and the scheduler process's CPU per task, and its main thread's (what the
+/// dashboard costs the thread that schedules: recording and publishing changes).
 ///
 /// `zero_work`: the workers finish every task at once (the scheduler alone, as in the zero-work
 /// measurement); otherwise the whole cluster works, and the dashboard's thread competes with
@@ -562,8 +564,8 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
         c.compute(&warm, &warm_outs).map_err(|e| e.to_string())?;
         let _ = settle(cluster);
     }
-    // Wall time of the computation, and the scheduler process's CPU time (all its threads, the
-    // dashboard's too) until it has settled.
+    // Wall time of the computation, and the scheduler process's CPU time until it has settled:
+    // all its threads (the dashboard's too), and its main thread alone.
     let run = |cluster: &BenchCluster, c: &BlockingClient| -> Result<(f64, f64, f64, f64), String> {
         let cpu0 = cluster.scheduler_cpu();
         let pid = cluster.scheduler.id();
@@ -628,7 +630,7 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
     );
     let core = |i: usize| median(main[i].iter().copied()) * 1e6 / tasks;
     println!(
-        "dashboard, {what}: of which the scheduler's own thread (recording and publishing), median: {:.2} µs without the dashboard, {:.2} µs with it ({:+.1}%), {:.2} µs with it and a journal ({:+.1}%)",
+        "dashboard, {what}: of which the scheduler's main thread (everything but the dashboard's thread: the core, its connections, and recording and publishing changes), median: {:.2} µs without the dashboard, {:.2} µs with it ({:+.1}%), {:.2} µs with it and a journal ({:+.1}%)",
         core(0),
         core(1),
         (core(1) / core(0) - 1.0) * 100.0,

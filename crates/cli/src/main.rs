@@ -18,29 +18,17 @@ use clap::{Parser, Subcommand};
 /// mimalloc instead of the system allocator: the scheduler and workers allocate small objects
 /// (keys, messages, task records) at a high rate, and glibc's malloc spent about a fifth of the
 /// scheduler's CPU time in consolidation and free-list upkeep under the distributed benchmark.
+///
+/// Built without asking for transparent huge pages (its `no_thp` feature). Otherwise mimalloc
+/// asks for them on all the memory it maps, so every first touch of a 2 MiB range faults in and
+/// zeroes all of it: rask's processes allocate a graph's worth of small records and free them
+/// when it is done, and with huge pages a scheduler and two idle workers held 69, 34 and 35 MB
+/// resident after tree-15 (53, 18 and 23 MB of it in huge pages), the kernel spent 4–8% of the
+/// machine's time zeroing pages, and a worker's resident size, which its memory limit watches,
+/// overstated what it holds. Without them tree-15 in `rask bench distributed` ran faster in 7
+/// of 8 alternating pairs (median +7%; scheduler CPU per task −18%, workers' −10%).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Turns transparent huge pages off for this process (Linux; best effort).
-///
-/// mimalloc asks for huge pages on the memory it maps, so every first touch of a 2 MiB range
-/// faults in and zeroes all of it. rask's processes allocate a graph's worth of small records
-/// and free them when it is done: with huge pages, a scheduler and two idle workers held 69,
-/// 34 and 35 MB resident (53, 18 and 23 MB of it in huge pages) after tree-15, the kernel spent
-/// a noticeable share of the run zeroing pages, and a worker's resident size — which its
-/// memory limit watches — overstated what it holds. Without them, tree-15 in `rask bench
-/// distributed` ran faster in 7 of 8 alternating pairs (median +9%; scheduler CPU per task
-/// −15%, workers' −11%), and moving 1 GiB between workers in 64 MiB frames (whose receive
-/// buffers ask for huge pages) kept its speed. Inherited by the processes this one starts.
-#[allow(unsafe_code)]
-fn no_transparent_huge_pages() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: takes plain integers and touches no memory; it only sets a flag of this
-    // process's address space, which the kernel checks when it faults pages in.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
-}
 
 /// rask: parallel task graphs, Dask's model with a fraction of its overhead.
 #[derive(Parser)]
@@ -70,7 +58,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    no_transparent_huge_pages();
     // Started as a worker of a LocalCluster: run it and exit.
     rask_runtime::run_worker_if_requested();
     let cli = Cli::parse();

@@ -883,9 +883,11 @@ fn unknown_function_is_a_task_error_naming_function_and_worker() {
 fn task_whose_body_does_not_decode_fails_alone_naming_the_worker() {
     use rask_protocol::msg::{FromScheduler, ToScheduler};
     use rask_protocol::wire::{TaskBody, WireArg, WireBody, WireCall, WireTask, WireValue};
-    let cluster = Cluster::with_workers(1, &[]);
+    let dir = scratch("bad-body");
+    let (mut cluster, web) = observed_cluster(&dir.join("journal.jsonl"));
+    cluster.worker(&["--name", "w0", "--nthreads", "1"], &[]);
     // A raw client: bodies travel encoded and the scheduler forwards them unread, so one that
-    // is not a body at all reaches the worker next to a good one.
+    // is not a body at all reaches the worker, submitted with a good one.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let host_port = cluster.address.trim_start_matches("tcp://").to_owned();
     let outcomes = rt.block_on(async {
@@ -926,17 +928,32 @@ fn task_whose_body_does_not_decode_fails_alone_naming_the_worker() {
         outcomes
     });
     match &outcomes["junk"] {
-        Err(message) => {
-            assert!(message.contains("cannot read what to run"), "{message}");
-            assert!(message.contains("worker w0"), "{message}");
-        }
+        Err(message) => assert!(
+            message.starts_with("worker w0 cannot run task \"junk\": its body is not an encoded function call ("),
+            "{message}"
+        ),
         Ok(()) => panic!("a body that is not one ran"),
     }
     assert_eq!(outcomes["fine"], Ok(()), "the good task of the same message ran");
-    // The worker and the scheduler are still serving.
+    // The worker and the scheduler are still serving, and the failure left nothing counted as
+    // running on the worker.
     let c = BlockingClient::connect(&cluster.address).expect("client");
-    let ok = c.submit("add", vec![CallArg::Value(Value::Int(1)), CallArg::Value(Value::Int(1))]);
-    assert_eq!(c.gather(&[ok]).pop().expect("one").expect("ok"), Value::Int(2));
+    let calls = (0..4).map(|i| vec![CallArg::Value(Value::Int(i)), CallArg::Value(Value::Int(1))]).collect();
+    let futures = c.map_calls("add", calls);
+    c.wait(&futures, Some(Duration::from_secs(20))).expect("computed");
+    let got: Vec<Value> = c.gather(&futures).into_iter().map(|r| r.expect("ok")).collect();
+    assert_eq!(got, (1..5).map(Value::Int).collect::<Vec<_>>());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = http_get(&web, "/api/status");
+        assert_eq!(code, 200);
+        let s: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+        if s["workers"][0]["processing"] == 0 && s["failed"] == 1 && s["completed"] == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a slot stayed taken, or the counts are off: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -60,6 +60,10 @@ pub enum ProtocolError {
     /// The bytes do not decode as the expected message.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// A task's body (see [`wire::TaskBody`]) is not an encoded function call: its message was
+    /// fine, and only that task is affected.
+    #[error("its body is not an encoded function call ({0})")]
+    BadBody(String),
     /// The peer is not a rask process of a compatible version, or refused us.
     #[error("{0}")]
     Refused(String),

@@ -237,13 +237,16 @@ impl TaskBody {
     /// The body, decoding it if it came encoded.
     ///
     /// # Errors
-    /// When the bytes are not a postcard-encoded [`WireBody`].
+    /// [`ProtocolError::BadBody`] when the bytes are not exactly one postcard-encoded
+    /// [`WireBody`] (bytes left over count as garbage too).
     pub fn decode(&self) -> Result<Arc<WireBody>, ProtocolError> {
         match self {
             TaskBody::Plain(b) => Ok(Arc::clone(b)),
-            TaskBody::Encoded(bytes) => postcard::from_bytes(bytes)
-                .map(Arc::new)
-                .map_err(|e| ProtocolError::Malformed(format!("undecodable task body: {e}"))),
+            TaskBody::Encoded(bytes) => match postcard::take_from_bytes::<WireBody>(bytes) {
+                Ok((body, [])) => Ok(Arc::new(body)),
+                Ok((_, rest)) => Err(ProtocolError::BadBody(format!("{} bytes follow the call", rest.len()))),
+                Err(e) => Err(ProtocolError::BadBody(e.to_string())),
+            },
         }
     }
 }
@@ -254,7 +257,7 @@ impl From<WireBody> for TaskBody {
     }
 }
 
-/// Equal when they encode to the same bytes.
+/// Two plain bodies compare as calls; otherwise, equal when they encode to the same bytes.
 impl PartialEq for TaskBody {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
@@ -266,6 +269,9 @@ impl PartialEq for TaskBody {
         }
     }
 }
+
+/// The encoding buffer of [`TaskBody`] is kept for the next body up to this size.
+const BODY_SCRATCH_KEPT: usize = 64 << 10;
 
 thread_local! {
     /// Reused to encode plain bodies (one per task of a submission) without an allocation each.
@@ -289,7 +295,10 @@ impl Serialize for TaskBody {
                     }
                     Err(e) => return Err(serde::ser::Error::custom(format_args!("cannot encode a task body: {e}"))),
                 };
-                scratch.replace(buf);
+                // A body with large literals is not worth keeping the room for.
+                if buf.capacity() <= BODY_SCRATCH_KEPT {
+                    scratch.replace(buf);
+                }
                 result
             }),
         }
@@ -589,7 +598,12 @@ mod tests {
         let received: Vec<TaskBody> = postcard::from_bytes(&sent).expect("decodes");
         // ...and only decoding that one body fails, with a message naming what it was.
         let err = received[0].decode().expect_err("junk is not a body");
-        assert!(err.to_string().contains("undecodable task body"), "{err}");
+        assert!(matches!(err, ProtocolError::BadBody(_)), "{err}");
+        // Nor is a body with bytes after it.
+        let mut trailing = postcard::to_allocvec(&sample_body(2)).expect("encodes");
+        trailing.push(0);
+        let err = TaskBody::Encoded(Arc::from(trailing)).decode().expect_err("garbage after a body");
+        assert_eq!(err.to_string(), "its body is not an encoded function call (1 bytes follow the call)");
         assert_eq!(*received[1].decode().expect("decodes"), sample_body(1));
     }
 

@@ -389,10 +389,11 @@ pub async fn run_worker(cfg: WorkerConfig, stop: Arc<AtomicBool>) -> Result<Work
                                 Err(e) => {
                                     let error = WireError {
                                         key: key.clone(),
-                                        message: format!("worker {} cannot read what to run: {e}", cfg.name),
+                                        message: format!("worker {} cannot run task {key}: {e}", cfg.name),
                                         kind: rask_protocol::wire::WireFailure::Unrunnable,
                                         attempts: 0,
                                     };
+                                    tally.failed += 1;
                                     to_scheduler.send(ToScheduler::TaskFailed { key, ticket, error }, Vec::new());
                                     continue;
                                 }
