@@ -764,6 +764,20 @@ fn task_allocating_past_the_limit_every_time_ends_as_killed_worker_for_memory() 
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A client speaking the protocol by hand (to send what `Client` never would): a runtime, and a
+/// connection to `address` past the handshake.
+fn raw_client(address: &str, name: &str) -> (tokio::runtime::Runtime, tokio::net::TcpStream) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let host_port = address.trim_start_matches("tcp://").to_owned();
+    let s = rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(&host_port).await.expect("connect");
+        let role = rask_protocol::handshake::Role::Client { name: name.into() };
+        rask_protocol::handshake::connect(&mut s, &role).await.expect("handshake");
+        s
+    });
+    (rt, s)
+}
+
 #[test]
 fn client_leaving_halfway_through_a_graph_in_parts_leaves_nothing_behind() {
     use rask_protocol::msg::ToScheduler;
@@ -774,12 +788,8 @@ fn client_leaving_halfway_through_a_graph_in_parts_leaves_nothing_behind() {
     let held = |c: &BlockingClient| c.worker_memory().expect("memory").iter().map(|w| w.managed_bytes).sum::<u64>();
     // A raw client sends the first part of a graph (five wanted 1 MB values, which start at
     // once) and never sends the rest.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let host_port = cluster.address.trim_start_matches("tcp://").to_owned();
+    let (rt, mut s) = raw_client(&cluster.address, "quitter");
     let stream = rt.block_on(async {
-        let mut s = tokio::net::TcpStream::connect(&host_port).await.expect("connect");
-        let role = rask_protocol::handshake::Role::Client { name: "quitter".into() };
-        rask_protocol::handshake::connect(&mut s, &role).await.expect("handshake");
         let tasks = (0..5)
             .map(|i| WireTask {
                 key: format!("half-{i}").as_str().into(),
@@ -888,12 +898,8 @@ fn task_whose_body_does_not_decode_fails_alone_naming_the_worker() {
     cluster.worker(&["--name", "w0", "--nthreads", "1"], &[]);
     // A raw client: bodies travel encoded and the scheduler forwards them unread, so one that
     // is not a body at all reaches the worker, submitted with a good one.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let host_port = cluster.address.trim_start_matches("tcp://").to_owned();
+    let (rt, mut s) = raw_client(&cluster.address, "raw");
     let outcomes = rt.block_on(async {
-        let mut s = tokio::net::TcpStream::connect(&host_port).await.expect("connect");
-        let role = rask_protocol::handshake::Role::Client { name: "raw".into() };
-        rask_protocol::handshake::connect(&mut s, &role).await.expect("handshake");
         let task = |key: &str, body: TaskBody| WireTask {
             key: key.into(),
             deps: Vec::new(),
