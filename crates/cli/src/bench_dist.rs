@@ -146,23 +146,22 @@ impl BenchCluster {
     }
 }
 
-/// CPU time one thread of a process has used (on-CPU nanoseconds from
-/// `/proc/PID/task/TID/schedstat`, Linux only).
-fn thread_cpu(pid: u32, tid: u32) -> Option<Duration> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+/// The on-CPU time in a thread's `schedstat` file under `/proc` (Linux only).
+fn on_cpu(schedstat: &std::path::Path) -> Option<Duration> {
+    let s = std::fs::read_to_string(schedstat).ok()?;
     s.split_whitespace().next().and_then(|v| v.parse().ok()).map(Duration::from_nanos)
 }
 
-/// CPU time a process has used, all its threads together (on-CPU nanoseconds from
-/// `/proc/PID/task/*/schedstat`; threads that already exited are not counted).
+/// CPU time one thread of a process has used.
+fn thread_cpu(pid: u32, tid: u32) -> Option<Duration> {
+    on_cpu(std::path::Path::new(&format!("/proc/{pid}/task/{tid}/schedstat")))
+}
+
+/// CPU time a process has used, all its threads together (threads that already exited are not
+/// counted).
 fn cpu_of(pid: u32) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-        let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
-        let ns: u64 = s.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
-        total += Duration::from_nanos(ns);
-    }
-    Some(total)
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(tasks.flatten().filter_map(|t| on_cpu(&t.path().join("schedstat"))).sum())
 }
 
 impl Drop for BenchCluster {
@@ -619,23 +618,22 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
         best(1),
         best(2),
     );
-    let per_task = |i: usize| median(cpu[i].iter().copied()) * 1e6 / tasks;
-    println!(
-        "dashboard, {what}: scheduler process CPU per task, median (its dashboard thread included, until it caught up): {:.2} µs without the dashboard, {:.2} µs with it ({:+.1}%), {:.2} µs with it and a journal ({:+.1}%)",
-        per_task(0),
-        per_task(1),
-        (per_task(1) / per_task(0) - 1.0) * 100.0,
-        per_task(2),
-        (per_task(2) / per_task(0) - 1.0) * 100.0,
-    );
-    let core = |i: usize| median(main[i].iter().copied()) * 1e6 / tasks;
-    println!(
-        "dashboard, {what}: of which the scheduler's main thread (everything but the dashboard's thread: the core, its connections, and recording and publishing changes), median: {:.2} µs without the dashboard, {:.2} µs with it ({:+.1}%), {:.2} µs with it and a journal ({:+.1}%)",
-        core(0),
-        core(1),
-        (core(1) / core(0) - 1.0) * 100.0,
-        core(2),
-        (core(2) / core(0) - 1.0) * 100.0,
+    // CPU seconds per run, as µs per task in each configuration, and the change from the first.
+    let per_task = |label: &str, samples: &[Vec<f64>; 3]| {
+        let us = |i: usize| median(samples[i].iter().copied()) * 1e6 / tasks;
+        println!(
+            "dashboard, {what}: {label}, median: {:.2} µs without the dashboard, {:.2} µs with it ({:+.1}%), {:.2} µs with it and a journal ({:+.1}%)",
+            us(0),
+            us(1),
+            (us(1) / us(0) - 1.0) * 100.0,
+            us(2),
+            (us(2) / us(0) - 1.0) * 100.0,
+        );
+    };
+    per_task("scheduler process CPU per task (its dashboard thread included, until it caught up)", &cpu);
+    per_task(
+        "of which the scheduler's main thread (everything but the dashboard's thread: the core, its connections, and recording and publishing changes)",
+        &main,
     );
     let after = |i: usize| median(busy[i].iter().copied()) * 1e3;
     println!(
