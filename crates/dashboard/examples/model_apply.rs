@@ -1,24 +1,23 @@
 //! What folding the scheduler's feed into the dashboard's model costs per task, without the
 //! scheduler: the changes a tree reduction makes (intake, runs on two workers, release, and
-//! the cascade that forgets it), fed to [`Model::apply_change`] as the dashboard thread does.
+//! the cascade that forgets it), fed to [`Model::apply_change_ref`] as the dashboard thread does.
 //!
 //! `cargo run --release -p rask-dashboard --example model_apply [-- DEPTH [REPEAT]]`
 
 use std::time::Instant;
 
 use rask_dashboard::Model;
-use rask_graph::Key;
-use rask_runtime::feed::{Cause, FeedEvent, Phase, TaskChange, Via};
+use rask_runtime::feed::{Cause, ChangeRef, FeedEvent, Phase, Via};
 
 fn change(
     task: u64,
-    key: Option<Key>,
+    key: Option<&str>,
     phase: Phase,
     worker: Option<u32>,
     duration_us: Option<u64>,
     cause: Cause,
-) -> TaskChange {
-    TaskChange { task, key, via: Via::EMPTY, phase, worker, duration_us, cause }
+) -> ChangeRef<'_> {
+    ChangeRef { task, key, via: Via::EMPTY, phase, worker, duration_us, cause }
 }
 
 /// Feeds one tree of `2^depth - 1` tasks whose serials start at `base`; returns the tasks.
@@ -26,10 +25,10 @@ fn feed(m: &mut Model, depth: u32, base: u64, names: &[String], clock: &mut u64)
     let leaves = 1u64 << (depth - 1);
     let n = 2 * leaves - 1;
     let submitted = Cause::Submitted { client: 1 };
-    // Intake: every task's first change carries its key (made here, as `Published::visit` does).
+    // Intake: every task's first change carries its key, borrowed, as `Published::visit` hands it.
     for s in 0..n {
         let phase = if s < leaves { Phase::Queued } else { Phase::Waiting };
-        m.apply_change(*clock, change(base + s, Some(Key::new(&names[s as usize])), phase, None, None, submitted));
+        m.apply_change_ref(*clock, change(base + s, Some(names[s as usize].as_str()), phase, None, None, submitted));
     }
     // Runs, level by level, alternating two workers; a finished level releases its inputs.
     let (mut start, mut width) = (0u64, leaves);
@@ -38,14 +37,20 @@ fn feed(m: &mut Model, depth: u32, base: u64, names: &[String], clock: &mut u64)
             let s = base + start + i;
             let w = (i % 2) as u32;
             *clock += 3;
-            m.apply_change(*clock, change(s, None, Phase::Processing, Some(w), None, Cause::Finished { worker: w }));
-            m.apply_change(*clock + 1, change(s, None, Phase::Memory, Some(w), Some(1), Cause::Finished { worker: w }));
+            m.apply_change_ref(
+                *clock,
+                change(s, None, Phase::Processing, Some(w), None, Cause::Finished { worker: w }),
+            );
+            m.apply_change_ref(
+                *clock + 1,
+                change(s, None, Phase::Memory, Some(w), Some(1), Cause::Finished { worker: w }),
+            );
         }
         if start > 0 {
             let below = 2 * width;
             for i in 0..below {
                 let s = base + start - below + i;
-                m.apply_change(*clock, change(s, None, Phase::Released, None, None, Cause::Finished { worker: 0 }));
+                m.apply_change_ref(*clock, change(s, None, Phase::Released, None, None, Cause::Finished { worker: 0 }));
             }
         }
         start += width;
@@ -53,7 +58,7 @@ fn feed(m: &mut Model, depth: u32, base: u64, names: &[String], clock: &mut u64)
     }
     // The client releases the root: everything is forgotten, root first.
     for s in (0..n).rev() {
-        m.apply_change(*clock, change(base + s, None, Phase::Forgotten, None, None, Cause::Client { client: 1 }));
+        m.apply_change_ref(*clock, change(base + s, None, Phase::Forgotten, None, None, Cause::Client { client: 1 }));
     }
     n
 }

@@ -4,10 +4,11 @@
 //! shows exactly what the live dashboard showed.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use rask_graph::{FxHashMap, Key};
-use rask_runtime::feed::{Cause, FeedEvent, Phase, TaskChange, Via};
+use rask_runtime::feed::{Cause, ChangeRef, FeedEvent, Phase, TaskChange, Via};
 use serde::Serialize;
 
 /// State changes kept for task stories (the oldest are dropped first).
@@ -41,16 +42,113 @@ pub fn prefix_of(key: &str) -> &str {
     &key[..end]
 }
 
-/// One task the scheduler still knows: what every change reads and writes, kept small (16
-/// bytes) so the live tasks' records stay in cache; its key lives apart (see [`TaskTable`]).
+/// Where a key's text is in the model's [`KeyText`] (its offset plus one, so an absent key
+/// costs no extra word): a task's key is copied there once, from the batch it came in, instead
+/// of being allocated on its own (a few hundred thousand a second).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KeyRef(NonZeroU64);
+
+/// The text of the keys the model remembers, each behind its length (LEB128), end to end in
+/// one buffer. Keys of forgotten tasks stay until the buffer is compacted
+/// ([`Model::compact_keys`]), which happens once it is twice the size it had after the last
+/// compaction (and at least [`KeyText::MIN_COMPACT`]), so each byte appended is copied at most
+/// about once more.
+struct KeyText {
+    text: Vec<u8>,
+    /// Compact when the text grows past this.
+    compact_at: usize,
+}
+
+impl Default for KeyText {
+    fn default() -> Self {
+        KeyText { text: Vec::new(), compact_at: KeyText::MIN_COMPACT }
+    }
+}
+
+impl KeyText {
+    /// Text size below which the buffer is never compacted.
+    const MIN_COMPACT: usize = 8 << 20;
+
+    fn push(&mut self, key: &str) -> KeyRef {
+        let at = self.text.len() as u64;
+        let mut len = key.len() as u64;
+        while len >= 0x80 {
+            self.text.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        self.text.push(len as u8);
+        self.text.extend_from_slice(key.as_bytes());
+        KeyRef(NonZeroU64::MIN.saturating_add(at))
+    }
+
+    /// The key's length prefix and text.
+    fn entry(&self, r: KeyRef) -> &[u8] {
+        let at = (r.0.get() - 1) as usize;
+        let (mut len, mut shift, mut end) = (0usize, 0u32, at);
+        for b in self.text.get(at..).unwrap_or_default() {
+            end += 1;
+            len |= usize::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        self.text.get(at..end + len).unwrap_or_default()
+    }
+
+    fn get(&self, r: KeyRef) -> &str {
+        let entry = self.entry(r);
+        let text = entry.iter().position(|b| b & 0x80 == 0).and_then(|i| entry.get(i + 1..)).unwrap_or_default();
+        // Only whole keys (text) are pushed.
+        std::str::from_utf8(text).unwrap_or_default()
+    }
+
+    /// Appends `r`'s entry from `from`, returning where it now is.
+    fn copy_from(&mut self, from: &KeyText, r: KeyRef) -> KeyRef {
+        let at = self.text.len() as u64;
+        self.text.extend_from_slice(from.entry(r));
+        KeyRef(NonZeroU64::MIN.saturating_add(at))
+    }
+}
+
+/// One task the scheduler still knows: what every change reads and writes, kept small (8
+/// bytes) so the live tasks' records stay in cache; where its key is lives apart (see
+/// [`TaskTable`]).
 #[derive(Clone, Copy)]
 struct TaskRec {
     phase: Phase,
+    /// [`TaskRec::FINISHED`], [`TaskRec::ON_WORKER`].
+    flags: u8,
+    /// Prefix ids stay below [`MAX_PREFIXES`] + 1.
+    prefix: u16,
+    /// Valid with [`TaskRec::ON_WORKER`].
+    worker: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<TaskRec>() == 8 && MAX_PREFIXES < u16::MAX as usize);
+
+impl TaskRec {
     /// Its result was computed (and not lost since): released or forgotten now means done.
-    finished: bool,
-    prefix: u32,
+    const FINISHED: u8 = 1;
+    /// It is processing on `worker`.
+    const ON_WORKER: u8 = 2;
+
+    fn new(phase: Phase, finished: bool, prefix: u32, worker: Option<u32>) -> Self {
+        let mut flags = if finished { Self::FINISHED } else { 0 };
+        if worker.is_some() {
+            flags |= Self::ON_WORKER;
+        }
+        TaskRec { phase, flags, prefix: prefix as u16, worker: worker.unwrap_or(0) }
+    }
+
+    fn finished(&self) -> bool {
+        self.flags & Self::FINISHED != 0
+    }
+
     /// Where it is processing, while it is.
-    worker: Option<u32>,
+    fn worker(&self) -> Option<u32> {
+        (self.flags & Self::ON_WORKER != 0).then_some(self.worker)
+    }
 }
 
 /// Live tasks by serial number. Serials are handed out in order and tasks mostly finish in
@@ -65,11 +163,11 @@ struct TaskTable {
     base: u64,
     window: VecDeque<Option<TaskRec>>,
     /// The key of each task in `window`, at the same position.
-    keys: VecDeque<Option<Key>>,
+    keys: VecDeque<Option<KeyRef>>,
     /// Live tasks in `window`.
     in_window: usize,
     /// Stragglers from before `base`.
-    old: FxHashMap<u64, (TaskRec, Key)>,
+    old: FxHashMap<u64, (TaskRec, KeyRef)>,
 }
 
 impl TaskTable {
@@ -102,14 +200,14 @@ impl TaskTable {
         }
     }
 
-    fn key(&self, serial: u64) -> Option<&Key> {
+    fn key(&self, serial: u64) -> Option<KeyRef> {
         match self.index(serial) {
-            Some(i) => self.keys[i].as_ref(),
-            None => self.old.get(&serial).map(|(_, k)| k),
+            Some(i) => self.keys[i],
+            None => self.old.get(&serial).map(|(_, k)| *k),
         }
     }
 
-    fn insert(&mut self, serial: u64, rec: TaskRec, key: Key) {
+    fn insert(&mut self, serial: u64, rec: TaskRec, key: KeyRef) {
         if self.window.is_empty() {
             self.base = serial;
         }
@@ -118,7 +216,11 @@ impl TaskTable {
             return;
         }
         let i = (serial - self.base) as usize;
-        if i >= self.window.len() {
+        // Serials mostly arrive in order: the next one is a push.
+        if i == self.window.len() {
+            self.window.push_back(None);
+            self.keys.push_back(None);
+        } else if i > self.window.len() {
             self.window.resize(i + 1, None);
             self.keys.resize(i + 1, None);
         }
@@ -128,7 +230,7 @@ impl TaskTable {
         }
     }
 
-    fn remove(&mut self, serial: u64) -> Option<(TaskRec, Key)> {
+    fn remove(&mut self, serial: u64) -> Option<(TaskRec, KeyRef)> {
         let gone = match self.index(serial) {
             Some(i) => {
                 let gone = self.window[i].take();
@@ -158,14 +260,19 @@ impl TaskTable {
         gone
     }
 
-    /// Live tasks with their keys.
-    fn iter(&self) -> impl Iterator<Item = (u64, &TaskRec, &Key)> {
+    /// Live tasks with where their keys are.
+    fn iter(&self) -> impl Iterator<Item = (u64, &TaskRec, KeyRef)> {
         let base = self.base;
         let window = self.window.iter().zip(&self.keys).enumerate().filter_map(move |(i, (r, k))| match (r, k) {
-            (Some(r), Some(k)) => Some((base + i as u64, r, k)),
+            (Some(r), Some(k)) => Some((base + i as u64, r, *k)),
             _ => None,
         });
-        window.chain(self.old.iter().map(|(s, (r, k))| (*s, r, k)))
+        window.chain(self.old.iter().map(|(s, (r, k))| (*s, r, *k)))
+    }
+
+    /// Every key reference it holds, to move them (see [`Model::compact_keys`]).
+    fn key_refs_mut(&mut self) -> impl Iterator<Item = &mut KeyRef> {
+        self.keys.iter_mut().flatten().chain(self.old.values_mut().map(|(_, k)| k))
     }
 }
 
@@ -271,11 +378,12 @@ pub struct Run {
     pub ok: bool,
 }
 
-/// A [`Run`] as kept: its prefix by number, so recording one touches one reference count.
+/// A [`Run`] as kept: its prefix by number and its key in the model's [`KeyText`], so
+/// recording one allocates nothing and touches no reference count.
 #[derive(Clone, Debug)]
 struct RunRec {
     seq: u64,
-    key: Key,
+    key: KeyRef,
     prefix: u32,
     worker: u32,
     lane: u32,
@@ -300,6 +408,83 @@ pub struct StoryEntry {
     pub worker: Option<u32>,
     /// What caused it.
     pub cause: Cause,
+}
+
+/// A story entry as kept: 16 bytes (see [`StoryLog`]).
+#[derive(Clone, Copy)]
+struct StoryRec {
+    task: u64,
+    worker: u32,
+    /// The phase, the phases passed through and whether there is a worker (see
+    /// [`StoryRec::pack`]).
+    packed: u32,
+}
+
+impl StoryRec {
+    const HAS_WORKER: u32 = 1 << 31;
+
+    /// Bits 0–2 the phase, then the path as the feed packs it ([`Via::to_bits`], 15 bits),
+    /// and the top bit for the worker.
+    fn pack(task: u64, via: Via, phase: Phase, worker: Option<u32>) -> Self {
+        let mut packed = u32::from(phase.code()) | u32::from(via.to_bits()) << 3;
+        if worker.is_some() {
+            packed |= Self::HAS_WORKER;
+        }
+        StoryRec { task, worker: worker.unwrap_or(0), packed }
+    }
+
+    fn entry(&self, at_us: u64, cause: Cause) -> StoryEntry {
+        StoryEntry {
+            at_us,
+            task: self.task,
+            via: Via::from_bits((self.packed >> 3) as u16),
+            phase: Phase::from_code(self.packed as u8),
+            worker: (self.packed & Self::HAS_WORKER != 0).then_some(self.worker),
+            cause,
+        }
+    }
+}
+
+/// The latest state changes of all tasks, for task stories: 16 bytes each, with their causes
+/// and times kept once per run of changes that share them (a scheduler event changes many
+/// tasks at one time for one cause), so keeping a change is a short write.
+#[derive(Default)]
+struct StoryLog {
+    recs: VecDeque<StoryRec>,
+    /// Number of `recs[0]` among all changes ever kept.
+    front: u64,
+    /// (number of the first change it applies to, cause, time), in order; each holds until
+    /// the next one starts.
+    causes: VecDeque<(u64, Cause, u64)>,
+}
+
+impl StoryLog {
+    fn push(&mut self, at_us: u64, rec: StoryRec, cause: Cause) {
+        let n = self.front + self.recs.len() as u64;
+        if self.causes.back().is_none_or(|&(_, c, t)| c != cause || t != at_us) {
+            self.causes.push_back((n, cause, at_us));
+        }
+        self.recs.push_back(rec);
+        if self.recs.len() > STORY_LIMIT {
+            self.recs.pop_front();
+            self.front += 1;
+            while self.causes.get(1).is_some_and(|(start, ..)| *start <= self.front) {
+                self.causes.pop_front();
+            }
+        }
+    }
+
+    /// The kept changes of `task`, oldest first.
+    fn of(&self, task: u64) -> Vec<StoryEntry> {
+        let mut out = Vec::new();
+        for (i, r) in self.recs.iter().enumerate().filter(|(_, r)| r.task == task) {
+            let n = self.front + i as u64;
+            let run = self.causes.partition_point(|(start, ..)| *start <= n).saturating_sub(1);
+            let (cause, at_us) = self.causes.get(run).map_or((Cause::Tick, 0), |&(_, c, t)| (c, t));
+            out.push(r.entry(at_us, cause));
+        }
+        out
+    }
 }
 
 /// A memory sample.
@@ -354,14 +539,16 @@ pub struct Model {
     /// snapshot does not walk every task).
     by_phase: [u64; LIVE_PHASES.len()],
     /// Serials of recently forgotten tasks, to find their stories by key.
-    forgotten: VecDeque<(u64, Key)>,
+    forgotten: VecDeque<(u64, KeyRef)>,
+    /// The text of the keys of the tasks, runs and forgotten tasks above.
+    keys: KeyText,
     prefixes: Vec<PrefixProgress>,
     prefix_ids: FxHashMap<String, u32>,
     /// The prefix [`Model::prefix_id`] found last (a hint: checked before use).
     last_prefix: u32,
     completed: u64,
     failed: u64,
-    story: VecDeque<StoryEntry>,
+    story: StoryLog,
     stream: VecDeque<RunRec>,
     stream_seq: u64,
     workers: BTreeMap<u32, WorkerView>,
@@ -440,11 +627,37 @@ impl Model {
     }
 
     /// Folds in one task state change made at `at_us`: the same as applying a
-    /// [`FeedEvent::Tasks`] holding it, without the list (see `Published::visit`).
-    pub fn apply_change(&mut self, at_us: u64, c: TaskChange) {
+    /// [`FeedEvent::Tasks`] holding it, without the list.
+    pub fn apply_change(&mut self, at_us: u64, c: &TaskChange) {
+        self.apply_change_ref(at_us, c.borrowed());
+    }
+
+    /// [`Model::apply_change`] with the key borrowed, as `Published::visit` hands changes
+    /// over: the live dashboard allocates nothing per change.
+    pub fn apply_change_ref(&mut self, at_us: u64, c: ChangeRef<'_>) {
         self.version += 1;
         self.now_us = self.now_us.max(at_us);
         self.change(at_us, c);
+        if self.keys.text.len() >= self.keys.compact_at {
+            self.compact_keys();
+        }
+    }
+
+    /// Copies the keys still referred to into a fresh buffer (see [`KeyText`]).
+    fn compact_keys(&mut self) {
+        let old = std::mem::take(&mut self.keys);
+        let mut fresh = KeyText::default();
+        let mut moved = |r: &mut KeyRef| *r = fresh.copy_from(&old, *r);
+        self.tasks.key_refs_mut().for_each(&mut moved);
+        self.forgotten.iter_mut().for_each(|(_, k)| moved(k));
+        self.stream.iter_mut().for_each(|r| moved(&mut r.key));
+        fresh.compact_at = (2 * fresh.text.len()).max(KeyText::MIN_COMPACT);
+        self.keys = fresh;
+    }
+
+    /// The text of a key the model refers to.
+    fn key_text(&self, r: KeyRef) -> &str {
+        self.keys.get(r)
     }
 
     /// Folds one published event in.
@@ -456,7 +669,7 @@ impl Model {
                 self.address = address;
             }
             FeedEvent::Tasks { at_us, changes } => {
-                for c in changes {
+                for c in &changes {
                     self.apply_change(at_us, c);
                 }
             }
@@ -542,19 +755,18 @@ impl Model {
         }
     }
 
-    fn change(&mut self, at_us: u64, c: TaskChange) {
-        let TaskChange { task, key, via, phase, worker, duration_us, cause } = c;
-        // The key is not cloned per change.
-        let (old_phase, old_finished, prefix, old_worker) = match (self.tasks.get(task).copied(), &key) {
-            (Some(t), _) => (Some(t.phase), t.finished, t.prefix, t.worker),
-            (None, Some(key)) => (None, false, self.prefix_id(key.as_str()), None),
+    fn change(&mut self, at_us: u64, c: ChangeRef<'_>) {
+        let ChangeRef { task, key, via, phase, worker, duration_us, cause } = c;
+        let (old_phase, old_finished, prefix, old_worker) = match (self.tasks.get(task).copied(), key) {
+            (Some(t), _) => (Some(t.phase), t.finished(), u32::from(t.prefix), t.worker()),
+            (None, Some(key)) => (None, false, self.prefix_id(key), None),
             // A change for a task whose first change was never seen (a journal cut short at
             // its start): nothing to attach it to.
             (None, None) => return,
         };
         // Computed results stay done when released; running it again (lost data) undoes that.
         // The phases passed through in the same event count too (memory, then released).
-        let finished = via.as_slice().iter().chain([&phase]).fold(old_finished, |done, p| match p {
+        let finished = via.iter().chain([phase]).fold(old_finished, |done, p| match p {
             Phase::Memory => true,
             Phase::Waiting | Phase::Queued | Phase::NoWorker | Phase::Processing | Phase::Erred => false,
             Phase::Released | Phase::Forgotten => done,
@@ -579,6 +791,9 @@ impl Model {
             (Phase::Erred, Some(_), _) => Some((worker, at_us, 0, false)),
             _ => None,
         };
+        // A known task has its key's place in the table; a new one brings its key, kept once
+        // it is known to be needed (it is kept, or it ran).
+        let mut key_ref = None;
         if let Some((Some(w), start_us, duration_us, ok)) = run {
             if ok {
                 p.runs += 1;
@@ -601,10 +816,9 @@ impl Model {
             };
             self.stream_seq += 1;
             let seq = self.stream_seq;
-            // A known task has its key in the table; a new one brings it.
-            let key = match (&key, self.tasks.key(task)) {
-                (Some(k), _) | (None, Some(k)) => k.clone(),
-                (None, None) => return,
+            let key = match (old_phase, self.tasks.key(task)) {
+                (Some(_), Some(k)) => k,
+                _ => *key_ref.insert(self.keys.push(key.unwrap_or_default())),
             };
             self.stream.push_back(RunRec { seq, key, prefix, worker: w, lane, start_us, duration_us, ok });
             if self.stream.len() > STREAM_LIMIT {
@@ -620,27 +834,26 @@ impl Model {
         if let Some(w) = processing_on.and_then(|w| self.workers.get_mut(&w)) {
             w.processing += 1;
         }
-        self.story.push_back(StoryEntry { at_us, task, via, phase, worker, cause });
-        if self.story.len() > STORY_LIMIT {
-            self.story.pop_front();
-        }
+        self.story.push(at_us, StoryRec::pack(task, via, phase, worker), cause);
         if phase == Phase::Forgotten {
-            let Some((_, gone)) = self.tasks.remove(task) else { return };
-            self.forgotten.push_back((task, gone));
+            let key = match self.tasks.remove(task) {
+                Some((_, key)) => key,
+                // New and forgotten at once (its first change was its last).
+                None => match key_ref {
+                    Some(k) => k,
+                    None => self.keys.push(key.unwrap_or_default()),
+                },
+            };
+            self.forgotten.push_back((task, key));
             if self.forgotten.len() > STORY_LIMIT / 4 {
                 self.forgotten.pop_front();
             }
         } else {
             match self.tasks.get_mut(task) {
-                Some(t) => {
-                    t.phase = phase;
-                    t.finished = finished;
-                    t.worker = processing_on;
-                }
+                Some(t) => *t = TaskRec::new(phase, finished, prefix, processing_on),
                 None => {
-                    if let Some(key) = key {
-                        self.tasks.insert(task, TaskRec { phase, finished, prefix, worker: processing_on }, key);
-                    }
+                    let key = key_ref.unwrap_or_else(|| self.keys.push(key.unwrap_or_default()));
+                    self.tasks.insert(task, TaskRec::new(phase, finished, prefix, processing_on), key);
                 }
             }
         }
@@ -691,7 +904,7 @@ impl Model {
             self.prefixes.get(r.prefix as usize).map_or_else(|| Arc::from(OTHER_PREFIX), |p| Arc::clone(&p.name));
         Run {
             seq: r.seq,
-            key: r.key.clone(),
+            key: Key::new(self.key_text(r.key)),
             prefix,
             worker: r.worker,
             lane: r.lane,
@@ -712,11 +925,10 @@ impl Model {
     /// (the latest task of that key, if the key was used more than once).
     #[must_use]
     pub fn story(&self, key: &str) -> (Option<Phase>, Vec<StoryEntry>) {
-        let live = self.tasks.iter().find(|(_, _, k)| k.as_str() == key).map(|(s, t, _)| (s, Some(t.phase)));
-        let found =
-            live.or_else(|| self.forgotten.iter().rev().find(|(_, k)| k.as_str() == key).map(|(s, _)| (*s, None)));
-        let Some((serial, now)) = found else { return (None, Vec::new()) };
-        (now, self.story.iter().filter(|e| e.task == serial).cloned().collect())
+        let live = self.tasks.iter().find(|(_, _, k)| self.key_text(*k) == key).map(|(s, t, _)| (s, Some(t.phase)));
+        let forgotten = || self.forgotten.iter().rev().find(|(_, k)| self.key_text(*k) == key).map(|(s, _)| (*s, None));
+        let Some((serial, now)) = live.or_else(forgotten) else { return (None, Vec::new()) };
+        (now, self.story.of(serial))
     }
 
     /// A worker by name (the latest of that name), with its memory history and recent runs.
@@ -733,7 +945,7 @@ impl Model {
     /// limit), and whether it was cut short.
     #[must_use]
     pub fn graph(&self) -> (Vec<GraphNode>, bool) {
-        let live: HashMap<&str, Phase> = self.tasks.iter().map(|(_, t, k)| (k.as_str(), t.phase)).collect();
+        let live: HashMap<&str, Phase> = self.tasks.iter().map(|(_, t, k)| (self.key_text(k), t.phase)).collect();
         let nodes = self
             .graph
             .iter()
@@ -940,7 +1152,7 @@ mod tests {
         assert_eq!((s.prefixes[0].done, s.prefixes[0].processing, s.workers[0].processing), (1, 0, 0));
         assert_eq!(s.completed, 1);
         let (_, story) = m.story("x-1");
-        let steps: Vec<(Vec<Phase>, Phase)> = story.iter().map(|e| (e.via.as_slice().to_vec(), e.phase)).collect();
+        let steps: Vec<(Vec<Phase>, Phase)> = story.iter().map(|e| (e.via.iter().collect(), e.phase)).collect();
         assert_eq!(
             steps,
             [
@@ -980,14 +1192,14 @@ mod tests {
     }
 
     fn rec() -> TaskRec {
-        TaskRec { phase: Phase::Waiting, finished: false, prefix: 0, worker: None }
+        TaskRec::new(Phase::Waiting, false, 0, None)
     }
 
     #[test]
     fn the_task_table_keeps_stragglers_without_pinning_its_window() {
-        let mut t = TaskTable::default();
+        let (mut t, mut text) = (TaskTable::default(), KeyText::default());
         for s in 1..=200_000u64 {
-            t.insert(s, rec(), Key::new(&format!("k{s}")));
+            t.insert(s, rec(), text.push(&format!("k{s}")));
         }
         // All but the first finish: the window moves past it, and it moves to the map.
         for s in 2..=200_000u64 {
@@ -995,10 +1207,10 @@ mod tests {
         }
         assert_eq!(t.len(), 1);
         assert!(t.window.len() <= TaskTable::SPAN, "window {}", t.window.len());
-        assert_eq!(t.key(1).map(Key::as_str), Some("k1"));
+        assert_eq!(t.key(1).map(|k| text.get(k)), Some("k1"));
         assert_eq!(t.get(1).map(|r| r.phase), Some(Phase::Waiting));
-        t.insert(200_001, rec(), Key::new("late"));
-        let live: Vec<(u64, &str)> = t.iter().map(|(s, _, k)| (s, k.as_str())).collect();
+        t.insert(200_001, rec(), text.push("late"));
+        let live: Vec<(u64, &str)> = t.iter().map(|(s, _, k)| (s, text.get(k))).collect();
         assert_eq!(live, vec![(200_001, "late"), (1, "k1")]);
         assert!(t.remove(1).is_some() && t.remove(200_001).is_some() && t.is_empty());
         assert!(t.remove(7).is_none());
@@ -1020,6 +1232,72 @@ mod tests {
         m.apply(FeedEvent::Tasks { at_us: 20, changes });
         let runs = m.stream_after(0, 10);
         assert_eq!((runs.len(), runs[0].key.as_str(), runs[0].duration_us), (1, "first-1", 5));
+    }
+
+    #[test]
+    fn compacting_the_key_text_keeps_every_key_still_referred_to_and_drops_the_rest() {
+        let mut m = Model::new();
+        joined(&mut m, 1, "w1", 1);
+        let ran = TaskChange { duration_us: Some(2), ..change(1, Some("ran-1"), Phase::Memory, Some(1)) };
+        let changes = vec![
+            ran,
+            change(1, None, Phase::Forgotten, None),
+            change(2, Some("live-2"), Phase::Waiting, None),
+            change(3, Some("gone-3"), Phase::Waiting, None),
+            change(3, None, Phase::Forgotten, None),
+        ];
+        m.apply(FeedEvent::Tasks { at_us: 4, changes });
+        // Forgotten tasks beyond those the model remembers leave only dead text behind.
+        let n = STORY_LIMIT as u64 / 4;
+        let filler = (10..n + 10).flat_map(|t| {
+            [change(t, Some(&format!("filler-{t}")), Phase::Waiting, None), change(t, None, Phase::Forgotten, None)]
+        });
+        m.apply(FeedEvent::Tasks { at_us: 5, changes: filler.collect() });
+        let before = m.keys.text.len();
+        m.compact_keys();
+        assert!(m.keys.text.len() < before, "{} bytes of {before} kept", m.keys.text.len());
+        assert_eq!(m.stream_after(0, 1)[0].key.as_str(), "ran-1");
+        assert_eq!(m.story("live-2").0, Some(Phase::Waiting));
+        let (now, story) = m.story(&format!("filler-{}", n + 9));
+        assert_eq!((now, story.len()), (None, 2), "the latest forgotten task is still found");
+        assert_eq!(m.story("gone-3").1.len(), 0, "no longer remembered");
+        // Tasks arriving after it are kept as before.
+        m.apply(FeedEvent::Tasks { at_us: 6, changes: vec![change(n + 20, Some("after-1"), Phase::Queued, None)] });
+        assert_eq!(m.story("after-1").0, Some(Phase::Queued));
+        assert_eq!(m.story("live-2").0, Some(Phase::Waiting));
+    }
+
+    #[test]
+    fn a_story_keeps_each_change_with_its_own_cause_and_time_after_older_ones_are_dropped() {
+        let mut m = Model::new();
+        joined(&mut m, 4, "w4", 1);
+        let first =
+            TaskChange { cause: Cause::Submitted { client: 2 }, ..change(1, Some("t-1"), Phase::Waiting, None) };
+        m.apply(FeedEvent::Tasks { at_us: 1, changes: vec![first] });
+        // Enough changes of other tasks, under other causes, to push the first out.
+        let others = (0..STORY_LIMIT as u64).map(|i| TaskChange {
+            cause: Cause::Worker { worker: (i % 3) as u32 },
+            ..change(i + 2, Some(&format!("o-{i}")), Phase::Waiting, None)
+        });
+        m.apply(FeedEvent::Tasks { at_us: 2, changes: others.collect() });
+        let via = Via::from_phases([Phase::Queued]).unwrap_or_default();
+        let sent =
+            TaskChange { via, cause: Cause::Finished { worker: 4 }, ..change(1, None, Phase::Processing, Some(4)) };
+        m.apply(FeedEvent::Tasks { at_us: 3, changes: vec![sent] });
+        let (now, story) = m.story("t-1");
+        assert_eq!(now, Some(Phase::Processing));
+        let expected = StoryEntry {
+            at_us: 3,
+            task: 1,
+            via,
+            phase: Phase::Processing,
+            worker: Some(4),
+            cause: Cause::Finished { worker: 4 },
+        };
+        assert_eq!(story, [expected], "the first change was dropped, the latest kept whole");
+        let (_, other) = m.story(&format!("o-{}", STORY_LIMIT - 1));
+        assert_eq!((other[0].at_us, other[0].cause), (2, Cause::Worker { worker: ((STORY_LIMIT - 1) % 3) as u32 }));
+        assert!(m.story.causes.len() <= STORY_LIMIT + 1);
     }
 
     #[test]

@@ -56,54 +56,75 @@ impl From<rask_scheduler_core::Phase> for Phase {
 
 /// The phases a task passed through before a change's phase within one scheduler event (same
 /// time, same cause), oldest first: a leaf of a new graph goes released → waiting → queued →
-/// processing in one step, published as one change. Inline (no allocation per change);
-/// serialised as a list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Via {
-    len: u8,
-    phases: [Phase; Via::CAPACITY],
-}
+/// processing in one step, published as one change. Packed in two bytes exactly as the core
+/// records it (so taking it over is a copy): the count in the low three bits, then three bits
+/// per phase ([`Phase::code`]). Serialised as a list.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Via(u16);
 
 impl Via {
     /// Phases one change can pass through (the scheduler splits longer paths).
     pub const CAPACITY: usize = 4;
 
     /// No intermediate phase.
-    pub const EMPTY: Via = Via { len: 0, phases: [Phase::Released; Via::CAPACITY] };
+    pub const EMPTY: Via = Via(0);
 
-    /// The phases, oldest first.
+    /// How many phases.
     #[must_use]
-    pub fn as_slice(&self) -> &[Phase] {
-        &self.phases[..self.len as usize]
+    pub fn len(&self) -> usize {
+        usize::from(self.0 & 0b111).min(Self::CAPACITY)
     }
 
     /// Whether there are none (most changes).
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// The phases, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = Phase> + use<> {
+        let v = *self;
+        (0..v.len()).map(move |i| Phase::from_code((v.0 >> (3 * (i + 1))) as u8))
+    }
+
+    /// Its packed form (see [`Via`]).
+    #[must_use]
+    pub fn to_bits(self) -> u16 {
+        self.0
+    }
+
+    /// The `Via` packed as `bits` (see [`Via`]); a count over [`Via::CAPACITY`] reads as the
+    /// capacity.
+    #[must_use]
+    pub fn from_bits(bits: u16) -> Via {
+        Via(bits & 0x7fff)
     }
 
     /// Up to [`Via::CAPACITY`] phases; `None` if there are more.
     #[must_use]
     pub fn from_phases(phases: impl IntoIterator<Item = Phase>) -> Option<Via> {
-        let mut v = Via::EMPTY;
+        let mut n = 0;
+        let mut bits = 0u16;
         for p in phases {
-            *v.phases.get_mut(v.len as usize)? = p;
-            v.len += 1;
+            if n == Self::CAPACITY {
+                return None;
+            }
+            n += 1;
+            bits |= u16::from(p.code()) << (3 * n);
         }
-        Some(v)
+        Some(Via(bits | n as u16))
     }
 }
 
-impl Default for Via {
-    fn default() -> Self {
-        Via::EMPTY
+impl std::fmt::Debug for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
 impl Serialize for Via {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.as_slice().serialize(s)
+        s.collect_seq(self.iter())
     }
 }
 
@@ -116,13 +137,36 @@ impl<'de> Deserialize<'de> for Via {
     }
 }
 
-// The scheduler's records fit in the published ones.
+// The scheduler's records fit in the published ones, packed alike.
 const _: () = assert!(Via::CAPACITY == rask_scheduler_core::Via::CAPACITY);
 
 impl From<rask_scheduler_core::Via> for Via {
     fn from(v: rask_scheduler_core::Via) -> Self {
-        // Both hold at most the same number of phases.
-        Via::from_phases(v.iter().map(Phase::from)).unwrap_or_default()
+        // The same layout, and the same phase codes (checked by a test).
+        Via::from_bits(v.to_bits())
+    }
+}
+
+impl Phase {
+    /// Its position among the phases (three bits), as in the scheduler's records.
+    #[must_use]
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The phase `code` stands for (its low three bits).
+    #[must_use]
+    pub fn from_code(code: u8) -> Phase {
+        match code & 0b111 {
+            0 => Phase::Released,
+            1 => Phase::Waiting,
+            2 => Phase::Queued,
+            3 => Phase::NoWorker,
+            4 => Phase::Processing,
+            5 => Phase::Memory,
+            6 => Phase::Erred,
+            _ => Phase::Forgotten,
+        }
     }
 }
 
@@ -164,11 +208,14 @@ impl Published {
     /// published form with its own key (allocated on the calling thread).
     pub fn into_events(self, out: &mut Vec<FeedEvent>) {
         let mut batch: Option<(u64, Vec<TaskChange>)> = None;
-        let event = self.visit(|at_us, change| match &mut batch {
-            Some((at, changes)) if *at == at_us => changes.push(change),
-            _ => {
-                if let Some((at_us, changes)) = batch.replace((at_us, vec![change])) {
-                    out.push(FeedEvent::Tasks { at_us, changes });
+        let event = self.visit(|at_us, change| {
+            let change = change.to_change();
+            match &mut batch {
+                Some((at, changes)) if *at == at_us => changes.push(change),
+                _ => {
+                    if let Some((at_us, changes)) = batch.replace((at_us, vec![change])) {
+                        out.push(FeedEvent::Tasks { at_us, changes });
+                    }
                 }
             }
         });
@@ -179,9 +226,10 @@ impl Published {
     }
 
     /// The event this is, if it is one; a batch of changes goes to `on_change` instead, each
-    /// change with its time, in order — without gathering them in a list (an observer that
-    /// keeps no journal needs none).
-    pub fn visit(self, mut on_change: impl FnMut(u64, TaskChange)) -> Option<FeedEvent> {
+    /// change with its time, in order, its key borrowed from the batch — without gathering
+    /// them in a list or allocating per change (an observer that keeps keys its own way, and
+    /// no journal, needs neither).
+    pub fn visit(self, mut on_change: impl FnMut(u64, ChangeRef<'_>)) -> Option<FeedEvent> {
         let raw = match self.0 {
             Repr::Event(e) => return Some(e),
             Repr::Changes(raw) => raw,
@@ -196,9 +244,9 @@ impl Published {
             while let Some(&(_, c, t)) = next.next_if(|(start, ..)| *start as usize <= i) {
                 (cause, at_us) = (c, t);
             }
-            let change = TaskChange {
+            let change = ChangeRef {
                 task: t.task(),
-                key: t.key().and_then(|(s, e)| keys.get(s as usize..e as usize)).map(Key::new),
+                key: t.key().and_then(|(s, e)| keys.get(s as usize..e as usize)),
                 via: t.via().into(),
                 phase: t.phase().into(),
                 worker: t.worker().map(|w| w.0),
@@ -397,6 +445,45 @@ pub struct TaskChange {
     pub cause: Cause,
 }
 
+impl TaskChange {
+    /// This change with its key borrowed.
+    #[must_use]
+    pub fn borrowed(&self) -> ChangeRef<'_> {
+        let TaskChange { task, ref key, via, phase, worker, duration_us, cause } = *self;
+        ChangeRef { task, key: key.as_ref().map(Key::as_str), via, phase, worker, duration_us, cause }
+    }
+}
+
+/// A [`TaskChange`] whose key is borrowed from the batch it came in (see [`Published::visit`]):
+/// an observer that keeps keys its own way allocates nothing per change. The fields mean what
+/// they mean there.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ChangeRef<'a> {
+    /// The task's serial number.
+    pub task: u64,
+    /// Its key, on its first change.
+    pub key: Option<&'a str>,
+    /// The phases it passed through on the way to `phase`, oldest first.
+    pub via: Via,
+    /// Its new state.
+    pub phase: Phase,
+    /// The worker it went to, that first holds its result, or whose run of it failed.
+    pub worker: Option<u32>,
+    /// The run time of the run this change ends (0 for a failed run).
+    pub duration_us: Option<u64>,
+    /// Why.
+    pub cause: Cause,
+}
+
+impl ChangeRef<'_> {
+    /// The published form, owning its key.
+    #[must_use]
+    pub fn to_change(&self) -> TaskChange {
+        let ChangeRef { task, key, via, phase, worker, duration_us, cause } = *self;
+        TaskChange { task, key: key.map(Key::new), via, phase, worker, duration_us, cause }
+    }
+}
+
 /// One published fact. Times are microseconds since the scheduler started.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -558,6 +645,37 @@ mod tests {
         Published(Repr::Changes(raw)).into_events(&mut events);
         assert_eq!(seen(&events).len(), 1);
         assert!(spare.try_recv().is_err(), "the large buffer was dropped");
+    }
+
+    #[test]
+    fn phases_and_their_paths_read_the_same_as_the_scheduler_recorded_them() {
+        let all = [
+            CorePhase::Released,
+            CorePhase::Waiting,
+            CorePhase::Queued,
+            CorePhase::NoWorker,
+            CorePhase::Processing,
+            CorePhase::Memory,
+            CorePhase::Erred,
+            CorePhase::Forgotten,
+        ];
+        for p in all {
+            assert_eq!(Phase::from_code(Phase::from(p).code()), Phase::from(p), "{p:?}");
+        }
+        // A new task sent at once passes through three phases in one record; its path reads
+        // the same once taken over bit for bit.
+        let mut core = recording_core();
+        core.handle(submit(&["a".into()]));
+        let (mut records, mut keys) = (Vec::new(), String::new());
+        core.take_transitions(&mut records, &mut keys);
+        let path: Vec<Phase> = records[0].via().iter().map(Phase::from).collect();
+        assert_eq!(path, [Phase::Released, Phase::Waiting, Phase::Queued]);
+        assert_eq!(Via::from(records[0].via()).iter().collect::<Vec<_>>(), path);
+        let four = [Phase::Released, Phase::Waiting, Phase::Queued, Phase::Processing];
+        let via = Via::from_phases(four).expect("four fit");
+        assert_eq!((via.iter().collect::<Vec<_>>(), via.len()), (four.to_vec(), 4));
+        assert_eq!(Via::from_phases([Phase::Waiting; 5]), None);
+        assert!(Via::EMPTY.is_empty() && Via::from_phases([]) == Some(Via::EMPTY));
     }
 
     #[test]

@@ -319,6 +319,14 @@ impl Via {
         (0..v.len()).map(move |i| Phase::from_code(((v.0 >> (Self::BITS * (i as u32 + 1))) & 0b111) as u8))
     }
 
+    /// Its packed form: the count in the low three bits, then three bits per phase, oldest
+    /// first, each phase as its position in [`Phase`]'s declaration. Observers that keep it
+    /// copy these bits instead of rebuilding it phase by phase.
+    #[must_use]
+    pub fn to_bits(self) -> u16 {
+        self.0
+    }
+
     /// Appends `p`; false when full.
     fn push(&mut self, p: Phase) -> bool {
         let n = self.len();
