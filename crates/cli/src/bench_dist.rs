@@ -22,7 +22,7 @@ pub(crate) struct DistArgs {
     intake_tasks: u64,
     /// Runs of each rask measurement, the fastest reported: runs of a fraction of a second are
     /// at the mercy of the shared machine (and of memory first touched after an idle spell).
-    /// The dashboard's cost is measured over `2 × repeat + 1` rounds, and medians reported.
+    /// The dashboard's cost is measured over `6 × repeat + 1` rounds, and medians reported.
     #[arg(long, default_value_t = 3)]
     repeat: u32,
     /// Run only these parts (for profiling one of them); all by default.
@@ -520,7 +520,8 @@ fn worker_loss(exe: &std::path::Path, n: u64, dask: &DaskRun<'_>) -> Result<(), 
 
 /// What the dashboard costs the scheduler: tree-`depth` on a cluster without a dashboard, one
 /// with the dashboard, and one with the dashboard and a journal, in rounds that run each once
-/// (in a rotating order, so none always follows another), `2 × repeat + 1` rounds.
+/// (in a rotating order, so none always follows another), `6 × repeat + 1` rounds: the cost is a
+/// few per cent, and one round's pair of runs differs by several per cent on a shared machine.
 ///
 /// After every run the cluster is left to settle (its scheduler process's CPU use stops
 /// growing): a dashboard that fell behind catches up then, on its own clock, instead of
@@ -585,7 +586,7 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
         }
         Ok((secs, cpu, busy, main))
     };
-    let rounds = 2 * repeat.max(1) + 1;
+    let rounds = 6 * repeat.max(1) + 1;
     let mut secs: [Vec<f64>; 3] = Default::default();
     let mut cpu: [Vec<f64>; 3] = Default::default();
     let mut busy: [Vec<f64>; 3] = Default::default();
@@ -605,12 +606,17 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
     let journal_bytes = std::fs::metadata(&journal).map_or(0, |m| m.len());
     // The journalled cluster ran the warm-up once and the tree once per round.
     let runs = f64::from(rounds) * tasks + warm.len() as f64;
-    // Throughput relative to the same round's run without the dashboard, as a change in %.
-    let change = |i: usize| median(secs[0].iter().zip(&secs[i]).map(|(off, on)| (off / on - 1.0) * 100.0));
+    // Throughput relative to the same round's run without the dashboard, as a change in %:
+    // the median, and the middle half of the rounds (how far one can trust it).
+    let changes = |i: usize| secs[0].iter().zip(&secs[i]).map(|(off, on)| (off / on - 1.0) * 100.0);
+    let change = |i: usize| {
+        let (q1, q2, q3) = quartiles(changes(i));
+        format!("{q2:+.1}% (middle half {q1:+.1} to {q3:+.1})")
+    };
     let best = |i: usize| tasks / secs[i].iter().copied().fold(f64::MAX, f64::min);
     let what = if zero_work { "scheduler alone (zero-work workers)" } else { "whole cluster" };
     println!(
-        "dashboard, {what}: tree-{depth}, median of {rounds} rounds: throughput {:+.1}% with the dashboard, {:+.1}% with it and a journal ({:.0} journal bytes per task); best runs {:.0} / {:.0} / {:.0} tasks/s without / with / with a journal",
+        "dashboard, {what}: tree-{depth}, median of {rounds} rounds: throughput {} with the dashboard, {} with it and a journal ({:.0} journal bytes per task); best runs {:.0} / {:.0} / {:.0} tasks/s without / with / with a journal",
         change(1),
         change(2),
         journal_bytes as f64 / runs,
@@ -671,6 +677,14 @@ fn settle(cluster: &BenchCluster) -> Duration {
 }
 
 /// The median of some numbers (NaN for none).
+/// The first quartile, the median and the third quartile (by the nearest rank).
+fn quartiles(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    (at(0.25), median(v.iter().copied()), at(0.75))
+}
+
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
