@@ -45,14 +45,15 @@ pub fn prefix_of(key: &str) -> &str {
 /// Where a key's text is in the model's [`KeyText`] (its offset plus one, so an absent key
 /// costs no extra word): a task's key is copied there once, from the batch it came in, instead
 /// of being allocated on its own (a few hundred thousand a second).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct KeyRef(NonZeroU64);
 
 /// The text of the keys the model remembers, each behind its length (LEB128), end to end in
-/// one buffer. Keys of forgotten tasks stay until the buffer is compacted
-/// ([`Model::compact_keys`]), which happens once it is twice the size it had after the last
-/// compaction (and at least [`KeyText::MIN_COMPACT`]), so each byte appended is copied at most
-/// about once more.
+/// one buffer. Keys no longer referred to stay until the buffer is compacted
+/// ([`Model::compact_keys`]: the keys still referred to are copied into a fresh one), once it
+/// has grown to twice the size it had after the last compaction (and at least
+/// [`KeyText::MIN_COMPACT`]): a compaction copies at most as many bytes as were appended since
+/// the one before.
 struct KeyText {
     text: Vec<u8>,
     /// Compact when the text grows past this.
@@ -93,7 +94,7 @@ impl KeyText {
                 break;
             }
         }
-        self.text.get(at..end + len).unwrap_or_default()
+        end.checked_add(len).and_then(|end| self.text.get(at..end)).unwrap_or_default()
     }
 
     fn get(&self, r: KeyRef) -> &str {
@@ -540,7 +541,7 @@ pub struct Model {
     by_phase: [u64; LIVE_PHASES.len()],
     /// Serials of recently forgotten tasks, to find their stories by key.
     forgotten: VecDeque<(u64, KeyRef)>,
-    /// The text of the keys of the tasks, runs and forgotten tasks above.
+    /// The text of the keys of the tasks and forgotten tasks above and of the runs below.
     keys: KeyText,
     prefixes: Vec<PrefixProgress>,
     prefix_ids: FxHashMap<String, u32>,
@@ -647,7 +648,9 @@ impl Model {
     fn compact_keys(&mut self) {
         let old = std::mem::take(&mut self.keys);
         let mut fresh = KeyText::default();
-        let mut moved = |r: &mut KeyRef| *r = fresh.copy_from(&old, *r);
+        // A task that ran shares its key with its run: copied once.
+        let mut copies: FxHashMap<KeyRef, KeyRef> = FxHashMap::default();
+        let mut moved = |r: &mut KeyRef| *r = *copies.entry(*r).or_insert_with(|| fresh.copy_from(&old, *r));
         self.tasks.key_refs_mut().for_each(&mut moved);
         self.forgotten.iter_mut().for_each(|(_, k)| moved(k));
         self.stream.iter_mut().for_each(|r| moved(&mut r.key));
@@ -1235,36 +1238,68 @@ mod tests {
     }
 
     #[test]
-    fn compacting_the_key_text_keeps_every_key_still_referred_to_and_drops_the_rest() {
+    fn key_text_holds_keys_of_any_length() {
+        let mut text = KeyText::default();
+        let keys: Vec<String> = [0, 1, 127, 128, 16_383, 16_384, 20_000].iter().map(|n| "é".repeat(n / 2)).collect();
+        let refs: Vec<KeyRef> = keys.iter().map(|k| text.push(k)).collect();
+        for (k, r) in keys.iter().zip(&refs) {
+            assert_eq!(text.get(*r), k.as_str(), "a key of {} bytes", k.len());
+        }
+        let mut copy = KeyText::default();
+        for (k, r) in keys.iter().zip(&refs).rev() {
+            let moved = copy.copy_from(&text, *r);
+            assert_eq!(copy.get(moved), k.as_str());
+        }
+        assert_eq!(copy.text.len(), text.text.len(), "the same entries, length prefixes included");
+    }
+
+    #[test]
+    fn compacting_the_key_text_keeps_each_key_still_referred_to_once_and_drops_the_rest() {
         let mut m = Model::new();
         joined(&mut m, 1, "w1", 1);
-        let ran = TaskChange { duration_us: Some(2), ..change(1, Some("ran-1"), Phase::Memory, Some(1)) };
-        let changes = vec![
-            ran,
-            change(1, None, Phase::Forgotten, None),
-            change(2, Some("live-2"), Phase::Waiting, None),
-            change(3, Some("gone-3"), Phase::Waiting, None),
-            change(3, None, Phase::Forgotten, None),
-        ];
-        m.apply(FeedEvent::Tasks { at_us: 4, changes });
-        // Forgotten tasks beyond those the model remembers leave only dead text behind.
-        let n = STORY_LIMIT as u64 / 4;
+        // A straggler: live while everything after it comes and goes, so it leaves the window.
+        m.apply(FeedEvent::Tasks { at_us: 1, changes: vec![change(1, Some("straggler-1"), Phase::Waiting, None)] });
+        // A live task that ran: its key is held by the table and by its run.
+        let ran = TaskChange { duration_us: Some(2), ..change(2, Some("ran-2"), Phase::Memory, Some(1)) };
+        m.apply(FeedEvent::Tasks { at_us: 2, changes: vec![ran] });
+        // More forgotten tasks than the model remembers, with long keys: dead text.
+        let n = (STORY_LIMIT / 4 + TaskTable::SPAN) as u64;
         let filler = (10..n + 10).flat_map(|t| {
-            [change(t, Some(&format!("filler-{t}")), Phase::Waiting, None), change(t, None, Phase::Forgotten, None)]
+            let key = format!("filler-{t}-{}", "x".repeat(40));
+            [change(t, Some(&key), Phase::Waiting, None), change(t, None, Phase::Forgotten, None)]
         });
-        m.apply(FeedEvent::Tasks { at_us: 5, changes: filler.collect() });
-        let before = m.keys.text.len();
+        m.apply(FeedEvent::Tasks { at_us: 3, changes: filler.collect() });
+        assert!(m.tasks.old.contains_key(&1), "the straggler moved out of the window");
         m.compact_keys();
-        assert!(m.keys.text.len() < before, "{} bytes of {before} kept", m.keys.text.len());
-        assert_eq!(m.stream_after(0, 1)[0].key.as_str(), "ran-1");
-        assert_eq!(m.story("live-2").0, Some(Phase::Waiting));
-        let (now, story) = m.story(&format!("filler-{}", n + 9));
+        // Exactly the keys still referred to, each once (one length byte each).
+        let forgotten: usize = m.forgotten.iter().map(|(_, k)| 1 + m.key_text(*k).len()).sum();
+        let live = 1 + "straggler-1".len() + 1 + "ran-2".len();
+        assert_eq!(m.keys.text.len(), live + forgotten);
+        assert_eq!(m.stream_after(0, 1)[0].key.as_str(), "ran-2");
+        assert_eq!(m.story("ran-2").0, Some(Phase::Memory));
+        assert_eq!(m.story("straggler-1").0, Some(Phase::Waiting));
+        let latest = format!("filler-{}-{}", n + 9, "x".repeat(40));
+        let (now, story) = m.story(&latest);
         assert_eq!((now, story.len()), (None, 2), "the latest forgotten task is still found");
-        assert_eq!(m.story("gone-3").1.len(), 0, "no longer remembered");
-        // Tasks arriving after it are kept as before.
-        m.apply(FeedEvent::Tasks { at_us: 6, changes: vec![change(n + 20, Some("after-1"), Phase::Queued, None)] });
-        assert_eq!(m.story("after-1").0, Some(Phase::Queued));
-        assert_eq!(m.story("live-2").0, Some(Phase::Waiting));
+        assert_eq!(m.story(&format!("filler-10-{}", "x".repeat(40))).1.len(), 0, "no longer remembered");
+        // It compacts by itself once the text has doubled.
+        assert!(m.keys.text.len() + 100 < KeyText::MIN_COMPACT, "a limit below what a compaction sets");
+        m.keys.compact_at = m.keys.text.len() + 100;
+        let changes =
+            (0..10).map(|i| change(n + 20 + i, Some(&format!("after-{i}-{}", "y".repeat(20))), Phase::Queued, None));
+        m.apply(FeedEvent::Tasks { at_us: 4, changes: changes.collect() });
+        assert!(m.keys.compact_at >= KeyText::MIN_COMPACT, "compacted, the next compaction set");
+        assert_eq!(m.story(&format!("after-9-{}", "y".repeat(20))).0, Some(Phase::Queued));
+        assert_eq!(m.story("straggler-1").0, Some(Phase::Waiting));
+    }
+
+    #[test]
+    fn a_task_seen_only_when_it_was_forgotten_has_a_story() {
+        let mut m = Model::new();
+        m.apply(FeedEvent::Tasks { at_us: 7, changes: vec![change(1, Some("brief-1"), Phase::Forgotten, None)] });
+        let (now, story) = m.story("brief-1");
+        assert_eq!((now, story.len(), story[0].phase), (None, 1, Phase::Forgotten));
+        assert_eq!(m.status().counts.values().sum::<u64>(), 0, "never counted as live");
     }
 
     #[test]
@@ -1298,6 +1333,26 @@ mod tests {
         let (_, other) = m.story(&format!("o-{}", STORY_LIMIT - 1));
         assert_eq!((other[0].at_us, other[0].cause), (2, Cause::Worker { worker: ((STORY_LIMIT - 1) % 3) as u32 }));
         assert!(m.story.causes.len() <= STORY_LIMIT + 1);
+    }
+
+    #[test]
+    fn a_run_of_changes_under_one_cause_keeps_its_cause_when_its_start_is_dropped() {
+        let mut m = Model::new();
+        // One event's changes, more than the stories keep: the run of its cause starts before
+        // the oldest change kept.
+        let many = (0..STORY_LIMIT as u64 + 10).map(|t| TaskChange {
+            cause: Cause::Submitted { client: 4 },
+            ..change(t + 1, Some(&format!("m-{t}")), Phase::Waiting, None)
+        });
+        m.apply(FeedEvent::Tasks { at_us: 11, changes: many.collect() });
+        m.apply(FeedEvent::Tasks { at_us: 12, changes: vec![change(1, None, Phase::Queued, None)] });
+        let (_, first_kept) = m.story("m-11");
+        assert_eq!((first_kept[0].at_us, first_kept[0].cause), (11, Cause::Submitted { client: 4 }));
+        let log = &m.story;
+        assert_eq!(log.recs.len(), STORY_LIMIT);
+        assert!(log.causes.len() == 2 && log.causes[0].0 <= log.front, "{:?}", log.causes);
+        let (_, later) = m.story("m-0");
+        assert_eq!(later.iter().map(|e| (e.at_us, e.phase)).collect::<Vec<_>>(), [(12, Phase::Queued)]);
     }
 
     #[test]

@@ -94,10 +94,12 @@ impl Via {
     }
 
     /// The `Via` packed as `bits` (see [`Via`]); a count over [`Via::CAPACITY`] reads as the
-    /// capacity.
+    /// capacity, and bits past the phases it counts are dropped (so equal paths compare equal).
     #[must_use]
     pub fn from_bits(bits: u16) -> Via {
-        Via(bits & 0x7fff)
+        let n = usize::from(bits & 0b111).min(Self::CAPACITY);
+        let phases = bits & ((1u16 << (3 * (n + 1))) - 1) & !0b111;
+        Via(phases | n as u16)
     }
 
     /// Up to [`Via::CAPACITY`] phases; `None` if there are more.
@@ -142,10 +144,25 @@ const _: () = assert!(Via::CAPACITY == rask_scheduler_core::Via::CAPACITY);
 
 impl From<rask_scheduler_core::Via> for Via {
     fn from(v: rask_scheduler_core::Via) -> Self {
-        // The same layout, and the same phase codes (checked by a test).
+        // The same layout, and the same phase codes (checked below).
         Via::from_bits(v.to_bits())
     }
 }
+
+// The phases are numbered alike here and in the scheduler's core.
+const _: () = {
+    use rask_scheduler_core::Phase as P;
+    assert!(
+        Phase::Released as u8 == P::Released as u8
+            && Phase::Waiting as u8 == P::Waiting as u8
+            && Phase::Queued as u8 == P::Queued as u8
+            && Phase::NoWorker as u8 == P::NoWorker as u8
+            && Phase::Processing as u8 == P::Processing as u8
+            && Phase::Memory as u8 == P::Memory as u8
+            && Phase::Erred as u8 == P::Erred as u8
+            && Phase::Forgotten as u8 == P::Forgotten as u8
+    );
+};
 
 impl Phase {
     /// Its position among the phases (three bits), as in the scheduler's records.
@@ -661,6 +678,7 @@ mod tests {
         ];
         for p in all {
             assert_eq!(Phase::from_code(Phase::from(p).code()), Phase::from(p), "{p:?}");
+            assert_eq!(Phase::from(p).code(), p as u8, "{p:?}");
         }
         // A new task sent at once passes through three phases in one record; its path reads
         // the same once taken over bit for bit.
@@ -676,6 +694,11 @@ mod tests {
         assert_eq!((via.iter().collect::<Vec<_>>(), via.len()), (four.to_vec(), 4));
         assert_eq!(Via::from_phases([Phase::Waiting; 5]), None);
         assert!(Via::EMPTY.is_empty() && Via::from_phases([]) == Some(Via::EMPTY));
+        // Stray bits past the counted phases, or a count past the capacity, read as the path
+        // they stand for.
+        let one = Via::from_phases([Phase::Memory]).expect("fits");
+        assert_eq!(Via::from_bits(one.to_bits() | 0b111 << 6), one);
+        assert_eq!(Via::from_bits(via.to_bits() & !0b111 | 7), via);
     }
 
     #[test]
