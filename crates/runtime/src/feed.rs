@@ -174,16 +174,7 @@ impl Phase {
     /// The phase `code` stands for (its low three bits).
     #[must_use]
     pub fn from_code(code: u8) -> Phase {
-        match code & 0b111 {
-            0 => Phase::Released,
-            1 => Phase::Waiting,
-            2 => Phase::Queued,
-            3 => Phase::NoWorker,
-            4 => Phase::Processing,
-            5 => Phase::Memory,
-            6 => Phase::Erred,
-            _ => Phase::Forgotten,
-        }
+        rask_scheduler_core::Phase::from_code(code).into()
     }
 }
 
