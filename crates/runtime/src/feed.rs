@@ -174,8 +174,20 @@ impl Phase {
     /// The phase `code` stands for (its low three bits).
     #[must_use]
     pub fn from_code(code: u8) -> Phase {
-        rask_scheduler_core::Phase::from_code(code).into()
+        Self::BY_CODE[usize::from(code & 0b111)]
     }
+
+    /// Every phase, at the position of its code.
+    const BY_CODE: [Phase; 8] = [
+        Phase::Released,
+        Phase::Waiting,
+        Phase::Queued,
+        Phase::NoWorker,
+        Phase::Processing,
+        Phase::Memory,
+        Phase::Erred,
+        Phase::Forgotten,
+    ];
 }
 
 /// What the scheduler hands its observers (see [`FeedSender`]): a published event, or a batch
