@@ -117,15 +117,13 @@ pub enum Phase {
 const _: () = assert!(Phase::Forgotten as u8 == 7);
 
 impl Phase {
-    /// Three bits standing for it (see [`Transition`] and [`Via::to_bits`]).
-    #[must_use]
-    pub fn code(self) -> u8 {
+    /// Three bits standing for it (see [`Transition`]).
+    fn code(self) -> u8 {
         self as u8
     }
 
     /// The phase `code` stands for (its low three bits).
-    #[must_use]
-    pub fn from_code(code: u8) -> Phase {
+    fn from_code(code: u8) -> Phase {
         match code & 0b111 {
             0 => Phase::Released,
             1 => Phase::Waiting,
