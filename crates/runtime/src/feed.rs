@@ -295,13 +295,14 @@ impl From<FeedEvent> for Published {
     }
 }
 
-/// The scheduler shell's side of the feed. The core keeps recording changes across turns;
+/// The scheduler shell's side of the feed (public for tools that drive a core directly, such
+/// as `examples/feed_cost.rs`). The core keeps recording changes across turns;
 /// they leave it in batches — once it holds [`FEED_CHUNK`] after an event, before any other
 /// published event, and when sending — and go to the observer every [`FEED_BATCH`]: the
 /// observer's thread wakes (a system call on the scheduler's) a few hundred times a second at
 /// most, whatever the task rate, and the scheduler's thread never copies a change. One event
 /// that changes many tasks (a large graph's intake) makes one batch as large.
-pub(crate) struct Publisher {
+pub struct Publisher {
     tx: FeedSender,
     /// Emptied buffers coming back from the observer, and where it sends them.
     spare: Receiver<Buffers>,
@@ -331,13 +332,14 @@ const FEED_BATCH: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Publisher {
     /// Publishes to `tx`.
-    pub(crate) fn new(tx: FeedSender) -> Self {
+    #[must_use]
+    pub fn new(tx: FeedSender) -> Self {
         let (recycle, spare) = std::sync::mpsc::sync_channel(SPARE_BUFFERS);
         Publisher { tx, spare, recycle, ready: Vec::new(), causes: Vec::new(), last_sent: std::time::Instant::now() }
     }
 
     /// Files the changes the core recorded since it held `before` under `cause`, at `at_us`.
-    pub(crate) fn caused<P: Clone>(&mut self, core: &mut Core<P>, before: usize, cause: Cause, at_us: u64) {
+    pub fn caused<P: Clone>(&mut self, core: &mut Core<P>, before: usize, cause: Cause, at_us: u64) {
         let after = core.transitions_pending();
         if after > before && self.causes.last().is_none_or(|&(_, c, t)| c != cause || t != at_us) {
             self.causes.push((before as u32, cause, at_us));
@@ -348,7 +350,7 @@ impl Publisher {
     }
 
     /// Publishes `e` after every change recorded before it.
-    pub(crate) fn event<P: Clone>(&mut self, core: &mut Core<P>, e: FeedEvent) {
+    pub fn event<P: Clone>(&mut self, core: &mut Core<P>, e: FeedEvent) {
         self.take_changes(core);
         self.ready.push(e.into());
     }
@@ -356,7 +358,7 @@ impl Publisher {
     /// Sends what has gathered if it has waited long enough, or now if `now`. False when the
     /// observer is gone: nothing more needs publishing (nor recording).
     #[must_use]
-    pub(crate) fn send<P: Clone>(&mut self, core: &mut Core<P>, now: bool) -> bool {
+    pub fn send<P: Clone>(&mut self, core: &mut Core<P>, now: bool) -> bool {
         if now || self.last_sent.elapsed() >= FEED_BATCH || self.ready.len() >= 64 {
             self.take_changes(core);
             for e in self.ready.drain(..) {
