@@ -71,13 +71,14 @@ struct Setup {
     core: Core<u32>,
     sink: Sink,
     micros: Vec<f64>,
+    clock: Instant,
 }
 
 impl Setup {
     fn new(name: &'static str, sink: Sink) -> Self {
         let record = !matches!(sink, Sink::Off);
         let mut core = Core::new(Config { record_transitions: record, ..Config::default() });
-        let mut s = Setup { name, core: Core::new(Config::default()), sink, micros: Vec::new() };
+        let mut s = Setup { name, core: Core::new(Config::default()), sink, micros: Vec::new(), clock: Instant::now() };
         s.handle(&mut core, Event::ClientConnected { client: ClientId(1) }, &mut Vec::new());
         for w in 0..2 {
             let spec = WorkerSpec {
@@ -105,8 +106,10 @@ impl Setup {
                 keys.clear();
             }
             Sink::Feed(p) => {
-                p.caused(core, before, Cause::Tick, 0);
-                let _ = p.send(core, false);
+                // The shell reads its clock once per turn, for the changes' time and this.
+                let at_us = self.clock.elapsed().as_micros() as u64;
+                p.caused(core, before, Cause::Tick, at_us);
+                let _ = p.send(core, false, at_us);
             }
         }
     }
@@ -134,7 +137,7 @@ impl Setup {
         }
         self.handle(&mut core, Event::KeysReleased { client, keys: vec![root] }, &mut out);
         if let Sink::Feed(p) = &mut self.sink {
-            let _ = p.send(&mut core, true);
+            let _ = p.send(&mut core, true, 0);
         }
         let micros = started.elapsed().as_secs_f64() * 1e6 / n as f64;
         assert_eq!(core.task_count(), 0, "everything was forgotten");

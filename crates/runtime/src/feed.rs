@@ -298,7 +298,7 @@ impl From<FeedEvent> for Published {
 /// The scheduler shell's side of the feed (public for tools that drive a core directly, such
 /// as `examples/feed_cost.rs`). The core keeps recording changes across turns;
 /// they leave it in batches — once it holds [`FEED_CHUNK`] after an event, before any other
-/// published event, and when sending — and go to the observer every [`FEED_BATCH`]: the
+/// published event, and when sending — and go to the observer every [`FEED_BATCH_US`]: the
 /// observer's thread wakes (a system call on the scheduler's) a few hundred times a second at
 /// most, whatever the task rate, and the scheduler's thread never copies a change. One event
 /// that changes many tasks (a large graph's intake) makes one batch as large.
@@ -311,7 +311,8 @@ pub struct Publisher {
     ready: Vec<Published>,
     /// What caused the changes the core holds (see [`RawChanges::causes`]).
     causes: Vec<(u32, Cause, u64)>,
-    last_sent: std::time::Instant,
+    /// When it last sent, on the caller's clock.
+    last_sent_us: u64,
 }
 
 /// Task changes a batch is taken at, once an event leaves the core holding this many.
@@ -327,15 +328,15 @@ const KEY_BYTES: usize = 16;
 /// spare gets fresh buffers the size of the last batch (they grow as needed).
 const SPARE_BUFFERS: usize = 16;
 
-/// How long published events may wait to be sent together.
-const FEED_BATCH: std::time::Duration = std::time::Duration::from_millis(5);
+/// How long published events may wait to be sent together (µs).
+const FEED_BATCH_US: u64 = 5_000;
 
 impl Publisher {
     /// Publishes to `tx`.
     #[must_use]
     pub fn new(tx: FeedSender) -> Self {
         let (recycle, spare) = std::sync::mpsc::sync_channel(SPARE_BUFFERS);
-        Publisher { tx, spare, recycle, ready: Vec::new(), causes: Vec::new(), last_sent: std::time::Instant::now() }
+        Publisher { tx, spare, recycle, ready: Vec::new(), causes: Vec::new(), last_sent_us: 0 }
     }
 
     /// Files the changes the core recorded since it held `before` under `cause`, at `at_us`.
@@ -355,18 +356,19 @@ impl Publisher {
         self.ready.push(e.into());
     }
 
-    /// Sends what has gathered if it has waited long enough, or now if `now`. False when the
+    /// Sends what has gathered if it has waited long enough by `at_us` (the caller's clock, in
+    /// µs: the scheduler reads it once per turn anyway), or now if `now`. False when the
     /// observer is gone: nothing more needs publishing (nor recording).
     #[must_use]
-    pub fn send<P: Clone>(&mut self, core: &mut Core<P>, now: bool) -> bool {
-        if now || self.last_sent.elapsed() >= FEED_BATCH || self.ready.len() >= 64 {
+    pub fn send<P: Clone>(&mut self, core: &mut Core<P>, now: bool, at_us: u64) -> bool {
+        if now || at_us.saturating_sub(self.last_sent_us) >= FEED_BATCH_US || self.ready.len() >= 64 {
             self.take_changes(core);
             for e in self.ready.drain(..) {
                 if self.tx.send(e).is_err() {
                     return false;
                 }
             }
-            self.last_sent = std::time::Instant::now();
+            self.last_sent_us = at_us;
         }
         !self.tx.is_closed()
     }
@@ -792,7 +794,7 @@ mod tests {
         handle(&mut core, &mut p, finished, FINISHED, 7);
         // Only `send` sends.
         assert!(rx.try_recv().is_err(), "nothing was sent yet");
-        assert!(p.send(&mut core, true));
+        assert!(p.send(&mut core, true, 0));
         let (_, events) = received(&mut rx);
         assert!(matches!(events[1], FeedEvent::WorkerLeft { worker: 9, .. }), "{events:?}");
         assert_eq!(
@@ -802,6 +804,23 @@ mod tests {
                 (7, vec![(1, None, Phase::Memory, Some(3), Some(2), FINISHED)]),
             ]
         );
+    }
+
+    #[test]
+    fn changes_wait_for_the_batch_interval_on_the_callers_clock_unless_sent_now() {
+        let mut core = recording_core();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut p = Publisher::new(tx);
+        handle(&mut core, &mut p, submit(&["a".into()]), SUBMITTED, 100);
+        assert!(p.send(&mut core, false, FEED_BATCH_US - 1));
+        assert!(rx.try_recv().is_err(), "held back within the interval");
+        assert!(p.send(&mut core, false, FEED_BATCH_US));
+        assert_eq!(received(&mut rx).0, 1, "sent once the interval is over");
+        handle(&mut core, &mut p, submit(&["b".into()]), SUBMITTED, FEED_BATCH_US + 1);
+        assert!(p.send(&mut core, false, FEED_BATCH_US + 2));
+        assert!(rx.try_recv().is_err(), "the interval starts again from the last send");
+        assert!(p.send(&mut core, true, FEED_BATCH_US + 3));
+        assert_eq!(received(&mut rx).0, 1, "or at once when asked");
     }
 
     #[test]
@@ -818,7 +837,7 @@ mod tests {
             Event::TaskFinished { worker: WorkerId(3), key: Key::new("a"), ticket, nbytes: 1, duration_us: 4 };
         handle(&mut core, &mut p, finished, FINISHED, 6);
         assert_eq!(p.causes.len(), 2);
-        assert!(p.send(&mut core, true));
+        assert!(p.send(&mut core, true, 0));
         let (batches, events) = received(&mut rx);
         assert_eq!(batches, 1, "one batch for the three events");
         let seen = seen(&events);
@@ -840,12 +859,12 @@ mod tests {
         handle(&mut core, &mut p, submit(&keys), SUBMITTED, 1);
         assert_eq!(core.transitions_pending(), 0, "taken once past the chunk size");
         assert_eq!(p.ready.len(), 1);
-        assert!(p.send(&mut core, true));
+        assert!(p.send(&mut core, true, 0));
         let (_, events) = received(&mut rx);
         let changes: usize = seen(&events).iter().map(|(_, c)| c.len()).sum();
         assert_eq!(changes, keys.len(), "one record per new task");
         drop(rx);
-        assert!(!p.send(&mut core, true), "the observer is gone");
+        assert!(!p.send(&mut core, true, 0), "the observer is gone");
         core.stop_recording();
         handle(&mut core, &mut p, submit(&["late".into()]), SUBMITTED, 2);
         assert_eq!(core.transitions_pending(), 0, "nothing is recorded any more");

@@ -268,7 +268,7 @@ async fn core_loop(
         }
         if events.is_empty() {
             // Memory reports may have been published.
-            send_feed(&mut publisher, &mut core, ticked);
+            send_feed(&mut publisher, &mut core, ticked, turn_us);
             continue;
         }
         if debug_events() {
@@ -348,17 +348,17 @@ async fn core_loop(
                 outbox.send(FromScheduler::GraphAccepted { tasks }, Vec::new());
             }
         }
-        send_feed(&mut publisher, &mut core, ticked);
+        send_feed(&mut publisher, &mut core, ticked, turn_us);
         // Under load, let the writers send what these turns produced (see `Turns`).
         turns.pause().await;
     }
-    send_feed(&mut publisher, &mut core, true);
+    send_feed(&mut publisher, &mut core, true, now_us());
 }
 
-/// Sends what the publisher has gathered when it is time (`now`: at once). When the observer
-/// is gone (its thread ended), stops publishing and recording for it.
-fn send_feed(publisher: &mut Option<Publisher>, core: &mut Core<Arc<Payload>>, now: bool) {
-    if publisher.as_mut().is_some_and(|p| !p.send(core, now)) {
+/// Sends what the publisher has gathered when it is time by `at_us` (`now`: at once). When
+/// the observer is gone (its thread ended), stops publishing and recording for it.
+fn send_feed(publisher: &mut Option<Publisher>, core: &mut Core<Arc<Payload>>, now: bool, at_us: u64) {
+    if publisher.as_mut().is_some_and(|p| !p.send(core, now, at_us)) {
         eprintln!("rask scheduler: the dashboard's feed closed; no longer publishing");
         *publisher = None;
         core.stop_recording();
