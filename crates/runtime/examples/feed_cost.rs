@@ -10,7 +10,9 @@
 //!   reads every change (what the dashboard's thread does before folding it).
 //!
 //! Prints, per configuration, the median and best of the wall time per task of the core's
-//! thread (the observer runs on another core).
+//! thread (the observer runs on another core). It runs on the system allocator, not the
+//! mimalloc the `rask` binary uses, and three cores' states take turns in the caches: compare
+//! the configurations with each other, not with `core_tree`.
 //!
 //! `cargo run --release -p rask-runtime --example feed_cost [-- DEPTH [ROUNDS]]`
 
