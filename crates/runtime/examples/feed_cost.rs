@@ -17,49 +17,15 @@
 //! `cargo run --release -p rask-runtime --example feed_cost [-- DEPTH [ROUNDS]]`
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Instant;
 
 use rask_graph::Key;
 use rask_runtime::feed::{Cause, Publisher};
-use rask_scheduler_core::{ClientId, Command, Config, Core, Dep, Event, NewTask, Ticket, WorkerId, WorkerSpec};
+use rask_scheduler_core::{ClientId, Command, Config, Core, Event, Ticket, WorkerId};
 
-/// A binary tree of sums, `2^depth - 1` tasks, inputs named by position.
-fn tree(depth: u32) -> Vec<NewTask<u32>> {
-    let mut tasks = Vec::new();
-    let mut level: Vec<u32> = Vec::new();
-    for i in 0..(1u32 << (depth - 1)) {
-        let order = tasks.len() as u32;
-        let key = Key::from(format!("leaf-{i}"));
-        tasks.push(NewTask {
-            key,
-            deps: Vec::new(),
-            payload: i,
-            priority: 0,
-            order,
-            restrictions: None,
-            wanted: false,
-        });
-        level.push(order);
-    }
-    let mut d = 0;
-    while level.len() > 1 {
-        d += 1;
-        let wanted = level.len() == 2;
-        level = level
-            .chunks(2)
-            .enumerate()
-            .map(|(i, pair)| {
-                let order = tasks.len() as u32;
-                let key = Key::from(format!("sum-{d}-{i}"));
-                let deps = pair.iter().map(|p| Dep::Position(*p)).collect();
-                tasks.push(NewTask { key, deps, payload: 0, priority: 0, order, restrictions: None, wanted });
-                order
-            })
-            .collect();
-    }
-    tasks
-}
+#[path = "../../scheduler-core/examples/support/tree.rs"]
+mod support;
+use support::{tree, worker};
 
 /// How a configuration's recorded changes leave the core.
 enum Sink {
@@ -83,13 +49,7 @@ impl Setup {
         let mut s = Setup { name, core: Core::new(Config::default()), sink, micros: Vec::new(), clock: Instant::now() };
         s.handle(&mut core, Event::ClientConnected { client: ClientId(1) }, &mut Vec::new());
         for w in 0..2 {
-            let spec = WorkerSpec {
-                name: Arc::from(format!("w{w}")),
-                address: Arc::from(format!("tcp://127.0.0.1:{}", 9000 + w)),
-                nthreads: 1,
-                resources: Vec::new(),
-                restarted_after: None,
-            };
+            let spec = worker(w);
             s.handle(&mut core, Event::WorkerConnected { worker: WorkerId(w), spec }, &mut Vec::new());
         }
         s.core = core;

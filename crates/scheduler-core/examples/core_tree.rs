@@ -5,48 +5,14 @@
 //! `cargo run --release -p rask-scheduler-core --example core_tree [-- DEPTH [REPEAT [record]]]`
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Instant;
 
 use rask_graph::Key;
-use rask_scheduler_core::{ClientId, Command, Config, Core, Dep, Event, NewTask, Ticket, WorkerId, WorkerSpec};
+use rask_scheduler_core::{ClientId, Command, Config, Core, Event, Ticket, WorkerId};
 
-/// A binary tree of sums: `2^depth - 1` tasks, the root wanted; inputs named by position, as
-/// clients send them.
-fn tree(depth: u32) -> Vec<NewTask<u32>> {
-    let mut tasks = Vec::new();
-    let mut level: Vec<u32> = Vec::new();
-    let mut order = 0u32;
-    for i in 0..(1u32 << (depth - 1)) {
-        let key = Key::from(format!("leaf-{i}"));
-        tasks.push(NewTask {
-            key,
-            deps: Vec::new(),
-            payload: i,
-            priority: 0,
-            order,
-            restrictions: None,
-            wanted: false,
-        });
-        level.push(order);
-        order += 1;
-    }
-    let mut d = 0;
-    while level.len() > 1 {
-        d += 1;
-        let mut next = Vec::new();
-        for (i, pair) in level.chunks(2).enumerate() {
-            let key = Key::from(format!("sum-{d}-{i}"));
-            let wanted = level.len() == 2;
-            let deps = pair.iter().map(|p| Dep::Position(*p)).collect();
-            tasks.push(NewTask { key, deps, payload: 0, priority: 0, order, restrictions: None, wanted });
-            next.push(order);
-            order += 1;
-        }
-        level = next;
-    }
-    tasks
-}
+#[path = "support/tree.rs"]
+mod support;
+use support::{tree, worker};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -71,14 +37,7 @@ fn main() {
     let mut out = Vec::new();
     core.handle_into(Event::ClientConnected { client }, &mut out);
     for w in 0..2 {
-        let spec = WorkerSpec {
-            name: Arc::from(format!("w{w}")),
-            address: Arc::from(format!("tcp://127.0.0.1:{}", 9000 + w)),
-            nthreads: 1,
-            resources: Vec::new(),
-            restarted_after: None,
-        };
-        core.handle_into(Event::WorkerConnected { worker: WorkerId(w), spec }, &mut out);
+        core.handle_into(Event::WorkerConnected { worker: WorkerId(w), spec: worker(w) }, &mut out);
     }
     out.clear();
     let mut best = f64::MAX;
