@@ -676,7 +676,6 @@ fn settle(cluster: &BenchCluster) -> Duration {
     started.elapsed().saturating_sub(Duration::from_millis(50))
 }
 
-/// The median of some numbers (NaN for none).
 /// The first quartile, the median and the third quartile (by the nearest rank).
 fn quartiles(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
     let mut v: Vec<f64> = values.collect();
@@ -685,6 +684,7 @@ fn quartiles(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
     (at(0.25), median(v.iter().copied()), at(0.75))
 }
 
+/// The median of some numbers (NaN for none).
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
