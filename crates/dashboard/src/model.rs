@@ -52,8 +52,8 @@ struct KeyRef(NonZeroU64);
 /// one buffer. Keys no longer referred to stay until the buffer is compacted
 /// ([`Model::compact_keys`]: the keys still referred to are copied into a fresh one), once it
 /// has grown to twice the size it had after the last compaction (and at least
-/// [`KeyText::MIN_COMPACT`]): a compaction copies at most as many bytes as were appended since
-/// the one before.
+/// [`KeyText::MIN_COMPACT`]): a compaction copies at most the whole text, twice what was
+/// appended since the one before, so the copying costs at most two bytes per byte appended.
 struct KeyText {
     text: Vec<u8>,
     /// Compact when the text grows past this.
