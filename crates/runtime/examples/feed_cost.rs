@@ -10,9 +10,8 @@
 //!   reads every change (what the dashboard's thread does before folding it).
 //!
 //! Prints, per configuration, the median and best of the wall time per task of the core's
-//! thread (the observer runs on another core). It runs on the system allocator, not the
-//! mimalloc the `rask` binary uses, and three cores' states take turns in the caches: compare
-//! the configurations with each other, not with `core_tree`.
+//! thread (the observer runs on another core). Three cores' states take turns in the caches:
+//! compare the configurations with each other, not with `core_tree`.
 //!
 //! `cargo run --release -p rask-runtime --example feed_cost [-- DEPTH [ROUNDS]]`
 
@@ -22,6 +21,11 @@ use std::time::Instant;
 use rask_graph::Key;
 use rask_runtime::feed::{Cause, Publisher};
 use rask_scheduler_core::{ClientId, Command, Config, Core, Event, Ticket, WorkerId};
+
+/// The allocator the `rask` binary uses: the scheduler's allocation costs are part of what this
+/// measures.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../../scheduler-core/examples/support/tree.rs"]
 mod support;
