@@ -49,22 +49,21 @@ struct Setup {
 impl Setup {
     fn new(name: &'static str, sink: Sink) -> Self {
         let record = !matches!(sink, Sink::Off);
-        let mut core = Core::new(Config { record_transitions: record, ..Config::default() });
-        let mut s = Setup { name, core: Core::new(Config::default()), sink, micros: Vec::new(), clock: Instant::now() };
-        s.handle(&mut core, Event::ClientConnected { client: ClientId(1) }, &mut Vec::new());
+        let core = Core::new(Config { record_transitions: record, ..Config::default() });
+        let mut s = Setup { name, core, sink, micros: Vec::new(), clock: Instant::now() };
+        s.handle(Event::ClientConnected { client: ClientId(1) }, &mut Vec::new());
         for w in 0..2 {
-            let spec = worker(w);
-            s.handle(&mut core, Event::WorkerConnected { worker: WorkerId(w), spec }, &mut Vec::new());
+            s.handle(Event::WorkerConnected { worker: WorkerId(w), spec: worker(w) }, &mut Vec::new());
         }
-        s.core = core;
         s
     }
 
     /// Handles `ev` as the scheduler's shell does for this configuration.
-    fn handle(&mut self, core: &mut Core<u32>, ev: Event<u32>, out: &mut Vec<Command<u32>>) {
+    fn handle(&mut self, ev: Event<u32>, out: &mut Vec<Command<u32>>) {
+        let Setup { core, sink, clock, .. } = self;
         let before = core.transitions_pending();
         core.handle_into(ev, out);
-        match &mut self.sink {
+        match sink {
             Sink::Off => {}
             Sink::Local(records, keys) => {
                 core.take_transitions(records, keys);
@@ -73,7 +72,7 @@ impl Setup {
             }
             Sink::Feed(p) => {
                 // The shell reads its clock once per turn, for the changes' time and this.
-                let at_us = self.clock.elapsed().as_micros() as u64;
+                let at_us = clock.elapsed().as_micros() as u64;
                 p.caused(core, before, Cause::Tick, at_us);
                 let _ = p.send(core, false, at_us);
             }
@@ -82,7 +81,6 @@ impl Setup {
 
     /// One tree, start to finish and forgotten; returns µs per task.
     fn run(&mut self, depth: u32) -> f64 {
-        let mut core = std::mem::replace(&mut self.core, Core::new(Config::default()));
         let graph = tree(depth);
         let n = graph.len();
         let root = graph.last().map(|t| t.key.clone()).expect("a tree has a root");
@@ -90,7 +88,7 @@ impl Setup {
         let mut out = Vec::new();
         let mut queue: VecDeque<(WorkerId, Key, Ticket)> = VecDeque::new();
         let started = Instant::now();
-        self.handle(&mut core, Event::GraphSubmitted { client, tasks: graph, wanted: Vec::new() }, &mut out);
+        self.handle(Event::GraphSubmitted { client, tasks: graph, wanted: Vec::new() }, &mut out);
         loop {
             for cmd in out.drain(..) {
                 if let Command::Compute { worker, key, ticket, .. } = cmd {
@@ -99,15 +97,14 @@ impl Setup {
             }
             let Some((worker, key, ticket)) = queue.pop_front() else { break };
             let finished = Event::TaskFinished { worker, key, ticket: Some(ticket), nbytes: 8, duration_us: 1 };
-            self.handle(&mut core, finished, &mut out);
+            self.handle(finished, &mut out);
         }
-        self.handle(&mut core, Event::KeysReleased { client, keys: vec![root] }, &mut out);
+        self.handle(Event::KeysReleased { client, keys: vec![root] }, &mut out);
         if let Sink::Feed(p) = &mut self.sink {
-            let _ = p.send(&mut core, true, 0);
+            let _ = p.send(&mut self.core, true, 0);
         }
         let micros = started.elapsed().as_secs_f64() * 1e6 / n as f64;
-        assert_eq!(core.task_count(), 0, "everything was forgotten");
-        self.core = core;
+        assert_eq!(self.core.task_count(), 0, "everything was forgotten");
         micros
     }
 }
