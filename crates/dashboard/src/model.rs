@@ -794,9 +794,10 @@ impl Model {
             (Phase::Erred, Some(_), _) => Some((worker, at_us, 0, false)),
             _ => None,
         };
-        // A known task has its key's place in the table; a new one brings its key, kept once
-        // it is known to be needed (it is kept, or it ran).
+        // A known task has its key's place in the table; a new one brings its key, copied into
+        // the text once, when first needed (it ran, is kept, or is remembered as forgotten).
         let mut key_ref = None;
+        let mut new_key = |keys: &mut KeyText| *key_ref.get_or_insert_with(|| keys.push(key.unwrap_or_default()));
         if let Some((Some(w), start_us, duration_us, ok)) = run {
             if ok {
                 p.runs += 1;
@@ -819,9 +820,9 @@ impl Model {
             };
             self.stream_seq += 1;
             let seq = self.stream_seq;
-            let key = match (old_phase, self.tasks.key(task)) {
-                (Some(_), Some(k)) => k,
-                _ => *key_ref.insert(self.keys.push(key.unwrap_or_default())),
+            let key = match self.tasks.key(task) {
+                Some(k) => k,
+                None => new_key(&mut self.keys),
             };
             self.stream.push_back(RunRec { seq, key, prefix, worker: w, lane, start_us, duration_us, ok });
             if self.stream.len() > STREAM_LIMIT {
@@ -842,10 +843,7 @@ impl Model {
             let key = match self.tasks.remove(task) {
                 Some((_, key)) => key,
                 // New and forgotten at once (its first change was its last).
-                None => match key_ref {
-                    Some(k) => k,
-                    None => self.keys.push(key.unwrap_or_default()),
-                },
+                None => new_key(&mut self.keys),
             };
             self.forgotten.push_back((task, key));
             if self.forgotten.len() > STORY_LIMIT / 4 {
@@ -855,7 +853,7 @@ impl Model {
             match self.tasks.get_mut(task) {
                 Some(t) => *t = TaskRec::new(phase, finished, prefix, processing_on),
                 None => {
-                    let key = key_ref.unwrap_or_else(|| self.keys.push(key.unwrap_or_default()));
+                    let key = new_key(&mut self.keys);
                     self.tasks.insert(task, TaskRec::new(phase, finished, prefix, processing_on), key);
                 }
             }
