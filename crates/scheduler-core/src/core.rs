@@ -1514,6 +1514,12 @@ impl<P: Clone> Core<P> {
         let free = self.free_slots.len();
         self.tasks.reserve(tasks.len().saturating_sub(free));
         self.by_key.reserve(tasks.len());
+        if self.cfg.record_transitions {
+            // Likewise the records of the tasks' first changes, and their keys' text.
+            self.transitions.reserve(tasks.len());
+            let key_bytes = tasks.iter().map(|t| t.key.as_str().len()).sum();
+            self.transition_keys.reserve(key_bytes);
+        }
         let mut fresh: Vec<(Tid, Vec<Dep>)> = Vec::with_capacity(tasks.len());
         let mut reused: Vec<Tid> = Vec::new();
         let mut wanted: Vec<Tid> = Vec::new();
