@@ -523,6 +523,11 @@ fn worker_loss(exe: &std::path::Path, n: u64, dask: &DaskRun<'_>) -> Result<(), 
 /// (in a rotating order, so none always follows another), `6 × repeat + 1` rounds: the cost is a
 /// few per cent, and one round's pair of runs differs by several per cent on a shared machine.
 ///
+/// Every round starts its three clusters afresh (and warms each with the same workload): a
+/// cluster's own luck (where its processes' memory landed, which cores its threads settled
+/// on) lasts as long as it does and shifts its runs by several per cent, as much as the
+/// cost measured; over fresh clusters it averages out instead of biasing a whole run.
+///
 /// After every run the cluster is left to settle (its scheduler process's CPU use stops
 /// growing): a dashboard that fell behind catches up then, on its own clock, instead of
 /// during the next cluster's run; its CPU time until then counts as the run's.
@@ -543,27 +548,21 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
             .port()
             .to_string())
     };
-    let (port_a, port_b) = (free_port()?, free_port()?);
     let journal = std::env::temp_dir().join(format!("rask-bench-journal-{}.jsonl", std::process::id()));
     let journal_arg = journal.to_string_lossy().into_owned();
-    let configs: [&[&str]; 3] = [
-        &["--dashboard-port", "0"],
-        &["--dashboard-port", &port_a],
-        &["--dashboard-port", &port_b, "--journal", &journal_arg],
-    ];
-    let mut clusters = Vec::new();
-    for args in configs {
-        let workers: &[&str] = if zero_work { &["--no-nanny", "--zero-work"] } else { &["--no-nanny"] };
-        let c = BenchCluster::start_full(exe, args, 2, workers)?;
+    let workers: &[&str] = if zero_work { &["--no-nanny", "--zero-work"] } else { &["--no-nanny"] };
+    let start = |i: usize| -> Result<(BenchCluster, BlockingClient), String> {
+        let port = free_port()?;
+        let args: Vec<&str> = match i {
+            0 => vec!["--dashboard-port", "0"],
+            1 => vec!["--dashboard-port", &port],
+            _ => vec!["--dashboard-port", &port, "--journal", &journal_arg],
+        };
+        let c = BenchCluster::start_full(exe, &args, 2, workers)?;
         let client = c.client()?;
-        clusters.push((c, client));
-    }
+        Ok((c, client))
+    };
     let (g, outs, expected) = workload("tree", depth)?;
-    let (warm, warm_outs, _) = workload("tree", 11)?;
-    for (cluster, c) in &clusters {
-        c.compute(&warm, &warm_outs).map_err(|e| e.to_string())?;
-        let _ = settle(cluster);
-    }
     // Wall time of the computation, and the scheduler process's CPU time until it has settled:
     // all its threads (the dashboard's too), and its main thread alone.
     let run = |cluster: &BenchCluster, c: &BlockingClient| -> Result<(f64, f64, f64, f64), String> {
@@ -591,21 +590,31 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
     let mut cpu: [Vec<f64>; 3] = Default::default();
     let mut busy: [Vec<f64>; 3] = Default::default();
     let mut main: [Vec<f64>; 3] = Default::default();
+    // Journal bytes per journalled task (warm-ups included: the journal holds them too).
+    let (mut journal_bytes, mut journalled) = (0u64, 0usize);
     for round in 0..rounds as usize {
-        for k in 0..3 {
-            let i = (round + k) % 3;
-            let (cluster, c) = &clusters[i];
+        let order = [round % 3, (round + 1) % 3, (round + 2) % 3];
+        let mut clusters: [Option<(BenchCluster, BlockingClient)>; 3] = Default::default();
+        for &i in &order {
+            let (cluster, c) = start(i)?;
+            c.compute(&g, &outs).map_err(|e| e.to_string())?;
+            let _ = settle(&cluster);
+            clusters[i] = Some((cluster, c));
+        }
+        for &i in &order {
+            let (cluster, c) = clusters[i].as_ref().ok_or("dashboard: a cluster is missing")?;
             let (s, used, after, core) = run(cluster, c)?;
             secs[i].push(s);
             cpu[i].push(used);
             busy[i].push(after);
             main[i].push(core);
         }
+        drop(clusters);
+        journal_bytes += std::fs::metadata(&journal).map_or(0, |m| m.len());
+        journalled += 2 * g.len();
+        let _ = std::fs::remove_file(&journal);
     }
     let tasks = g.len() as f64;
-    let journal_bytes = std::fs::metadata(&journal).map_or(0, |m| m.len());
-    // The journalled cluster ran the warm-up once and the tree once per round.
-    let runs = f64::from(rounds) * tasks + warm.len() as f64;
     // Throughput relative to the same round's run without the dashboard, as a change in %:
     // the median, and the middle half of the rounds (how far one can trust it).
     let changes = |i: usize| secs[0].iter().zip(&secs[i]).map(|(off, on)| (off / on - 1.0) * 100.0);
@@ -619,7 +628,7 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
         "dashboard, {what}: tree-{depth}, median of {rounds} rounds: throughput {} with the dashboard, {} with it and a journal ({:.0} journal bytes per task); best runs {:.0} / {:.0} / {:.0} tasks/s without / with / with a journal",
         change(1),
         change(2),
-        journal_bytes as f64 / runs,
+        journal_bytes as f64 / journalled.max(1) as f64,
         best(0),
         best(1),
         best(2),
@@ -648,8 +657,6 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
         after(1),
         after(2),
     );
-    drop(clusters);
-    let _ = std::fs::remove_file(&journal);
     Ok(())
 }
 
