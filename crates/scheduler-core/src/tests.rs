@@ -172,6 +172,41 @@ fn chain_runs_in_order_and_frees_intermediates() {
 }
 
 #[test]
+fn a_new_graph_fills_the_slots_of_forgotten_tasks_lowest_first_in_submission_order() {
+    let mut env = Env::new();
+    env.worker(W1, "w1", 8, &[]);
+    let slots = |out: &[Command<P>]| -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = out
+            .iter()
+            .filter_map(|c| match c {
+                Command::Compute { key, ticket, .. } => Some((key.as_str().to_owned(), ticket.slot)),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let first = ["a0", "a1", "a2", "a3", "a4", "a5"];
+    let out = env.submit(C1, first.iter().map(|k| task(k, &[])).collect(), &first);
+    assert_eq!(slots(&out).len(), 6);
+    // Finished and forgotten in a scrambled order: the slots are freed in that order.
+    for k in ["a5", "a3", "a1", "a4", "a0", "a2"] {
+        env.finish(W1, k, 1);
+        env.ev(Event::KeysReleased { client: C1, keys: vec![Key::new(k)] });
+    }
+    assert_eq!(env.core.task_count(), 0);
+    let second = ["b0", "b1", "b2", "b3", "b4", "b5"];
+    let out = env.submit(C1, second.iter().map(|k| task(k, &[])).collect(), &second);
+    let got: Vec<u32> = slots(&out).into_iter().map(|(_, s)| s).collect();
+    assert_eq!(got, [0, 1, 2, 3, 4, 5], "neighbours in the submission are neighbours in the table");
+    // One task at a time takes the slot freed last (no reordering for it).
+    env.finish(W1, "b2", 1);
+    env.ev(Event::KeysReleased { client: C1, keys: vec![Key::new("b2")] });
+    let out = env.submit(C1, vec![task("c", &[])], &["c"]);
+    assert_eq!(slots(&out), [("c".to_owned(), 2)]);
+}
+
+#[test]
 fn shared_key_survives_one_client_releasing_it() {
     let mut env = Env::new();
     env.worker(W1, "w1", 1, &[]);
