@@ -773,39 +773,43 @@ impl State {
     }
 }
 
+/// Fields in the order the scheduling paths touch them (`repr(C)` keeps it): the state, the
+/// counters a finished input updates, and the serial and record index that recording reads
+/// share the first 80 bytes; the lists, the key and the payload follow.
+#[repr(C)]
 struct Task<P> {
-    key: Key,
-    /// What to run; `None` for scattered data, which cannot be recomputed.
-    payload: Option<P>,
-    deps: Vec<Tid>,
-    dependents: Vec<Tid>,
     state: State,
-    prio: Prio,
-    restrictions: Option<Box<Restrictions>>,
-    wanted_by: Vec<ClientId>,
+    /// Unique for the core's lifetime (slots are reused; serials are not): names the task in
+    /// published transitions.
+    serial: u64,
+    /// (event number, index in `transitions`) of its latest recorded change: a change in the
+    /// same event extends that record instead of adding one.
+    noted: (u32, u32),
+    nbytes: u64,
     /// Inputs not yet finished (only meaningful while `Waiting`).
     waiting_on: u32,
     /// Dependents in a pending state (they still need this task's value).
     consumers: u32,
-    nbytes: u64,
-    input_failures: u32,
-    /// A steal request for this task is out; do not ask again.
-    steal_requested: bool,
     /// Open graph submissions (sent in parts, not finished yet) that include this task: it
     /// must not be forgotten before they finish.
     held: u32,
-    /// Workers that died while (probably) running it, with why: its `KilledWorker` record.
-    deaths: Option<Box<Deaths>>,
-    /// Unique for the core's lifetime (slots are reused; serials are not): names the task in
-    /// published transitions.
-    serial: u64,
+    input_failures: u32,
     /// The client whose submission registered it (its progress counts this task).
     owner: ClientId,
-    /// (event number, index in `transitions`) of its latest recorded change: a change in the
-    /// same event extends that record instead of adding one.
-    noted: (u32, u32),
+    /// A steal request for this task is out; do not ask again.
+    steal_requested: bool,
     /// Counted as finished in its owner's progress (once, even if it is recomputed).
     counted: bool,
+    deps: Vec<Tid>,
+    dependents: Vec<Tid>,
+    wanted_by: Vec<ClientId>,
+    key: Key,
+    prio: Prio,
+    /// What to run; `None` for scattered data, which cannot be recomputed.
+    payload: Option<P>,
+    restrictions: Option<Box<Restrictions>>,
+    /// Workers that died while (probably) running it, with why: its `KilledWorker` record.
+    deaths: Option<Box<Deaths>>,
 }
 
 /// Workers (by name) that died while a task was probably running on them, with why.
