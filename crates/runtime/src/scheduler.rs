@@ -255,8 +255,8 @@ async fn core_loop(
             _ => Vec::new(),
         };
         let publishing = publisher.is_some();
-        // One clock reading per turn for what it publishes.
-        let turn_us = if publishing { now_us() } else { 0 };
+        // One clock reading per turn, for what it publishes and for when a worker was heard.
+        let turn_us = if publishing || heard.is_some() { now_us() } else { 0 };
         let mut events = translate(inbound, &mut peers, &core, publishing.then_some((&mut extra, turn_us)));
         if let Some(p) = &mut publisher {
             for e in extra.drain(..) {
@@ -264,7 +264,7 @@ async fn core_loop(
             }
         }
         if let Some(id) = heard {
-            events.push(Event::WorkerHeard { worker: WorkerId(id), at_us: now_us() });
+            events.push(Event::WorkerHeard { worker: WorkerId(id), at_us: turn_us });
         }
         if events.is_empty() {
             // Memory reports may have been published.
