@@ -273,6 +273,9 @@ impl Transition {
 // Two records to a cache line.
 const _: () = assert!(std::mem::size_of::<Transition>() == 32);
 
+// An empty slot costs no more than a task: `repr(C)` keeps the niche `Option` uses.
+const _: () = assert!(std::mem::size_of::<Option<Task<Box<u8>>>>() == std::mem::size_of::<Task<Box<u8>>>());
+
 impl std::fmt::Debug for Transition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transition")
@@ -773,12 +776,19 @@ impl State {
     }
 }
 
-/// Fields in the order the scheduling paths touch them (`repr(C)` keeps it): the state, the
-/// counters a finished input updates, and the serial and record index that recording reads
-/// share the first 80 bytes; the lists, the key and the payload follow.
+/// A task as the core keeps it. The fields most paths read come first, in an order `repr(C)`
+/// keeps: the state with the priority the assignment loop compares, the counters a finished
+/// input updates, and the serial and record index that recording reads (recording used to
+/// read those two from a cache line nothing else on its path touched); the lists, the key and
+/// the payload follow.
 #[repr(C)]
 struct Task<P> {
     state: State,
+    prio: Prio,
+    /// Inputs not yet finished (only meaningful while `Waiting`).
+    waiting_on: u32,
+    /// Dependents in a pending state (they still need this task's value).
+    consumers: u32,
     /// Unique for the core's lifetime (slots are reused; serials are not): names the task in
     /// published transitions.
     serial: u64,
@@ -786,10 +796,6 @@ struct Task<P> {
     /// same event extends that record instead of adding one.
     noted: (u32, u32),
     nbytes: u64,
-    /// Inputs not yet finished (only meaningful while `Waiting`).
-    waiting_on: u32,
-    /// Dependents in a pending state (they still need this task's value).
-    consumers: u32,
     /// Open graph submissions (sent in parts, not finished yet) that include this task: it
     /// must not be forgotten before they finish.
     held: u32,
@@ -804,7 +810,6 @@ struct Task<P> {
     dependents: Vec<Tid>,
     wanted_by: Vec<ClientId>,
     key: Key,
-    prio: Prio,
     /// What to run; `None` for scattered data, which cannot be recomputed.
     payload: Option<P>,
     restrictions: Option<Box<Restrictions>>,
@@ -870,14 +875,16 @@ impl<P> Task<P> {
 
 /// Slots of the task table that forgotten tasks left, for new tasks.
 ///
-/// A graph submitted into a table whose slots were freed in completion order would have its
-/// tasks scattered over it, neighbours in the graph far apart in memory: measured on tree-15
-/// (`examples/core_tree.rs`), every run after the second took 40% longer than the second.
-/// Ordered before a submission, the slots fill lowest first in submission order, as in a
-/// fresh table.
-#[derive(Debug, Default)]
+/// A graph submitted into a table whose slots are reused last freed first (freed in the order
+/// its tasks completed and were forgotten) would have its tasks scattered over the table,
+/// neighbours in the graph far apart in memory: measured on tree-15 (`examples/core_tree.rs`),
+/// every run after the second took 40% longer than the second. Ordered before a submission, the
+/// slots freed since the last submission fill lowest first in submission order, as in a fresh
+/// table.
+#[derive(Default)]
 struct FreeSlots {
-    /// Highest first up to `sorted`; after it, in the order they were freed.
+    /// Up to `sorted`: runs each sorted highest first (popped lowest first), one per ordering;
+    /// after it, the slots freed since, in the order they were freed.
     slots: Vec<u32>,
     sorted: usize,
 }
@@ -887,7 +894,8 @@ impl FreeSlots {
         self.slots.push(slot);
     }
 
-    /// The slot to fill next: the last one freed since the slots were ordered, else the lowest.
+    /// The slot to fill next: the last one freed since the last ordering, else the lowest of
+    /// the slots freed before it.
     fn pop(&mut self) -> Option<u32> {
         let slot = self.slots.pop();
         self.sorted = self.sorted.min(self.slots.len());
@@ -898,14 +906,14 @@ impl FreeSlots {
         self.slots.len()
     }
 
-    /// Orders the slots (lowest popped first) when at least half of them were freed since they
-    /// last were: each sort of n slots follows n/2 frees, so it costs O(log n) per free.
+    /// Sorts the slots freed since the last ordering among themselves, so they are popped lowest
+    /// first: each slot is sorted once, O(log n) per free, however many older ones wait below.
     fn order(&mut self) {
-        let unsorted = self.slots.len() - self.sorted;
-        if unsorted > 1 && 2 * unsorted >= self.slots.len() {
-            self.slots.sort_unstable_by(|a, b| b.cmp(a));
-            self.sorted = self.slots.len();
+        let tail = &mut self.slots[self.sorted..];
+        if tail.len() > 1 {
+            tail.sort_unstable_by(|a, b| b.cmp(a));
         }
+        self.sorted = self.slots.len();
     }
 }
 
@@ -1562,6 +1570,8 @@ impl<P: Clone> Core<P> {
         // Grow once, not by repeated doubling: a million-task graph would otherwise copy and
         // touch its task table several times over.
         let free = self.free_slots.len();
+        // A single task gains nothing from ordering; the slot freed last is the likeliest to
+        // still be in cache.
         if tasks.len() > 1 {
             self.free_slots.order();
         }
@@ -2719,5 +2729,53 @@ impl<P: Clone> Core<P> {
 impl<P> fmt::Debug for Core<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Core").field("tasks", &self.by_key.len()).field("workers", &self.workers.len()).finish()
+    }
+}
+
+#[cfg(test)]
+mod free_slots_tests {
+    use super::FreeSlots;
+
+    fn pops(f: &mut FreeSlots, n: usize) -> Vec<u32> {
+        (0..n).filter_map(|_| f.pop()).collect()
+    }
+
+    #[test]
+    fn slots_freed_since_the_last_ordering_are_popped_lowest_first_after_it() {
+        let mut f = FreeSlots::default();
+        for s in [5, 1, 6, 0, 3, 2, 4] {
+            f.push(s);
+        }
+        // Unordered: the last freed first.
+        assert_eq!(f.pop(), Some(4));
+        f.push(4);
+        f.order();
+        assert_eq!(pops(&mut f, 3), [0, 1, 2]);
+        // Freed again in a scrambled order while older ordered slots wait below: only the new
+        // ones are ordered, and they come first.
+        for s in [2, 0, 1] {
+            f.push(s);
+        }
+        f.order();
+        assert_eq!(pops(&mut f, 5), [0, 1, 2, 3, 4]);
+        // Without an ordering, a freed slot is reused at once.
+        f.push(9);
+        assert_eq!(pops(&mut f, 3), [9, 5, 6]);
+        assert_eq!((f.pop(), f.len()), (None, 0));
+    }
+
+    #[test]
+    fn popping_into_the_ordered_runs_keeps_later_frees_apart() {
+        let mut f = FreeSlots::default();
+        for s in [3, 1, 2] {
+            f.push(s);
+        }
+        f.order();
+        assert_eq!(pops(&mut f, 2), [1, 2]);
+        // The run now holds only 3; 8 and 7 are new and get ordered on their own.
+        f.push(8);
+        f.push(7);
+        f.order();
+        assert_eq!(pops(&mut f, 3), [7, 8, 3]);
     }
 }

@@ -199,11 +199,23 @@ fn a_new_graph_fills_the_slots_of_forgotten_tasks_lowest_first_in_submission_ord
     let out = env.submit(C1, second.iter().map(|k| task(k, &[])).collect(), &second);
     let got: Vec<u32> = slots(&out).into_iter().map(|(_, s)| s).collect();
     assert_eq!(got, [0, 1, 2, 3, 4, 5], "neighbours in the submission are neighbours in the table");
+    // Some freed again, scrambled, while lower slots of the first graph wait: the new graph
+    // fills the newly freed ones lowest first.
+    for k in ["b4", "b1", "b3"] {
+        env.finish(W1, k, 1);
+        env.ev(Event::KeysReleased { client: C1, keys: vec![Key::new(k)] });
+    }
+    let third = ["c0", "c1", "c2"];
+    let out = env.submit(C1, third.iter().map(|k| task(k, &[])).collect(), &third);
+    let got: Vec<u32> = slots(&out).into_iter().map(|(_, s)| s).collect();
+    assert_eq!(got, [1, 3, 4]);
     // One task at a time takes the slot freed last (no reordering for it).
-    env.finish(W1, "b2", 1);
-    env.ev(Event::KeysReleased { client: C1, keys: vec![Key::new("b2")] });
-    let out = env.submit(C1, vec![task("c", &[])], &["c"]);
-    assert_eq!(slots(&out), [("c".to_owned(), 2)]);
+    for k in ["b0", "b5"] {
+        env.finish(W1, k, 1);
+        env.ev(Event::KeysReleased { client: C1, keys: vec![Key::new(k)] });
+    }
+    let out = env.submit(C1, vec![task("d", &[])], &["d"]);
+    assert_eq!(slots(&out), [("d".to_owned(), 5)]);
 }
 
 #[test]
