@@ -523,10 +523,11 @@ fn worker_loss(exe: &std::path::Path, n: u64, dask: &DaskRun<'_>) -> Result<(), 
 /// (in a rotating order, so none always follows another), `6 × repeat + 1` rounds: the cost is a
 /// few per cent, and one round's pair of runs differs by several per cent on a shared machine.
 ///
-/// Every round starts its three clusters afresh (and warms each with the same workload): a
-/// cluster's own luck (where its processes' memory landed, which cores its threads settled
-/// on) lasts as long as it does and shifts its runs by several per cent, as much as the
-/// cost measured; over fresh clusters it averages out instead of biasing a whole run.
+/// Every round starts its three clusters afresh and warms each with one untimed run of the
+/// same workload (which doubles a round's time): a cluster's own luck (where its processes'
+/// memory landed, which cores its threads settled on) lasts as long as it does and shifts its
+/// runs by several per cent, as much as the cost measured; over fresh clusters it averages out
+/// instead of biasing a whole measurement.
 ///
 /// After every run the cluster is left to settle (its scheduler process's CPU use stops
 /// growing): a dashboard that fell behind catches up then, on its own clock, instead of
@@ -541,22 +542,16 @@ fn worker_loss(exe: &std::path::Path, n: u64, dask: &DaskRun<'_>) -> Result<(), 
 /// measurement); otherwise the whole cluster works, and the dashboard's thread competes with
 /// the workers for the machine's cores too.
 fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: bool) -> Result<(), String> {
-    let free_port = || -> Result<String, String> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port()
-            .to_string())
-    };
     let journal = std::env::temp_dir().join(format!("rask-bench-journal-{}.jsonl", std::process::id()));
     let journal_arg = journal.to_string_lossy().into_owned();
     let workers: &[&str] = if zero_work { &["--no-nanny", "--zero-work"] } else { &["--no-nanny"] };
+    // Dashboards on their default port, or any free one when it is taken (the scheduler picks
+    // it: no port chosen here that another process could take first).
     let start = |i: usize| -> Result<(BenchCluster, BlockingClient), String> {
-        let port = free_port()?;
         let args: Vec<&str> = match i {
             0 => vec!["--dashboard-port", "0"],
-            1 => vec!["--dashboard-port", &port],
-            _ => vec!["--dashboard-port", &port, "--journal", &journal_arg],
+            1 => vec![],
+            _ => vec!["--journal", &journal_arg],
         };
         let c = BenchCluster::start_full(exe, &args, 2, workers)?;
         let client = c.client()?;
@@ -597,8 +592,8 @@ fn dashboard_cost(exe: &std::path::Path, depth: u64, repeat: u32, zero_work: boo
         let mut clusters: [Option<(BenchCluster, BlockingClient)>; 3] = Default::default();
         for &i in &order {
             let (cluster, c) = start(i)?;
-            c.compute(&g, &outs).map_err(|e| e.to_string())?;
-            let _ = settle(&cluster);
+            // The warm-up, checked like the measured runs.
+            run(&cluster, &c)?;
             clusters[i] = Some((cluster, c));
         }
         for &i in &order {
