@@ -40,8 +40,8 @@ fn main() {
         core.handle_into(Event::WorkerConnected { worker: WorkerId(w), spec: worker(w) }, &mut out);
     }
     out.clear();
-    // µs per task of every run: the best shows what a fresh table allows, the median what a
-    // table that slots have been freed and reused in many times over does.
+    // µs per task of every run: the best is the fastest run, the median what a table whose
+    // slots have been freed and reused many times over does.
     let mut runs = Vec::with_capacity(repeat);
     let mut submit_best = f64::MAX;
     for _ in 0..repeat {
