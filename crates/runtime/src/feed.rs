@@ -3,10 +3,10 @@
 //! change to memory), workers joining, leaving and reporting their memory.
 //!
 //! The scheduler's core records its state changes only when a feed is attached (one branch per
-//! change otherwise). The shell hands the changes of everything it handled in one turn of its
-//! loop to the observer as the core recorded them ([`Published`]): the scheduler's thread moves
-//! a few vectors per turn and never touches a change again; the observer's thread turns them
-//! into [`FeedEvent::Tasks`]. The events are plain serde types: the journal is these events as
+//! change otherwise). The shell copies the changes out of the core in batches of the core's
+//! packed records, into buffers the observer gives back ([`Published`], [`Publisher`]): the
+//! scheduler's thread copies 32 bytes per change and keeps its own buffers warm; the observer's
+//! thread turns them into [`FeedEvent::Tasks`]. The events are plain serde types: the journal is these events as
 //! JSON lines, and replaying it rebuilds exactly what the live feed showed.
 
 use rask_graph::Key;
@@ -191,10 +191,10 @@ impl Phase {
 }
 
 /// What the scheduler hands its observers (see [`FeedSender`]): a published event, or a batch
-/// of its core's task changes exactly as the core recorded them. The scheduler's thread only
-/// moves the batch's vectors; the observer turns it into [`FeedEvent::Tasks`] on its own
-/// thread with [`Published::into_events`], keys included, so the two threads never share a
-/// key's reference count (an atomic on a cache line they would fight over).
+/// of its core's task changes in the core's packed records, with their keys as text. The
+/// observer turns it into [`FeedEvent::Tasks`] on its own thread with
+/// [`Published::into_events`], keys included, so the two threads never share a key's
+/// reference count (an atomic on a cache line they would fight over).
 #[derive(Debug)]
 pub struct Published(Repr);
 
@@ -275,9 +275,9 @@ impl Published {
             };
             on_change(at_us, change);
         }
-        // Buffers grown far past a usual batch (a large graph's intake is one event, so one
-        // batch) are not kept: the memory goes back rather than circulate for the scheduler's
-        // lifetime. Nor are they when the scheduler has spares enough.
+        // Buffers grown far past a batch's size (by long keys) are not kept: the memory goes
+        // back rather than circulate for the scheduler's lifetime. Nor are they when the
+        // scheduler has spares enough.
         if records.capacity() <= MAX_KEPT * FEED_CHUNK {
             keys.clear();
             causes.clear();
@@ -300,8 +300,14 @@ impl From<FeedEvent> for Published {
 /// they leave it in batches — once it holds [`FEED_CHUNK`] after an event, before any other
 /// published event, and when sending — and go to the observer every [`FEED_BATCH_US`]: the
 /// observer's thread wakes (a system call on the scheduler's) a few hundred times a second at
-/// most, whatever the task rate, and the scheduler's thread never copies a change. One event
-/// that changes many tasks (a large graph's intake) makes one batch as large.
+/// most, whatever the task rate.
+///
+/// Changes are copied out of the core, [`FEED_CHUNK`] at a time, into buffers the observer
+/// gave back; the core's own buffers never leave it. A copy costs about a nanosecond per
+/// change. Handing the core's buffers over instead, and the core new ones, cost the
+/// scheduler's thread twice what recording did: one event that changes a whole graph (its
+/// intake, its release) recorded into freshly allocated megabytes, faulted in page by page,
+/// and the next one did again.
 pub struct Publisher {
     tx: FeedSender,
     /// Emptied buffers coming back from the observer, and where it sends them.
@@ -373,22 +379,37 @@ impl Publisher {
         !self.tx.is_closed()
     }
 
-    /// Moves the core's changes, their keys and causes into one batch without touching a
-    /// change: the core's buffers are swapped for spare ones.
+    /// Copies the core's changes, their keys and causes into batches of at most [`FEED_CHUNK`]
+    /// changes, in buffers the observer gave back (see [`Core::copy_transitions`]).
     fn take_changes<P: Clone>(&mut self, core: &mut Core<P>) {
-        if core.transitions_pending() == 0 {
+        let n = core.transitions_pending();
+        if n == 0 {
             return;
         }
-        // No spare (the observer is behind): fresh buffers sized like this batch, so a backlog
-        // of small batches holds little memory.
-        let (mut records, mut causes, mut keys) = self.spare.try_recv().unwrap_or_else(|_| {
-            let n = core.transitions_pending().clamp(64, 2 * FEED_CHUNK);
-            (Vec::with_capacity(n), Vec::with_capacity(n / 4), String::with_capacity(KEY_BYTES * n))
-        });
-        core.take_transitions(&mut records, &mut keys);
-        std::mem::swap(&mut causes, &mut self.causes);
-        let recycle = self.recycle.clone();
-        self.ready.push(Published(Repr::Changes(RawChanges { records, causes, keys, recycle })));
+        // The cause in effect at each batch's start.
+        let mut current = 0;
+        for start in (0..n).step_by(FEED_CHUNK) {
+            let end = (start + FEED_CHUNK).min(n);
+            // No spare (the observer is behind): fresh buffers, reused later.
+            let (mut records, mut causes, mut keys) = self.spare.try_recv().unwrap_or_else(|_| {
+                (
+                    Vec::with_capacity(FEED_CHUNK),
+                    Vec::with_capacity(FEED_CHUNK / 4),
+                    String::with_capacity(KEY_BYTES * FEED_CHUNK),
+                )
+            });
+            core.copy_transitions(start..end, &mut records, &mut keys);
+            while self.causes.get(current + 1).is_some_and(|&(at, ..)| at as usize <= start) {
+                current += 1;
+            }
+            let starting = self.causes.iter().skip(current).take_while(|&&(at, ..)| (at as usize) < end);
+            causes
+                .extend(starting.map(|&(at, cause, at_us)| ((at as usize).saturating_sub(start) as u32, cause, at_us)));
+            let recycle = self.recycle.clone();
+            self.ready.push(Published(Repr::Changes(RawChanges { records, causes, keys, recycle })));
+        }
+        core.clear_transitions();
+        self.causes.clear();
     }
 }
 
@@ -660,6 +681,31 @@ mod tests {
     }
 
     #[test]
+    fn batches_cut_between_two_events_keep_each_change_under_its_own_cause_and_keys() {
+        let mut core = recording_core();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut p = Publisher::new(tx);
+        let first: Vec<String> = (0..FEED_CHUNK - 24).map(|i| format!("a-{i}")).collect();
+        let second: Vec<String> = (0..FEED_CHUNK / 2).map(|i| format!("bb-{i}")).collect();
+        handle(&mut core, &mut p, submit(&first), SUBMITTED, 1);
+        assert!(p.ready.is_empty(), "not a chunk's worth yet");
+        handle(&mut core, &mut p, submit(&second), FINISHED, 2);
+        assert_eq!(p.ready.len(), 2, "cut at the chunk size, inside the second event");
+        assert!(p.send(&mut core, true, 2));
+        let (_, events) = received(&mut rx);
+        let got: Vec<(Option<String>, Cause, u64)> =
+            changes_of(&events).into_iter().map(|(_, k, c, at)| (k, c, at)).collect();
+        let want: Vec<(Option<String>, Cause, u64)> = first
+            .iter()
+            .map(|k| (Some(k.clone()), SUBMITTED, 1))
+            .chain(second.iter().map(|k| (Some(k.clone()), FINISHED, 2)))
+            .collect();
+        assert_eq!(got, want);
+        // The core's buffers stayed with it, emptied.
+        assert_eq!(core.transitions_pending(), 0);
+    }
+
+    #[test]
     fn buffers_grown_by_a_large_event_are_not_kept_for_reuse() {
         let (recycle, spare) = std::sync::mpsc::sync_channel(1);
         let mut records = Vec::with_capacity(MAX_KEPT * FEED_CHUNK + 1);
@@ -850,19 +896,32 @@ mod tests {
         assert!(seen[1].1.iter().any(|c| c.0 == 1 && c.2 == Phase::Memory && c.4 == Some(4)));
     }
 
+    /// (task, key, cause, time) of every change received, in order.
+    fn changes_of(events: &[FeedEvent]) -> Vec<(u64, Option<String>, Cause, u64)> {
+        seen(events)
+            .into_iter()
+            .flat_map(|(at, changes)| changes.into_iter().map(move |c| (c.0, c.1, c.5, at)))
+            .collect()
+    }
+
     #[test]
-    fn a_large_event_goes_out_as_its_own_batch_and_a_closed_feed_is_noticed() {
+    fn a_large_event_goes_out_in_batches_of_the_chunk_size_and_a_closed_feed_is_noticed() {
         let mut core = recording_core();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut p = Publisher::new(tx);
-        let keys: Vec<String> = (0..FEED_CHUNK + 100).map(|i| format!("t-{i}")).collect();
+        let keys: Vec<String> = (0..2 * FEED_CHUNK + 100).map(|i| format!("t-{i}")).collect();
         handle(&mut core, &mut p, submit(&keys), SUBMITTED, 1);
         assert_eq!(core.transitions_pending(), 0, "taken once past the chunk size");
-        assert_eq!(p.ready.len(), 1);
+        assert_eq!(p.ready.len(), 3, "two full batches and the rest");
         assert!(p.send(&mut core, true, 0));
-        let (_, events) = received(&mut rx);
-        let changes: usize = seen(&events).iter().map(|(_, c)| c.len()).sum();
-        assert_eq!(changes, keys.len(), "one record per new task");
+        let (batches, events) = received(&mut rx);
+        assert_eq!(batches, 3);
+        let changes = changes_of(&events);
+        assert_eq!(changes.len(), keys.len(), "one record per new task");
+        // Every key arrives whole, in order, with the cause and time of its event.
+        let got: Vec<(Option<String>, Cause, u64)> = changes.into_iter().map(|(_, k, c, at)| (k, c, at)).collect();
+        let want: Vec<(Option<String>, Cause, u64)> = keys.iter().map(|k| (Some(k.clone()), SUBMITTED, 1)).collect();
+        assert_eq!(got, want);
         drop(rx);
         assert!(!p.send(&mut core, true, 0), "the observer is gone");
         core.stop_recording();

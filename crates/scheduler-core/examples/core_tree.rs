@@ -18,19 +18,24 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let depth: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(15);
     let repeat: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
-    // `record`: record every state change, as the scheduler does for its dashboard, and hand
-    // them over in batches the way its shell does (the buffers reused).
+    // `record`: record every state change, as the scheduler does for its dashboard, and copy
+    // them out in batches the way its shell does (into a reused buffer).
     let record = args.next().is_some_and(|a| a == "record");
     let mut core: Core<u32> = Core::new(Config { record_transitions: record, ..Config::default() });
-    let (mut spare, mut spare_keys) = (Vec::with_capacity(2048), String::with_capacity(1 << 15));
+    const CHUNK: usize = 1024;
+    let (mut spare, mut spare_keys) = (Vec::with_capacity(CHUNK), String::with_capacity(16 * CHUNK));
     let mut recorded = 0usize;
-    // After each event, as the shell does: a batch once the core holds 1 024 changes.
+    // After each event, as the shell does: batches of 1 024 once the core holds as many.
     let mut take = |core: &mut Core<u32>, recorded: &mut usize| {
-        if core.transitions_pending() >= 1024 {
-            core.take_transitions(&mut spare, &mut spare_keys);
-            *recorded += spare.len();
-            spare.clear();
-            spare_keys.clear();
+        let n = core.transitions_pending();
+        if n >= CHUNK {
+            for start in (0..n).step_by(CHUNK) {
+                core.copy_transitions(start..(start + CHUNK).min(n), &mut spare, &mut spare_keys);
+                *recorded += spare.len();
+                spare.clear();
+                spare_keys.clear();
+            }
+            core.clear_transitions();
         }
     };
     let client = ClientId(1);

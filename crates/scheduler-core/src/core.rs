@@ -113,6 +113,9 @@ pub enum Phase {
     Forgotten,
 }
 
+/// Records whose memory [`Core::clear_transitions`] keeps.
+const MAX_KEPT_RECORDS: usize = 1 << 20;
+
 // Every phase fits the three bits a record keeps for it.
 const _: () = assert!(Phase::Forgotten as u8 == 7);
 
@@ -1087,6 +1090,44 @@ impl<P: Clone> Core<P> {
         }));
     }
 
+    /// Appends the changes recorded at `range` of those pending (indices as
+    /// [`Core::transitions_pending`] counts them) to `out`, and the text of their new tasks'
+    /// keys to `keys`, their [`Transition::key`] spans moved to index it. The core keeps its
+    /// records until [`Core::clear_transitions`].
+    ///
+    /// For a caller that hands changes over in pieces of a bounded size: the core's own
+    /// buffers stay with it, warm and grown to its largest event once, rather than leave with
+    /// every batch and be allocated afresh (fresh pages, faulted in one by one) for the next
+    /// event that records more than the last.
+    pub fn copy_transitions(&self, range: std::ops::Range<usize>, out: &mut Vec<Transition>, keys: &mut String) {
+        let Some(records) = self.transitions.get(range) else { return };
+        // Keys are written with their task's first record, so the spans of a run of records
+        // follow one another in the text.
+        let first = records.iter().find_map(Transition::key).map_or(0, |(start, _)| start);
+        let base = keys.len() as u32;
+        let mut end = first;
+        out.extend(records.iter().map(|&record| {
+            let mut t = record;
+            if t.flags & Transition::HAS_KEY != 0 {
+                end = t.key.1;
+                t.key = (t.key.0 - first + base, t.key.1 - first + base);
+            }
+            t
+        }));
+        keys.push_str(self.transition_keys.get(first as usize..end as usize).unwrap_or_default());
+    }
+
+    /// Forgets the changes recorded so far (after [`Core::copy_transitions`]). Their buffers
+    /// keep their memory, up to a million records' worth (32 MiB): an event that changed more
+    /// tasks (millions submitted at once) gives the rest back.
+    pub fn clear_transitions(&mut self) {
+        self.transitions.clear();
+        self.transition_keys.clear();
+        // Their key text likewise, at 16 bytes a record.
+        self.transitions.shrink_to(MAX_KEPT_RECORDS);
+        self.transition_keys.shrink_to(MAX_KEPT_RECORDS * 16);
+    }
+
     /// Applies one event and returns the commands that follow from it.
     pub fn handle(&mut self, event: Event<P>) -> Vec<Command<P>> {
         let mut out = Vec::new();
@@ -1347,34 +1388,49 @@ impl<P: Clone> Core<P> {
     /// Records `t`'s current state as a transition (when recording).
     #[inline]
     fn note(&mut self, t: Tid) {
-        self.note_as(t, false);
+        if self.cfg.record_transitions {
+            self.record_change(t, false);
+        }
     }
 
-    /// [`Self::note`]; `first`: the task is new, and its key goes with the transition.
+    /// [`Self::note`] for a new task: its key goes with the transition.
     #[inline]
-    fn note_as(&mut self, t: Tid, first: bool) {
-        if !self.cfg.record_transitions {
-            return;
+    fn note_first(&mut self, t: Tid) {
+        if self.cfg.record_transitions {
+            self.record_change(t, true);
         }
-        let task = self.tasks[t.0 as usize].as_ref().expect("invariant: live task id");
+    }
+
+    /// [`Self::note`] when recording: extends the task's record of this event if it can (see
+    /// [`Transition::extend`]), else adds one. One lookup of the task, whose fields it reads
+    /// and updates in place.
+    fn record_change(&mut self, t: Tid, first: bool) {
+        let event_no = self.event_no;
+        let Some(Some(task)) = self.tasks.get_mut(t.0 as usize) else { return };
         let (phase, worker) = match &task.state {
             State::Processing { on } => (Phase::Processing, Some(*on)),
             State::Memory { who_has } => (Phase::Memory, who_has.first().copied()),
             other => (other.phase(), None),
         };
-        let (serial, noted) = (task.serial, task.noted);
-        let key = first.then(|| {
+        let (event, at) = task.noted;
+        let key = if first {
             let text = &mut self.transition_keys;
             let start = text.len() as u32;
             text.push_str(task.key.as_str());
-            (start, text.len() as u32)
-        });
-        if !first && self.extend_record(serial, noted, phase, worker) {
-            return;
-        }
-        let at = self.transitions.len() as u32;
-        self.transitions.push(Transition::new(serial, key, phase, worker));
-        self.task_mut(t).noted = (self.event_no, at);
+            Some((start, text.len() as u32))
+        } else {
+            if event == event_no
+                && self
+                    .transitions
+                    .get_mut(at as usize)
+                    .is_some_and(|tr| tr.task == task.serial && tr.extend(phase, worker))
+            {
+                return;
+            }
+            None
+        };
+        task.noted = (event_no, self.transitions.len() as u32);
+        self.transitions.push(Transition::new(task.serial, key, phase, worker));
     }
 
     /// Extends the task's record of this event (at `noted`) with a further change, unless that
@@ -1471,7 +1527,7 @@ impl<P: Clone> Core<P> {
         let key = task.key.clone();
         let t = Self::place(&mut self.tasks, &mut self.free_slots, &mut self.serials, task);
         self.by_key.insert(key, t);
-        self.note_as(t, true);
+        self.note_first(t);
         t
     }
 
@@ -1578,10 +1634,9 @@ impl<P: Clone> Core<P> {
         self.tasks.reserve(tasks.len().saturating_sub(free));
         self.by_key.reserve(tasks.len());
         if self.cfg.record_transitions {
-            // Likewise the records of the tasks' first changes, and their keys' text.
+            // Likewise the records of the tasks' first changes (the key text grows as it
+            // goes: summing the keys' lengths first would read the whole submission twice).
             self.transitions.reserve(tasks.len());
-            let key_bytes = tasks.iter().map(|t| t.key.as_str().len()).sum();
-            self.transition_keys.reserve(key_bytes);
         }
         let mut fresh: Vec<(Tid, Vec<Dep>)> = Vec::with_capacity(tasks.len());
         let mut reused: Vec<Tid> = Vec::new();
@@ -1625,7 +1680,7 @@ impl<P: Clone> Core<P> {
             let t = Self::place(&mut self.tasks, &mut self.free_slots, &mut self.serials, task);
             entry.insert(t);
             at.push(t);
-            self.note_as(t, true);
+            self.note_first(t);
             if nt.wanted {
                 wanted.push(t);
             }

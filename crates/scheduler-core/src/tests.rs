@@ -938,6 +938,39 @@ fn transitions_taken_into_buffers_in_use_are_appended_with_their_key_spans_moved
 }
 
 #[test]
+fn transitions_copied_in_pieces_carry_the_text_of_their_own_keys_until_cleared() {
+    let mut core: Core<P> = Core::new(Config { record_transitions: true, ..Config::default() });
+    core.handle(Event::ClientConnected { client: C1 });
+    let names = ["ab", "cde", "f", "ghij"];
+    let tasks = names.iter().map(|k| task(k, &[])).collect();
+    core.handle(Event::GraphSubmitted { client: C1, tasks, wanted: names.iter().map(|k| Key::new(k)).collect() });
+    // Each task's changes in the event make one record.
+    assert_eq!(core.transitions_pending(), 4);
+    let key_of = |records: &[Transition], text: &str, i: usize| {
+        records[i].key().map(|(s, e)| text[s as usize..e as usize].to_owned())
+    };
+    // A buffer in use: the spans move past its text.
+    let (mut first, mut text) = (Vec::new(), String::from("xyz"));
+    core.copy_transitions(0..1, &mut first, &mut text);
+    assert_eq!((first.len(), key_of(&first, &text, 0).as_deref(), text.as_str()), (1, Some("ab"), "xyzab"));
+    let (mut rest, mut rest_text) = (Vec::new(), String::new());
+    core.copy_transitions(1..4, &mut rest, &mut rest_text);
+    let keys: Vec<Option<String>> = (0..3).map(|i| key_of(&rest, &rest_text, i)).collect();
+    assert_eq!(keys, [Some("cde".into()), Some("f".into()), Some("ghij".into())]);
+    assert_eq!(rest_text, "cdefghij", "only the text of these records' keys");
+    // A range past the records copies nothing; the core still holds them all.
+    core.copy_transitions(3..9, &mut rest, &mut rest_text);
+    assert_eq!((rest.len(), core.transitions_pending()), (3, 4));
+    core.clear_transitions();
+    assert_eq!(core.transitions_pending(), 0);
+    // Later changes carry no key and start from an empty text.
+    core.handle(Event::KeysReleased { client: C1, keys: vec![Key::new("f")] });
+    let (mut later, mut later_text) = (Vec::new(), String::new());
+    core.copy_transitions(0..core.transitions_pending(), &mut later, &mut later_text);
+    assert_eq!((later.len(), later[0].key(), later[0].phase(), later_text.as_str()), (1, None, Phase::Forgotten, ""));
+}
+
+#[test]
 fn changes_of_a_task_within_one_event_form_one_record() {
     let mut core: Core<P> = Core::new(Config { record_transitions: true, ..Config::default() });
     let spec = WorkerSpec {
