@@ -1101,19 +1101,21 @@ impl<P: Clone> Core<P> {
     /// event that records more than the last.
     pub fn copy_transitions(&self, range: std::ops::Range<usize>, out: &mut Vec<Transition>, keys: &mut String) {
         let Some(records) = self.transitions.get(range) else { return };
+        let from = out.len();
+        // One block copy; then only the records that carry a key are touched again.
+        out.extend_from_slice(records);
+        let copied = &mut out[from..];
+        let Some(i) = copied.iter().position(|t| t.flags & Transition::HAS_KEY != 0) else { return };
         // Keys are written with their task's first record, so the spans of a run of records
         // follow one another in the text.
-        let first = records.iter().find_map(Transition::key).map_or(0, |(start, _)| start);
-        let base = keys.len() as u32;
+        let (first, base) = (copied[i].key.0, keys.len() as u32);
         let mut end = first;
-        out.extend(records.iter().map(|&record| {
-            let mut t = record;
+        for t in &mut copied[i..] {
             if t.flags & Transition::HAS_KEY != 0 {
                 end = t.key.1;
                 t.key = (t.key.0 - first + base, t.key.1 - first + base);
             }
-            t
-        }));
+        }
         keys.push_str(self.transition_keys.get(first as usize..end as usize).unwrap_or_default());
     }
 
