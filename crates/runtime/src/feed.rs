@@ -214,8 +214,8 @@ struct RawChanges {
     causes: Vec<(u32, Cause, u64)>,
     /// The text the records' key spans index.
     keys: String,
-    /// Where the emptied buffers go back to the scheduler, which records into them again: warm
-    /// memory, no fresh pages and no regrowing.
+    /// Where the emptied buffers go back to the scheduler, which copies the next changes into
+    /// them: memory already mapped, no fresh pages and no regrowing.
     recycle: SyncSender<Buffers>,
 }
 
@@ -275,16 +275,15 @@ impl Published {
             };
             on_change(at_us, change);
         }
-        // Buffers grown far past a batch's size (by long keys) are not kept: the memory goes
-        // back rather than circulate for the scheduler's lifetime. Nor are they when the
-        // scheduler has spares enough.
-        if records.capacity() <= MAX_KEPT * FEED_CHUNK {
-            keys.clear();
-            causes.clear();
-            keys.shrink_to(MAX_KEPT * KEY_BYTES * FEED_CHUNK);
-            causes.shrink_to(MAX_KEPT * FEED_CHUNK);
-            let _ = recycle.try_send((records, causes, keys));
-        }
+        // Back to the scheduler, emptied. Buffers grown past a few batches' size (long keys)
+        // give the excess back rather than circulate it for the scheduler's lifetime; when the
+        // scheduler has spares enough, they are dropped.
+        keys.clear();
+        causes.clear();
+        records.shrink_to(MAX_KEPT * FEED_CHUNK);
+        keys.shrink_to(MAX_KEPT * KEY_BYTES * FEED_CHUNK);
+        causes.shrink_to(MAX_KEPT * FEED_CHUNK);
+        let _ = recycle.try_send((records, causes, keys));
         None
     }
 }
@@ -303,11 +302,12 @@ impl From<FeedEvent> for Published {
 /// most, whatever the task rate.
 ///
 /// Changes are copied out of the core, [`FEED_CHUNK`] at a time, into buffers the observer
-/// gave back; the core's own buffers never leave it. A copy costs about a nanosecond per
-/// change. Handing the core's buffers over instead, and the core new ones, cost the
-/// scheduler's thread twice what recording did: one event that changes a whole graph (its
-/// intake, its release) recorded into freshly allocated megabytes, faulted in page by page,
-/// and the next one did again.
+/// gave back (new ones when none is spare, as after an event that changed a whole graph); the
+/// core's own buffers stay with it. Copying and sending cost the scheduler's thread under a
+/// point of its time in the dashboard benchmark. Handing the core's buffers over instead, and
+/// the core new ones, cost it about as much as recording did: one event that changes a whole
+/// graph (its intake, its release) recorded into freshly allocated megabytes, faulted in page
+/// by page, and the next one did again.
 pub struct Publisher {
     tx: FeedSender,
     /// Emptied buffers coming back from the observer, and where it sends them.
@@ -331,7 +331,8 @@ const MAX_KEPT: usize = 4;
 const KEY_BYTES: usize = 16;
 
 /// Emptied buffers kept for reuse; more coming back are dropped. A batch taken while none is
-/// spare gets fresh buffers the size of the last batch (they grow as needed).
+/// spare gets fresh buffers of a batch's size. More spares would hold more memory and, reused
+/// in turn, keep more of it passing through the scheduler's caches.
 const SPARE_BUFFERS: usize = 16;
 
 /// How long published events may wait to be sent together (µs).
@@ -379,17 +380,21 @@ impl Publisher {
         !self.tx.is_closed()
     }
 
-    /// Copies the core's changes, their keys and causes into batches of at most [`FEED_CHUNK`]
-    /// changes, in buffers the observer gave back (see [`Core::copy_transitions`]).
+    /// Copies the core's changes, their keys and causes into batches of [`FEED_CHUNK`] changes
+    /// (the last up to half as many again, rather than a sliver of its own), in buffers the
+    /// observer gave back (see [`Core::copy_transitions`]).
     fn take_changes<P: Clone>(&mut self, core: &mut Core<P>) {
         let n = core.transitions_pending();
         if n == 0 {
             return;
         }
+        // Every change follows the event that caused it (see `Published::visit`).
+        debug_assert!(self.causes.first().is_some_and(|&(at, ..)| at == 0), "the first change has its cause");
         // The cause in effect at each batch's start.
         let mut current = 0;
-        for start in (0..n).step_by(FEED_CHUNK) {
-            let end = (start + FEED_CHUNK).min(n);
+        let mut start = 0;
+        while start < n {
+            let end = if n - start <= FEED_CHUNK + FEED_CHUNK / 2 { n } else { start + FEED_CHUNK };
             // No spare (the observer is behind): fresh buffers, reused later.
             let (mut records, mut causes, mut keys) = self.spare.try_recv().unwrap_or_else(|_| {
                 (
@@ -407,6 +412,7 @@ impl Publisher {
                 .extend(starting.map(|&(at, cause, at_us)| ((at as usize).saturating_sub(start) as u32, cause, at_us)));
             let recycle = self.recycle.clone();
             self.ready.push(Published(Repr::Changes(RawChanges { records, causes, keys, recycle })));
+            start = end;
         }
         core.clear_transitions();
         self.causes.clear();
@@ -686,7 +692,7 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut p = Publisher::new(tx);
         let first: Vec<String> = (0..FEED_CHUNK - 24).map(|i| format!("a-{i}")).collect();
-        let second: Vec<String> = (0..FEED_CHUNK / 2).map(|i| format!("bb-{i}")).collect();
+        let second: Vec<String> = (0..FEED_CHUNK).map(|i| format!("bb-{i}")).collect();
         handle(&mut core, &mut p, submit(&first), SUBMITTED, 1);
         assert!(p.ready.is_empty(), "not a chunk's worth yet");
         handle(&mut core, &mut p, submit(&second), FINISHED, 2);
@@ -706,15 +712,20 @@ mod tests {
     }
 
     #[test]
-    fn buffers_grown_by_a_large_event_are_not_kept_for_reuse() {
+    fn buffers_come_back_emptied_and_no_larger_than_a_few_batches() {
         let (recycle, spare) = std::sync::mpsc::sync_channel(1);
-        let mut records = Vec::with_capacity(MAX_KEPT * FEED_CHUNK + 1);
+        let mut records = Vec::with_capacity(2 * MAX_KEPT * FEED_CHUNK);
         records.push(record(1, Some((0, 1)), CorePhase::Waiting, None));
-        let raw = RawChanges { records, causes: vec![(0, Cause::Tick, 1)], keys: "a".into(), recycle };
+        let mut keys = String::with_capacity(2 * MAX_KEPT * KEY_BYTES * FEED_CHUNK);
+        keys.push('a');
+        let raw = RawChanges { records, causes: vec![(0, Cause::Tick, 1)], keys, recycle };
         let mut events = Vec::new();
         Published(Repr::Changes(raw)).into_events(&mut events);
         assert_eq!(seen(&events).len(), 1);
-        assert!(spare.try_recv().is_err(), "the large buffer was dropped");
+        let (records, causes, keys) = spare.try_recv().expect("the buffers come back");
+        assert!(records.is_empty() && causes.is_empty() && keys.is_empty());
+        assert!(records.capacity() <= MAX_KEPT * FEED_CHUNK, "{}", records.capacity());
+        assert!(keys.capacity() <= MAX_KEPT * KEY_BYTES * FEED_CHUNK, "{}", keys.capacity());
     }
 
     #[test]
@@ -912,10 +923,10 @@ mod tests {
         let keys: Vec<String> = (0..2 * FEED_CHUNK + 100).map(|i| format!("t-{i}")).collect();
         handle(&mut core, &mut p, submit(&keys), SUBMITTED, 1);
         assert_eq!(core.transitions_pending(), 0, "taken once past the chunk size");
-        assert_eq!(p.ready.len(), 3, "two full batches and the rest");
+        assert_eq!(p.ready.len(), 2, "a full batch, then the rest with its tail rather than a sliver");
         assert!(p.send(&mut core, true, 0));
         let (batches, events) = received(&mut rx);
-        assert_eq!(batches, 3);
+        assert_eq!(batches, 2);
         let changes = changes_of(&events);
         assert_eq!(changes.len(), keys.len(), "one record per new task");
         // Every key arrives whole, in order, with the cause and time of its event.

@@ -66,9 +66,10 @@ pub struct Config {
     pub steal_min_duration_us: f64,
     /// Work stealing: at most this many bytes of inputs may have to move with a stolen task.
     pub steal_max_input_bytes: u64,
-    /// Record every task state change for [`Core::take_transitions`] (dashboards, journals).
-    /// Off, it costs one predictable branch per change. On, the caller must take the changes
-    /// after every event, or they accumulate.
+    /// Record every task state change for [`Core::take_transitions`] or
+    /// [`Core::copy_transitions`] (dashboards, journals). Off, it costs one predictable branch
+    /// per change. On, the caller must take or copy and clear the changes after every event, or
+    /// they accumulate.
     pub record_transitions: bool,
 }
 
@@ -212,8 +213,8 @@ impl Transition {
         self.task
     }
 
-    /// Where its key is in the text [`Core::take_transitions`] gives with it (start, end), on
-    /// its first change.
+    /// Where its key is in the text [`Core::take_transitions`] (or
+    /// [`Core::copy_transitions`]) gives with it (start, end), on its first change.
     #[must_use]
     pub fn key(&self) -> Option<(u32, u32)> {
         (self.flags & Self::HAS_KEY != 0).then_some(self.key)
@@ -933,7 +934,7 @@ struct ClientProgress {
 /// The scheduler state. See the crate documentation.
 pub struct Core<P> {
     cfg: Config,
-    /// State changes since the last [`Core::take_transitions`] (when recording).
+    /// State changes since they were last taken or cleared (when recording).
     transitions: Vec<Transition>,
     /// The keys of their new tasks, as text (copied: no reference count touched).
     transition_keys: String,
@@ -1060,7 +1061,7 @@ impl<P: Clone> Core<P> {
         self.transition_keys = String::new();
     }
 
-    /// Changes recorded since the last [`Core::take_transitions`]: a caller gathering several
+    /// Changes recorded since they were last taken or cleared: a caller gathering several
     /// events' changes in one batch notes this before each event to tell them apart.
     #[must_use]
     pub fn transitions_pending(&self) -> usize {
@@ -1091,41 +1092,46 @@ impl<P: Clone> Core<P> {
     }
 
     /// Appends the changes recorded at `range` of those pending (indices as
-    /// [`Core::transitions_pending`] counts them) to `out`, and the text of their new tasks'
-    /// keys to `keys`, their [`Transition::key`] spans moved to index it. The core keeps its
-    /// records until [`Core::clear_transitions`].
+    /// [`Core::transitions_pending`] counts them; a range reaching past them stops at the
+    /// last) to `out`, and the text of their new tasks' keys to `keys`, their
+    /// [`Transition::key`] spans moved to index it. The core keeps its records until
+    /// [`Core::clear_transitions`].
     ///
     /// For a caller that hands changes over in pieces of a bounded size: the core's own
     /// buffers stay with it, warm and grown to its largest event once, rather than leave with
     /// every batch and be allocated afresh (fresh pages, faulted in one by one) for the next
     /// event that records more than the last.
     pub fn copy_transitions(&self, range: std::ops::Range<usize>, out: &mut Vec<Transition>, keys: &mut String) {
-        let Some(records) = self.transitions.get(range) else { return };
+        let end = range.end.min(self.transitions.len());
+        let Some(records) = self.transitions.get(range.start.min(end)..end) else { return };
         let from = out.len();
         // One block copy; then only the records that carry a key are touched again.
         out.extend_from_slice(records);
         let copied = &mut out[from..];
         let Some(i) = copied.iter().position(|t| t.flags & Transition::HAS_KEY != 0) else { return };
-        // Keys are written with their task's first record, so the spans of a run of records
-        // follow one another in the text.
-        let (first, base) = (copied[i].key.0, keys.len() as u32);
+        // A key's text is written with its task's first record, so the spans of a run of
+        // records follow one another in the text.
+        let first = copied[i].key.0;
+        let base = u32::try_from(keys.len()).expect("a batch's key text stays far below 4 GiB");
         let mut end = first;
         for t in &mut copied[i..] {
             if t.flags & Transition::HAS_KEY != 0 {
+                debug_assert_eq!(t.key.0, end, "key spans follow one another");
                 end = t.key.1;
                 t.key = (t.key.0 - first + base, t.key.1 - first + base);
             }
         }
-        keys.push_str(self.transition_keys.get(first as usize..end as usize).unwrap_or_default());
+        let text = self.transition_keys.get(first as usize..end as usize);
+        debug_assert!(text.is_some(), "key spans lie within the key text");
+        keys.push_str(text.unwrap_or_default());
     }
 
-    /// Forgets the changes recorded so far (after [`Core::copy_transitions`]). Their buffers
-    /// keep their memory, up to a million records' worth (32 MiB): an event that changed more
-    /// tasks (millions submitted at once) gives the rest back.
+    /// Forgets the changes recorded so far (after [`Core::copy_transitions`]). The buffers
+    /// keep their memory, up to a million records (32 MiB) and 16 MiB of key text: an event
+    /// that changed more tasks (millions submitted at once) gives the rest back.
     pub fn clear_transitions(&mut self) {
         self.transitions.clear();
         self.transition_keys.clear();
-        // Their key text likewise, at 16 bytes a record.
         self.transitions.shrink_to(MAX_KEPT_RECORDS);
         self.transition_keys.shrink_to(MAX_KEPT_RECORDS * 16);
     }
@@ -1408,7 +1414,7 @@ impl<P: Clone> Core<P> {
     /// and updates in place.
     fn record_change(&mut self, t: Tid, first: bool) {
         let event_no = self.event_no;
-        let Some(Some(task)) = self.tasks.get_mut(t.0 as usize) else { return };
+        let task = self.tasks[t.0 as usize].as_mut().expect("invariant: live task id");
         let (phase, worker) = match &task.state {
             State::Processing { on } => (Phase::Processing, Some(*on)),
             State::Memory { who_has } => (Phase::Memory, who_has.first().copied()),
