@@ -5,9 +5,10 @@
 //! The scheduler's core records its state changes only when a feed is attached (one branch per
 //! change otherwise). The shell copies the changes out of the core in batches of the core's
 //! packed records, into buffers the observer gives back ([`Published`], [`Publisher`]): the
-//! scheduler's thread copies 32 bytes per change and keeps its own buffers warm; the observer's
-//! thread turns them into [`FeedEvent::Tasks`]. The events are plain serde types: the journal is these events as
-//! JSON lines, and replaying it rebuilds exactly what the live feed showed.
+//! scheduler's thread copies 32 bytes per change and keeps its own buffers warm; the
+//! observer's thread turns them into [`FeedEvent::Tasks`]. The events are plain serde types:
+//! the journal is these events as JSON lines, and replaying it rebuilds exactly what the live
+//! feed showed.
 
 use rask_graph::Key;
 use rask_scheduler_core::{Core, Transition};
@@ -324,7 +325,8 @@ pub struct Publisher {
 /// Task changes a batch is taken at, once an event leaves the core holding this many.
 const FEED_CHUNK: usize = 1024;
 
-/// Returned buffers are reused up to this many times [`FEED_CHUNK`] records.
+/// Returned buffers keep room for at most this many times [`FEED_CHUNK`] records (their key
+/// text and causes likewise).
 const MAX_KEPT: usize = 4;
 
 /// Key bytes per record a fresh buffer has room for (keys come with a task's first change).
