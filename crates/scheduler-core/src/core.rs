@@ -1080,15 +1080,9 @@ impl<P: Clone> Core<P> {
             std::mem::swap(keys, &mut self.transition_keys);
             return;
         }
-        let base = keys.len() as u32;
-        keys.push_str(&self.transition_keys);
+        self.copy_transitions(0..self.transitions.len(), out, keys);
+        self.transitions.clear();
         self.transition_keys.clear();
-        out.extend(self.transitions.drain(..).map(|mut t| {
-            if t.flags & Transition::HAS_KEY != 0 {
-                t.key = (t.key.0 + base, t.key.1 + base);
-            }
-            t
-        }));
     }
 
     /// Appends the changes recorded at `range` of those pending (indices as
@@ -1420,19 +1414,14 @@ impl<P: Clone> Core<P> {
             State::Memory { who_has } => (Phase::Memory, who_has.first().copied()),
             other => (other.phase(), None),
         };
-        let (event, at) = task.noted;
         let key = if first {
             let text = &mut self.transition_keys;
             let start = text.len() as u32;
             text.push_str(task.key.as_str());
             Some((start, text.len() as u32))
         } else {
-            if event == event_no
-                && self
-                    .transitions
-                    .get_mut(at as usize)
-                    .is_some_and(|tr| tr.task == task.serial && tr.extend(phase, worker))
-            {
+            let this_event = Self::record_in(&mut self.transitions, event_no, task.serial, task.noted);
+            if this_event.is_some_and(|tr| tr.extend(phase, worker)) {
                 return;
             }
             None
@@ -1441,22 +1430,25 @@ impl<P: Clone> Core<P> {
         self.transitions.push(Transition::new(task.serial, key, phase, worker));
     }
 
-    /// Extends the task's record of this event (at `noted`) with a further change, unless that
-    /// record ended a run (its time and worker belong to that phase) or is full.
-    fn extend_record(&mut self, serial: u64, noted: (u32, u32), phase: Phase, worker: Option<WorkerId>) -> bool {
-        if noted.0 != self.event_no {
-            return false;
+    /// The record, among `transitions`, of the latest change of the task numbered `serial`
+    /// (its `noted`), if that change was made in event `event_no`: a further change in the
+    /// same event extends it.
+    fn record_in(
+        transitions: &mut [Transition],
+        event_no: u32,
+        serial: u64,
+        (event, at): (u32, u32),
+    ) -> Option<&mut Transition> {
+        if event != event_no {
+            return None;
         }
-        self.transitions.get_mut(noted.1 as usize).is_some_and(|tr| tr.task == serial && tr.extend(phase, worker))
+        transitions.get_mut(at as usize).filter(|tr| tr.task == serial)
     }
 
     /// The record of `t`'s latest change, if it was made in this event.
     fn last_record(&mut self, t: Tid) -> Option<&mut Transition> {
-        let (serial, (event, at)) = (self.task(t).serial, self.task(t).noted);
-        if event != self.event_no {
-            return None;
-        }
-        self.transitions.get_mut(at as usize).filter(|tr| tr.task == serial)
+        let (serial, noted) = (self.task(t).serial, self.task(t).noted);
+        Self::record_in(&mut self.transitions, self.event_no, serial, noted)
     }
 
     /// `t` finished (in memory or failed): its owner's progress counts it, once.
@@ -2510,8 +2502,11 @@ impl<P: Clone> Core<P> {
                 Self::settle_progress(&mut self.out, task.owner, c);
             }
         }
-        if self.cfg.record_transitions && !self.extend_record(task.serial, task.noted, Phase::Forgotten, None) {
-            self.transitions.push(Transition::new(task.serial, None, Phase::Forgotten, None));
+        if self.cfg.record_transitions {
+            let this_event = Self::record_in(&mut self.transitions, self.event_no, task.serial, task.noted);
+            if !this_event.is_some_and(|tr| tr.extend(Phase::Forgotten, None)) {
+                self.transitions.push(Transition::new(task.serial, None, Phase::Forgotten, None));
+            }
         }
         self.free_slots.push(t.0);
         self.acquiring.remove(&t);
