@@ -701,8 +701,7 @@ mod tests {
         assert_eq!(p.ready.len(), 2, "cut at the chunk size, inside the second event");
         assert!(p.send(&mut core, true, 2));
         let (_, events) = received(&mut rx);
-        let got: Vec<(Option<String>, Cause, u64)> =
-            changes_of(&events).into_iter().map(|(_, k, c, at)| (k, c, at)).collect();
+        let got = changes_of(&events);
         let want: Vec<(Option<String>, Cause, u64)> = first
             .iter()
             .map(|k| (Some(k.clone()), SUBMITTED, 1))
@@ -909,12 +908,9 @@ mod tests {
         assert!(seen[1].1.iter().any(|c| c.0 == 1 && c.2 == Phase::Memory && c.4 == Some(4)));
     }
 
-    /// (task, key, cause, time) of every change received, in order.
-    fn changes_of(events: &[FeedEvent]) -> Vec<(u64, Option<String>, Cause, u64)> {
-        seen(events)
-            .into_iter()
-            .flat_map(|(at, changes)| changes.into_iter().map(move |c| (c.0, c.1, c.5, at)))
-            .collect()
+    /// (key, cause, time) of every change received, in order.
+    fn changes_of(events: &[FeedEvent]) -> Vec<(Option<String>, Cause, u64)> {
+        seen(events).into_iter().flat_map(|(at, changes)| changes.into_iter().map(move |c| (c.1, c.5, at))).collect()
     }
 
     #[test]
@@ -929,10 +925,9 @@ mod tests {
         assert!(p.send(&mut core, true, 0));
         let (batches, events) = received(&mut rx);
         assert_eq!(batches, 2);
-        let changes = changes_of(&events);
-        assert_eq!(changes.len(), keys.len(), "one record per new task");
+        let got = changes_of(&events);
+        assert_eq!(got.len(), keys.len(), "one record per new task");
         // Every key arrives whole, in order, with the cause and time of its event.
-        let got: Vec<(Option<String>, Cause, u64)> = changes.into_iter().map(|(_, k, c, at)| (k, c, at)).collect();
         let want: Vec<(Option<String>, Cause, u64)> = keys.iter().map(|k| (Some(k.clone()), SUBMITTED, 1)).collect();
         assert_eq!(got, want);
         drop(rx);
