@@ -251,6 +251,19 @@ impl Published {
     /// them in a list or allocating per change (an observer that keeps keys its own way, and
     /// no journal, needs neither).
     pub fn visit(self, mut on_change: impl FnMut(u64, ChangeRef<'_>)) -> Option<FeedEvent> {
+        self.visit_batch(|batch| {
+            for run in batch.runs() {
+                for change in run.changes() {
+                    on_change(run.at_us, change);
+                }
+            }
+        })
+    }
+
+    /// The event this is, if it is one; a batch of changes goes to `on_batch` instead, whole
+    /// and borrowed: an observer that folds many changes per cause (the dashboard) deals with
+    /// each cause and time once, and takes the changes in runs.
+    pub fn visit_batch(self, on_batch: impl FnOnce(ChangeBatch<'_>)) -> Option<FeedEvent> {
         let raw = match self.0 {
             Repr::Event(e) => return Some(e),
             Repr::Changes(raw) => raw,
@@ -259,26 +272,11 @@ impl Published {
         // Every recorded change follows the event that caused it: the first cause starts at
         // the first change.
         debug_assert!(records.is_empty() || causes.first().is_some_and(|(start, ..)| *start == 0));
-        let (mut cause, mut at_us) = causes.first().map_or((Cause::Tick, 0), |&(_, c, t)| (c, t));
-        let mut next = causes.iter().peekable();
-        for (i, t) in records.drain(..).enumerate() {
-            while let Some(&(_, c, t)) = next.next_if(|(start, ..)| *start as usize <= i) {
-                (cause, at_us) = (c, t);
-            }
-            let change = ChangeRef {
-                task: t.task(),
-                key: t.key().and_then(|(s, e)| keys.get(s as usize..e as usize)),
-                via: t.via().into(),
-                phase: t.phase().into(),
-                worker: t.worker().map(|w| w.0),
-                duration_us: t.duration_us(),
-                cause,
-            };
-            on_change(at_us, change);
-        }
+        on_batch(ChangeBatch { records: &records, causes: &causes, keys: &keys });
         // Back to the scheduler, emptied. Buffers grown past a few batches' size (long keys)
         // give the excess back rather than circulate it for the scheduler's lifetime; when the
         // scheduler has spares enough, they are dropped.
+        records.clear();
         keys.clear();
         causes.clear();
         records.shrink_to(MAX_KEPT * FEED_CHUNK);
@@ -286,6 +284,91 @@ impl Published {
         causes.shrink_to(MAX_KEPT * FEED_CHUNK);
         let _ = recycle.try_send((records, causes, keys));
         None
+    }
+}
+
+/// A published batch of task changes, borrowed (see [`Published::visit_batch`]).
+#[derive(Clone, Copy)]
+pub struct ChangeBatch<'a> {
+    records: &'a [Transition],
+    causes: &'a [(u32, Cause, u64)],
+    keys: &'a str,
+}
+
+impl<'a> ChangeBatch<'a> {
+    /// A batch of `records` whose key spans index `keys`; `causes` as the scheduler's
+    /// publisher files them: (index of the first record it caused, the cause, when), in
+    /// order, the first at 0. For tools and tests that feed an observer without a scheduler.
+    #[must_use]
+    pub fn new(records: &'a [Transition], causes: &'a [(u32, Cause, u64)], keys: &'a str) -> Self {
+        ChangeBatch { records, causes, keys }
+    }
+
+    /// How many changes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The changes in runs that share a cause and a time, in order.
+    pub fn runs(&self) -> impl Iterator<Item = ChangeRun<'a>> + use<'a> {
+        let ChangeBatch { records, causes, keys } = *self;
+        // A cause holds from its start to the next one's, the last to the batch's end. The
+        // first holds from the batch's start (it always starts there: see `Publisher`); a
+        // batch with none (not one the scheduler publishes) files its changes under a tick.
+        let untold = causes.is_empty().then_some(ChangeRun { at_us: 0, cause: Cause::Tick, records, keys });
+        let told = causes.iter().enumerate().map(move |(i, &(_, cause, at_us))| {
+            let start = if i == 0 { 0 } else { (causes[i].0 as usize).min(records.len()) };
+            let end = causes.get(i + 1).map_or(records.len(), |&(next, ..)| next as usize).clamp(start, records.len());
+            let records = records.get(start..end).unwrap_or_default();
+            ChangeRun { at_us, cause, records, keys }
+        });
+        untold.into_iter().chain(told)
+    }
+}
+
+/// Changes of one batch that share a cause and a time (see [`ChangeBatch::runs`]).
+#[derive(Clone, Copy)]
+pub struct ChangeRun<'a> {
+    /// When they happened (µs since the scheduler started).
+    pub at_us: u64,
+    /// What caused them.
+    pub cause: Cause,
+    records: &'a [Transition],
+    keys: &'a str,
+}
+
+impl<'a> ChangeRun<'a> {
+    /// How many changes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The changes, in order, their keys borrowed from the batch.
+    pub fn changes(&self) -> impl ExactSizeIterator<Item = ChangeRef<'a>> + use<'a> {
+        let ChangeRun { cause, records, keys, .. } = *self;
+        records.iter().map(move |t| ChangeRef {
+            task: t.task(),
+            key: t.key().and_then(|(s, e)| keys.get(s as usize..e as usize)),
+            via: t.via().into(),
+            phase: t.phase().into(),
+            worker: t.worker().map(|w| w.0),
+            duration_us: t.duration_us(),
+            cause,
+        })
     }
 }
 
@@ -622,6 +705,32 @@ mod tests {
     use super::*;
     use rask_scheduler_core::{ClientId, Config, Event, NewTask, Phase as CorePhase, WorkerId, WorkerSpec};
     use std::sync::Arc;
+
+    #[test]
+    fn a_batch_runs_each_cause_from_its_start_to_the_next_ones() {
+        let records: Vec<Transition> = (0..6).map(|t| Transition::new(t, None, CorePhase::Waiting, None)).collect();
+        let tasks = |b: ChangeBatch<'_>| -> Vec<(u64, Cause, Vec<u64>)> {
+            b.runs().map(|r| (r.at_us, r.cause, r.changes().map(|c| c.task).collect())).collect()
+        };
+        let (a, b, c) = (Cause::Submitted { client: 1 }, Cause::Finished { worker: 2 }, Cause::Tick);
+        let causes = [(0, a, 5), (2, b, 6), (2, c, 7), (5, a, 8), (9, b, 9)];
+        assert_eq!(
+            tasks(ChangeBatch::new(&records, &causes, "")),
+            [(5, a, vec![0, 1]), (6, b, vec![]), (7, c, vec![2, 3, 4]), (8, a, vec![5]), (9, b, vec![])],
+            "every change under the cause in effect; causes past the end hold none"
+        );
+        assert_eq!(
+            tasks(ChangeBatch::new(&records, &[(3, b, 1)], "")),
+            [(1, b, vec![0, 1, 2, 3, 4, 5])],
+            "the first holds from the start"
+        );
+        assert_eq!(
+            tasks(ChangeBatch::new(&records[..2], &[], "")),
+            [(0, Cause::Tick, vec![0, 1])],
+            "none told: a tick"
+        );
+        assert!(ChangeBatch::new(&[], &[], "").runs().all(|r| r.is_empty()));
+    }
 
     fn record(task: u64, key: Option<(u32, u32)>, phase: CorePhase, worker: Option<u32>) -> Transition {
         Transition::new(task, key, phase, worker.map(WorkerId))
