@@ -241,7 +241,7 @@ async fn consume(
                 let Some((path, w)) = &mut journal else {
                     let mut m = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     for p in batch.drain(..) {
-                        if let Some(e) = p.visit(|at_us, c| m.apply_change_ref(at_us, c)) {
+                        if let Some(e) = p.visit_batch(|b| m.apply_batch(b)) {
                             m.apply(e);
                         }
                     }

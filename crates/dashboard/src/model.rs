@@ -8,7 +8,7 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use rask_graph::{FxHashMap, Key};
-use rask_runtime::feed::{Cause, ChangeRef, FeedEvent, Phase, TaskChange, Via};
+use rask_runtime::feed::{Cause, ChangeBatch, ChangeRef, FeedEvent, Phase, TaskChange, Via};
 use serde::Serialize;
 
 /// State changes kept for task stories (the oldest are dropped first).
@@ -28,19 +28,55 @@ const THROUGHPUT_WINDOW_US: u64 = 2_000_000;
 /// (`"inc-12"` → `"inc"`, `"tree-14-1234"` → `"tree"`).
 #[must_use]
 pub fn prefix_of(key: &str) -> &str {
-    let mut end = key.len();
-    while let Some(i) = key[..end].rfind(['-', '_']) {
-        let part = &key[i + 1..end];
-        let numeric = !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
-        let hashy = part.len() >= 8 && part.bytes().all(|b| b.is_ascii_hexdigit());
-        if (numeric || hashy) && i > 0 {
-            end = i;
-        } else {
+    // One pass over the bytes from the end (a new task's key is scanned once, a few hundred
+    // thousand times a second), each byte classified by a table: `end` is where the prefix
+    // ends so far; the part after it being scanned is numeric or hex-like while its bytes are.
+    let bytes = key.as_bytes();
+    let mut end = bytes.len();
+    let mut part = DIGIT | HEX;
+    for i in (0..bytes.len()).rev() {
+        let class = BYTE_CLASS[usize::from(bytes[i])];
+        if class == SEPARATOR {
+            let len = end - i - 1;
+            if i > 0 && ((part & DIGIT != 0 && len > 0) || (part & HEX != 0 && len >= 8)) {
+                end = i;
+                part = DIGIT | HEX;
+                continue;
+            }
+            break;
+        }
+        part &= class;
+        if part == 0 {
+            // Neither numeric nor hex-like: this part stays, and so does all before it.
             break;
         }
     }
     &key[..end]
 }
+
+/// [`prefix_of`]'s byte classes: a decimal digit (also a hex digit), a hex digit, or a
+/// separator (`-`, `_`); anything else is none of them.
+const DIGIT: u8 = 1;
+const HEX: u8 = 2;
+const SEPARATOR: u8 = 4;
+const BYTE_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = if c.is_ascii_digit() {
+            DIGIT | HEX
+        } else if c.is_ascii_hexdigit() {
+            HEX
+        } else if c == b'-' || c == b'_' {
+            SEPARATOR
+        } else {
+            0
+        };
+        b += 1;
+    }
+    t
+};
 
 /// Where a key's text is in the model's [`KeyText`] (its offset plus one, so an absent key
 /// costs no extra word): a task's key is copied there once, from the batch it came in, instead
@@ -154,22 +190,22 @@ impl TaskRec {
 
 /// Live tasks by serial number. Serials are handed out in order and tasks mostly finish in
 /// order, so a window indexed by serial holds them (no hashing; neighbours are adjacent in
-/// memory, which matters at a few hundred thousand changes a second). Keys sit in a window of
-/// their own, touched only when a task appears, finishes a run or is forgotten. Tasks that
-/// outlive the window's front by far move to a map, so one long-lived task cannot pin a window
-/// of everything submitted after it.
+/// memory, which matters at a few hundred thousand changes a second), each with where its key
+/// is (16 bytes a task). Tasks that outlive the window's front by far move to a map, so one
+/// long-lived task cannot pin a window of everything submitted after it.
 #[derive(Default)]
 struct TaskTable {
     /// Serial of `window[0]`.
     base: u64,
-    window: VecDeque<Option<TaskRec>>,
-    /// The key of each task in `window`, at the same position.
-    keys: VecDeque<Option<KeyRef>>,
+    window: VecDeque<Option<(TaskRec, KeyRef)>>,
     /// Live tasks in `window`.
     in_window: usize,
     /// Stragglers from before `base`.
     old: FxHashMap<u64, (TaskRec, KeyRef)>,
 }
+
+// A slot is a task and its key's place, nothing more: `None` uses a niche of the phase.
+const _: () = assert!(std::mem::size_of::<Option<(TaskRec, KeyRef)>>() == 16);
 
 impl TaskTable {
     /// The window is compacted into `old` beyond this length when mostly empty.
@@ -183,97 +219,81 @@ impl TaskTable {
         self.len() == 0
     }
 
-    fn index(&self, serial: u64) -> Option<usize> {
-        serial.checked_sub(self.base).map(|i| i as usize).filter(|i| *i < self.window.len())
-    }
-
-    fn get(&self, serial: u64) -> Option<&TaskRec> {
-        match self.index(serial) {
-            Some(i) => self.window[i].as_ref(),
-            None => self.old.get(&serial).map(|(r, _)| r),
+    fn slot(&self, serial: u64) -> Option<&(TaskRec, KeyRef)> {
+        match serial.checked_sub(self.base) {
+            Some(i) if (i as usize) < self.window.len() => self.window[i as usize].as_ref(),
+            _ => self.old.get(&serial),
         }
     }
 
+    fn get(&self, serial: u64) -> Option<&TaskRec> {
+        self.slot(serial).map(|(r, _)| r)
+    }
+
     fn get_mut(&mut self, serial: u64) -> Option<&mut TaskRec> {
-        match self.index(serial) {
-            Some(i) => self.window[i].as_mut(),
-            None => self.old.get_mut(&serial).map(|(r, _)| r),
+        match serial.checked_sub(self.base) {
+            Some(i) if (i as usize) < self.window.len() => self.window[i as usize].as_mut().map(|(r, _)| r),
+            _ => self.old.get_mut(&serial).map(|(r, _)| r),
         }
     }
 
     fn key(&self, serial: u64) -> Option<KeyRef> {
-        match self.index(serial) {
-            Some(i) => self.keys[i],
-            None => self.old.get(&serial).map(|(_, k)| *k),
-        }
+        self.slot(serial).map(|(_, k)| *k)
     }
 
     fn insert(&mut self, serial: u64, rec: TaskRec, key: KeyRef) {
         if self.window.is_empty() {
             self.base = serial;
         }
-        if serial < self.base {
+        let Some(i) = serial.checked_sub(self.base) else {
             self.old.insert(serial, (rec, key));
             return;
-        }
-        let i = (serial - self.base) as usize;
+        };
+        let i = i as usize;
         // Serials mostly arrive in order: the next one is a push.
-        if i == self.window.len() {
-            self.window.push_back(None);
-            self.keys.push_back(None);
-        } else if i > self.window.len() {
-            self.window.resize(i + 1, None);
-            self.keys.resize(i + 1, None);
-        }
-        self.keys[i] = Some(key);
-        if self.window[i].replace(rec).is_none() {
+        if i >= self.window.len() {
+            self.window.resize(i, None);
+            self.window.push_back(Some((rec, key)));
+            self.in_window += 1;
+        } else if self.window[i].replace((rec, key)).is_none() {
             self.in_window += 1;
         }
     }
 
     fn remove(&mut self, serial: u64) -> Option<(TaskRec, KeyRef)> {
-        let gone = match self.index(serial) {
-            Some(i) => {
-                let gone = self.window[i].take();
-                let key = self.keys[i].take();
-                if gone.is_some() {
-                    self.in_window -= 1;
-                }
-                gone.zip(key)
+        let gone = match serial.checked_sub(self.base) {
+            Some(i) if (i as usize) < self.window.len() => {
+                let gone = self.window[i as usize].take();
+                self.in_window -= usize::from(gone.is_some());
+                gone
             }
-            None => self.old.remove(&serial),
+            _ => return self.old.remove(&serial),
         };
         while matches!(self.window.front(), Some(None)) {
             self.window.pop_front();
-            self.keys.pop_front();
             self.base += 1;
         }
         while self.window.len() > Self::SPAN && self.window.len() > 4 * self.in_window {
-            let (rec, key) = (self.window.pop_front().flatten(), self.keys.pop_front().flatten());
-            debug_assert_eq!(rec.is_some(), key.is_some(), "a task's record and key are kept together");
-            if let (Some(rec), Some(key)) = (rec, key) {
+            if let Some(straggler) = self.window.pop_front().flatten() {
                 self.in_window -= 1;
-                self.old.insert(self.base, (rec, key));
+                self.old.insert(self.base, straggler);
             }
             self.base += 1;
         }
-        debug_assert_eq!(self.window.len(), self.keys.len());
         gone
     }
 
     /// Live tasks with where their keys are.
     fn iter(&self) -> impl Iterator<Item = (u64, &TaskRec, KeyRef)> {
         let base = self.base;
-        let window = self.window.iter().zip(&self.keys).enumerate().filter_map(move |(i, (r, k))| match (r, k) {
-            (Some(r), Some(k)) => Some((base + i as u64, r, *k)),
-            _ => None,
-        });
+        let window =
+            self.window.iter().enumerate().filter_map(move |(i, s)| s.as_ref().map(|(r, k)| (base + i as u64, r, *k)));
         window.chain(self.old.iter().map(|(s, (r, k))| (*s, r, *k)))
     }
 
     /// Every key reference it holds, to move them (see [`Model::compact_keys`]).
     fn key_refs_mut(&mut self) -> impl Iterator<Item = &mut KeyRef> {
-        self.keys.iter_mut().flatten().chain(self.old.values_mut().map(|(_, k)| k))
+        self.window.iter_mut().flatten().map(|(_, k)| k).chain(self.old.values_mut().map(|(_, k)| k))
     }
 }
 
@@ -294,6 +314,10 @@ pub struct PrefixProgress {
     pub done: u64,
     /// Mean run time of its finished runs (µs).
     pub mean_duration_us: u64,
+    /// Its tasks by [`state_code`]: every change moves one count to another, the counts above
+    /// and the model's counts by state are sums of these, worked out for a snapshot.
+    #[serde(skip)]
+    by_state: [u64; 16],
     #[serde(skip)]
     runs: u64,
     #[serde(skip)]
@@ -301,18 +325,32 @@ pub struct PrefixProgress {
 }
 
 impl PrefixProgress {
-    /// The count a task in `phase` belongs to; `finished`: its result was computed, so once
-    /// released or forgotten it is done.
-    fn slot(&mut self, phase: Phase, finished: bool) -> Option<&mut u64> {
-        match phase {
-            Phase::Released | Phase::Forgotten if finished => Some(&mut self.done),
-            Phase::Released | Phase::Waiting | Phase::Queued | Phase::NoWorker => Some(&mut self.waiting),
-            Phase::Processing => Some(&mut self.processing),
-            Phase::Memory => Some(&mut self.memory),
-            Phase::Erred => Some(&mut self.erred),
-            Phase::Forgotten => None,
+    /// A snapshot: the counts shown worked out from those kept. A task released or forgotten
+    /// after its result was computed is done.
+    fn snapshot(&self) -> PrefixProgress {
+        let n = |phase: Phase| self.by_state[state_code(phase, false)] + self.by_state[state_code(phase, true)];
+        let finished = |phase: Phase| self.by_state[state_code(phase, true)];
+        let unfinished = |phase: Phase| self.by_state[state_code(phase, false)];
+        PrefixProgress {
+            name: Arc::clone(&self.name),
+            waiting: unfinished(Phase::Released) + n(Phase::Waiting) + n(Phase::Queued) + n(Phase::NoWorker),
+            processing: n(Phase::Processing),
+            memory: n(Phase::Memory),
+            erred: n(Phase::Erred),
+            done: finished(Phase::Released) + finished(Phase::Forgotten),
+            mean_duration_us: self.total_duration_us.checked_div(self.runs).unwrap_or(0),
+            // What the counts above were worked out from stays with the model.
+            by_state: [0; 16],
+            runs: self.runs,
+            total_duration_us: self.total_duration_us,
         }
     }
+}
+
+/// Where a task in `phase` is counted ([`PrefixProgress::by_state`]); `finished`: its result
+/// was computed (see [`finished_after`]).
+fn state_code(phase: Phase, finished: bool) -> usize {
+    usize::from(phase.code()) | usize::from(finished) << 3
 }
 
 /// A worker, present or departed.
@@ -460,15 +498,24 @@ struct StoryLog {
 }
 
 impl StoryLog {
-    fn push(&mut self, at_us: u64, rec: StoryRec, cause: Cause) {
+    /// The changes pushed next happened at `at_us`, for `cause`.
+    fn begin(&mut self, at_us: u64, cause: Cause) {
         let n = self.front + self.recs.len() as u64;
-        if self.causes.back().is_none_or(|&(_, c, t)| c != cause || t != at_us) {
-            self.causes.push_back((n, cause, at_us));
+        match self.causes.back_mut() {
+            Some((_, c, t)) if *c == cause && *t == at_us => {}
+            // Nothing was kept under the last one (its changes were of unknown tasks).
+            Some((start, c, t)) if *start == n => (*c, *t) = (cause, at_us),
+            _ => self.causes.push_back((n, cause, at_us)),
         }
-        self.recs.push_back(rec);
-        if self.recs.len() > STORY_LIMIT {
-            self.recs.pop_front();
-            self.front += 1;
+    }
+
+    /// Drops the oldest changes beyond [`STORY_LIMIT`] (after a batch of pushes: once per
+    /// batch, not per change).
+    fn trim(&mut self) {
+        let excess = self.recs.len().saturating_sub(STORY_LIMIT);
+        if excess > 0 {
+            self.recs.drain(..excess);
+            self.front += excess as u64;
             while self.causes.get(1).is_some_and(|(start, ..)| *start <= self.front) {
                 self.causes.pop_front();
             }
@@ -536,9 +583,6 @@ pub struct Model {
     started_unix_ms: u64,
     now_us: u64,
     tasks: TaskTable,
-    /// Live tasks by state, in the order of [`LIVE_PHASES`] (kept with every change, so a
-    /// snapshot does not walk every task).
-    by_phase: [u64; LIVE_PHASES.len()],
     /// Serials of recently forgotten tasks, to find their stories by key.
     forgotten: VecDeque<(u64, KeyRef)>,
     /// The text of the keys of the tasks and forgotten tasks above and of the runs below.
@@ -574,18 +618,17 @@ fn phase_name(p: Phase) -> &'static str {
     }
 }
 
-/// Where `phase` is in [`LIVE_PHASES`] (`None`: forgotten).
-fn live_index(phase: Phase) -> Option<usize> {
-    match phase {
-        Phase::Released => Some(0),
-        Phase::Waiting => Some(1),
-        Phase::Queued => Some(2),
-        Phase::NoWorker => Some(3),
-        Phase::Processing => Some(4),
-        Phase::Memory => Some(5),
-        Phase::Erred => Some(6),
-        Phase::Forgotten => None,
-    }
+/// Whether a task's result stands computed after it passed through `via` to `phase`, given
+/// whether it did before: computed results stay done when released; running it again (lost
+/// data) undoes that. The phases passed through in the same event count too (memory, then
+/// released).
+fn finished_after(done: bool, via: Via, phase: Phase) -> bool {
+    let after = |done: bool, p: Phase| match p {
+        Phase::Memory => true,
+        Phase::Waiting | Phase::Queued | Phase::NoWorker | Phase::Processing | Phase::Erred => false,
+        Phase::Released | Phase::Forgotten => done,
+    };
+    if via.is_empty() { after(done, phase) } else { via.iter().chain([phase]).fold(done, after) }
 }
 
 const LIVE_PHASES: [Phase; 7] =
@@ -633,12 +676,31 @@ impl Model {
         self.apply_change_ref(at_us, c.borrowed());
     }
 
-    /// [`Model::apply_change`] with the key borrowed, as `Published::visit` hands changes
-    /// over: the live dashboard allocates nothing per change.
+    /// [`Model::apply_change`] with the key borrowed: allocates nothing per change.
     pub fn apply_change_ref(&mut self, at_us: u64, c: ChangeRef<'_>) {
         self.version += 1;
         self.now_us = self.now_us.max(at_us);
+        self.story.begin(at_us, c.cause);
         self.change(at_us, c);
+        self.story.trim();
+        if self.keys.text.len() >= self.keys.compact_at {
+            self.compact_keys();
+        }
+    }
+
+    /// Folds in a published batch of changes, as the live dashboard does: the same as
+    /// applying each change in turn, with what the changes of one cause share (their time,
+    /// their place in the story, the key text's upkeep) dealt with once per run or batch.
+    pub fn apply_batch(&mut self, batch: ChangeBatch<'_>) {
+        self.version += 1;
+        for run in batch.runs() {
+            self.now_us = self.now_us.max(run.at_us);
+            self.story.begin(run.at_us, run.cause);
+            for c in run.changes() {
+                self.change(run.at_us, c);
+            }
+        }
+        self.story.trim();
         if self.keys.text.len() >= self.keys.compact_at {
             self.compact_keys();
         }
@@ -758,112 +820,156 @@ impl Model {
         }
     }
 
+    /// Folds one change in, its story entry included (under the cause and time the caller
+    /// began, see [`StoryLog::begin`]); a change of a task the model never saw is dropped.
+    /// The common case — a known task moving on — touches its record in place, once; a
+    /// task's first change takes a path of its own.
+    #[inline(always)]
     fn change(&mut self, at_us: u64, c: ChangeRef<'_>) {
-        let ChangeRef { task, key, via, phase, worker, duration_us, cause } = c;
-        let (old_phase, old_finished, prefix, old_worker) = match (self.tasks.get(task).copied(), key) {
-            (Some(t), _) => (Some(t.phase), t.finished(), u32::from(t.prefix), t.worker()),
-            (None, Some(key)) => (None, false, self.prefix_id(key), None),
+        let ChangeRef { task, key, via, phase, worker, duration_us, .. } = c;
+        let Some(old) = self.tasks.get(task).copied() else {
             // A change for a task whose first change was never seen (a journal cut short at
             // its start): nothing to attach it to.
-            (None, None) => return,
+            let Some(key) = key else { return };
+            self.story.recs.push_back(StoryRec::pack(task, via, phase, worker));
+            self.appear(at_us, task, key, via, phase, worker, duration_us);
+            return;
         };
-        // Computed results stay done when released; running it again (lost data) undoes that.
-        // The phases passed through in the same event count too (memory, then released).
-        let finished = via.iter().chain([phase]).fold(old_finished, |done, p| match p {
-            Phase::Memory => true,
-            Phase::Waiting | Phase::Queued | Phase::NoWorker | Phase::Processing | Phase::Erred => false,
-            Phase::Released | Phase::Forgotten => done,
-        });
-        if let Some(i) = old_phase.and_then(live_index) {
-            self.by_phase[i] = self.by_phase[i].saturating_sub(1);
-        }
-        // A task is kept (and counted) unless it is forgotten.
-        if let Some(i) = live_index(phase) {
-            self.by_phase[i] += 1;
-        }
-        let p = &mut self.prefixes[prefix as usize];
-        if let Some(slot) = old_phase.and_then(|o| p.slot(o, old_finished)) {
-            *slot = slot.saturating_sub(1);
-        }
-        if let Some(slot) = p.slot(phase, finished) {
-            *slot += 1;
-        }
-        // Runs for the task stream: a finished run comes with its time, a failure with its worker.
-        let run = match (phase, duration_us, cause) {
-            (Phase::Memory, Some(d), _) => Some((worker, at_us.saturating_sub(d), d, true)),
-            (Phase::Erred, Some(_), _) => Some((worker, at_us, 0, false)),
-            _ => None,
-        };
-        // A known task has its key's place in the table; a new one brings its key, copied into
-        // the text once, when first needed (it ran, is kept, or is remembered as forgotten).
-        let mut key_ref = None;
-        let mut new_key = |keys: &mut KeyText| *key_ref.get_or_insert_with(|| keys.push(key.unwrap_or_default()));
-        if let Some((Some(w), start_us, duration_us, ok)) = run {
-            if ok {
-                p.runs += 1;
-                p.total_duration_us += duration_us;
-                self.completed += 1;
-                self.finishes.push_back(at_us);
-                let since = at_us.saturating_sub(THROUGHPUT_WINDOW_US);
-                while self.finishes.front().is_some_and(|t| *t < since) {
-                    self.finishes.pop_front();
-                }
-            } else {
-                self.failed += 1;
-            }
-            let lane = match self.workers.get_mut(&w) {
-                Some(wv) => {
-                    wv.ran += 1;
-                    lane_for(&mut wv.lanes, start_us, duration_us)
-                }
-                None => 0,
-            };
-            self.stream_seq += 1;
-            let seq = self.stream_seq;
-            let key = match self.tasks.key(task) {
-                Some(k) => k,
-                None => new_key(&mut self.keys),
-            };
-            self.stream.push_back(RunRec { seq, key, prefix, worker: w, lane, start_us, duration_us, ok });
-            if self.stream.len() > STREAM_LIMIT {
-                self.stream.pop_front();
-            }
-        }
-        if old_phase == Some(Phase::Processing) {
-            if let Some(w) = old_worker.and_then(|w| self.workers.get_mut(&w)) {
+        self.story.recs.push_back(StoryRec::pack(task, via, phase, worker));
+        let finished = finished_after(old.finished(), via, phase);
+        let prefix = u32::from(old.prefix);
+        self.count(Some((old.phase, old.finished())), prefix, phase, finished);
+        if let Some(w) = old.worker() {
+            // It was processing there (only then is its worker kept).
+            if let Some(w) = self.workers.get_mut(&w) {
                 w.processing = w.processing.saturating_sub(1);
             }
         }
-        let processing_on = (phase == Phase::Processing).then_some(worker).flatten();
-        if let Some(w) = processing_on.and_then(|w| self.workers.get_mut(&w)) {
-            w.processing += 1;
-        }
-        self.story.push(at_us, StoryRec::pack(task, via, phase, worker), cause);
+        let processing_on = self.ran(at_us, task, None, prefix, phase, worker, duration_us);
         if phase == Phase::Forgotten {
-            let key = match self.tasks.remove(task) {
-                Some((_, key)) => key,
-                // New and forgotten at once (its first change was its last).
-                None => new_key(&mut self.keys),
-            };
-            self.forgotten.push_back((task, key));
-            if self.forgotten.len() > STORY_LIMIT / 4 {
-                self.forgotten.pop_front();
+            let gone = self.tasks.remove(task);
+            if let Some((_, key)) = gone {
+                self.forget(task, key);
             }
-        } else {
-            match self.tasks.get_mut(task) {
-                Some(t) => *t = TaskRec::new(phase, finished, prefix, processing_on),
-                None => {
-                    let key = new_key(&mut self.keys);
-                    self.tasks.insert(task, TaskRec::new(phase, finished, prefix, processing_on), key);
-                }
-            }
+        } else if let Some(t) = self.tasks.get_mut(task) {
+            *t = TaskRec::new(phase, finished, prefix, processing_on);
         }
     }
 
-    /// Tasks known, by state.
+    /// A task's first change: it gets its prefix, its key is kept, and it is counted.
+    #[allow(clippy::too_many_arguments)]
+    fn appear(
+        &mut self,
+        at_us: u64,
+        task: u64,
+        key: &str,
+        via: Via,
+        phase: Phase,
+        worker: Option<u32>,
+        duration_us: Option<u64>,
+    ) {
+        let prefix = self.prefix_id(key);
+        let finished = finished_after(false, via, phase);
+        self.count(None, prefix, phase, finished);
+        let key_ref = self.keys.push(key);
+        let processing_on = self.ran(at_us, task, Some(key_ref), prefix, phase, worker, duration_us);
+        if phase == Phase::Forgotten {
+            // New and forgotten at once (its first change was its last).
+            self.forget(task, key_ref);
+        } else {
+            self.tasks.insert(task, TaskRec::new(phase, finished, prefix, processing_on), key_ref);
+        }
+    }
+
+    /// Moves a task of `prefix` from `old` (phase, finished; `None`: new) to `phase`.
+    #[inline(always)]
+    fn count(&mut self, old: Option<(Phase, bool)>, prefix: u32, phase: Phase, finished: bool) {
+        let by_state = &mut self.prefixes[prefix as usize].by_state;
+        if let Some((old_phase, old_finished)) = old {
+            let from = &mut by_state[state_code(old_phase, old_finished)];
+            *from = from.saturating_sub(1);
+        }
+        by_state[state_code(phase, finished)] += 1;
+    }
+
+    /// The rest of a change to `phase`: a finished run joins the task stream (its time comes
+    /// with the change to memory; a failure with its worker), and a task sent to a worker
+    /// counts there. Returns the worker it is processing on now, if it is. `key`: where the
+    /// key is, when the task is not in the table (yet).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn ran(
+        &mut self,
+        at_us: u64,
+        task: u64,
+        key: Option<KeyRef>,
+        prefix: u32,
+        phase: Phase,
+        worker: Option<u32>,
+        duration_us: Option<u64>,
+    ) -> Option<u32> {
+        let (start_us, duration_us, ok) = match (phase, duration_us) {
+            (Phase::Processing, _) => {
+                let w = worker?;
+                if let Some(wv) = self.workers.get_mut(&w) {
+                    wv.processing += 1;
+                }
+                return Some(w);
+            }
+            (Phase::Memory, Some(d)) => (at_us.saturating_sub(d), d, true),
+            (Phase::Erred, Some(_)) => (at_us, 0, false),
+            _ => return None,
+        };
+        let w = worker?;
+        let p = &mut self.prefixes[prefix as usize];
+        if ok {
+            p.runs += 1;
+            p.total_duration_us += duration_us;
+            self.completed += 1;
+            self.finishes.push_back(at_us);
+            let since = at_us.saturating_sub(THROUGHPUT_WINDOW_US);
+            while self.finishes.front().is_some_and(|t| *t < since) {
+                self.finishes.pop_front();
+            }
+        } else {
+            self.failed += 1;
+        }
+        let lane = match self.workers.get_mut(&w) {
+            Some(wv) => {
+                wv.ran += 1;
+                lane_for(&mut wv.lanes, start_us, duration_us)
+            }
+            None => 0,
+        };
+        self.stream_seq += 1;
+        let seq = self.stream_seq;
+        // A known task has its key's place in the table; a new one's was just kept.
+        let key = key.or_else(|| self.tasks.key(task))?;
+        self.stream.push_back(RunRec { seq, key, prefix, worker: w, lane, start_us, duration_us, ok });
+        if self.stream.len() > STREAM_LIMIT {
+            self.stream.pop_front();
+        }
+        None
+    }
+
+    /// Remembers a forgotten task's serial by its key, to find its story.
+    fn forget(&mut self, task: u64, key: KeyRef) {
+        self.forgotten.push_back((task, key));
+        if self.forgotten.len() > STORY_LIMIT / 4 {
+            self.forgotten.pop_front();
+        }
+    }
+
+    /// Tasks known, by state (forgotten ones are not).
     #[must_use]
     pub fn counts(&self) -> BTreeMap<&'static str, u64> {
-        LIVE_PHASES.iter().zip(self.by_phase).map(|(p, n)| (phase_name(*p), n)).collect()
+        let mut by_phase = [0u64; 8];
+        for p in &self.prefixes {
+            for (code, n) in p.by_state.iter().enumerate() {
+                by_phase[code & 7] += n;
+            }
+        }
+        LIVE_PHASES.iter().map(|p| (phase_name(*p), by_phase[usize::from(p.code())])).collect()
     }
 
     /// Finished tasks per second over the last two seconds of events.
@@ -885,15 +991,8 @@ impl Model {
             completed: self.completed,
             failed: self.failed,
             throughput: self.throughput(),
-            // Means are worked out here, not with every run.
-            prefixes: self
-                .prefixes
-                .iter()
-                .map(|p| PrefixProgress {
-                    mean_duration_us: p.total_duration_us.checked_div(p.runs).unwrap_or(0),
-                    ..p.clone()
-                })
-                .collect(),
+            // Counts and means are worked out here, not with every change.
+            prefixes: self.prefixes.iter().map(PrefixProgress::snapshot).collect(),
             workers: self.workers.values().cloned().collect(),
             stream_seq: self.stream_seq,
         }
@@ -1059,6 +1158,57 @@ mod tests {
         }
     }
 
+    /// Folds `changes` into a fresh model one by one, and into another in batches of
+    /// `size` as the scheduler publishes them (the core's records, each batch's causes from
+    /// its first record on); both models must then show the same.
+    fn fold_both_ways(changes: &[(u64, TaskChange)], size: usize) -> (Model, Model) {
+        use rask_scheduler_core::{Phase as CorePhase, Transition, WorkerId};
+        let (mut one_by_one, mut batched) = (Model::new(), Model::new());
+        for m in [&mut one_by_one, &mut batched] {
+            joined(m, 1, "w1", 2);
+            joined(m, 2, "w2", 1);
+        }
+        for (at_us, c) in changes {
+            one_by_one.apply_change(*at_us, c);
+        }
+        for chunk in changes.chunks(size) {
+            let (mut records, mut causes, mut keys) = (Vec::new(), Vec::new(), String::new());
+            for (at_us, c) in chunk {
+                if causes.last().is_none_or(|&(_, cause, t)| cause != c.cause || t != *at_us) {
+                    causes.push((records.len() as u32, c.cause, *at_us));
+                }
+                let span = c.key.as_ref().map(|k| {
+                    let start = keys.len() as u32;
+                    keys.push_str(k.as_str());
+                    (start, keys.len() as u32)
+                });
+                let core_phase = |p: Phase| match p {
+                    Phase::Released => CorePhase::Released,
+                    Phase::Waiting => CorePhase::Waiting,
+                    Phase::Queued => CorePhase::Queued,
+                    Phase::NoWorker => CorePhase::NoWorker,
+                    Phase::Processing => CorePhase::Processing,
+                    Phase::Memory => CorePhase::Memory,
+                    Phase::Erred => CorePhase::Erred,
+                    Phase::Forgotten => CorePhase::Forgotten,
+                };
+                let mut path = c.via.iter().chain([c.phase]);
+                let first = path.next().map_or(CorePhase::Released, core_phase);
+                let worker = c.worker.map(WorkerId);
+                let mut t = Transition::new(c.task, span, first, if c.via.is_empty() { worker } else { None });
+                for p in path {
+                    assert!(t.extend(core_phase(p), worker.filter(|_| p == c.phase)));
+                }
+                records.push(match c.duration_us {
+                    Some(d) => t.with_duration_us(d),
+                    None => t,
+                });
+            }
+            batched.apply_batch(ChangeBatch::new(&records, &causes, &keys));
+        }
+        (one_by_one, batched)
+    }
+
     fn joined(m: &mut Model, worker: u32, name: &str, nthreads: u32) {
         m.apply(FeedEvent::WorkerJoined {
             at_us: 0,
@@ -1077,6 +1227,100 @@ mod tests {
         assert_eq!(prefix_of("load-parquet-0a1b2c3d4e5f"), "load-parquet");
         assert_eq!(prefix_of("total"), "total");
         assert_eq!(prefix_of("-1"), "-1");
+    }
+
+    /// The straightforward statement of the rule, which `prefix_of` computes in one pass.
+    fn prefix_by_parts(key: &str) -> &str {
+        let mut end = key.len();
+        while let Some(i) = key[..end].rfind(['-', '_']) {
+            let part = &key[i + 1..end];
+            let numeric = !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+            let hashy = part.len() >= 8 && part.bytes().all(|b| b.is_ascii_hexdigit());
+            if (numeric || hashy) && i > 0 {
+                end = i;
+            } else {
+                break;
+            }
+        }
+        &key[..end]
+    }
+
+    #[test]
+    fn prefixes_follow_the_rule_part_by_part() {
+        let keys = [
+            "",
+            "-",
+            "_",
+            "a",
+            "a-",
+            "a_",
+            "-a",
+            "a--1",
+            "a-1-",
+            "a-1_2",
+            "x_12_abcdef12",
+            "x-abcdef1",
+            "x-abcdefgh",
+            "x-ABCDEF12",
+            "-12-34",
+            "_-1",
+            "é-1",
+            "a-é1",
+            "a-1é",
+            "sum-00000000",
+            "t-14-1234-",
+            "a-b-1-c-2",
+            "deadbeef",
+            "x-deadbeef-1",
+            "q-12345678901234567890",
+        ];
+        for k in keys {
+            assert_eq!(prefix_of(k), prefix_by_parts(k), "{k:?}");
+        }
+    }
+
+    #[test]
+    fn batches_fold_as_their_changes_one_by_one() {
+        let by = |cause: Cause, c: TaskChange| TaskChange { cause, ..c };
+        let submitted = Cause::Submitted { client: 7 };
+        let (on1, on2) = (Cause::Finished { worker: 1 }, Cause::Finished { worker: 2 });
+        let mut leaf = change(1, Some("load-1"), Phase::Processing, Some(1));
+        leaf.via = Via::from_phases([Phase::Released, Phase::Waiting, Phase::Queued]).expect("three phases");
+        let leaf_via = leaf.via;
+        let ran =
+            |task, worker, d| TaskChange { duration_us: Some(d), ..change(task, None, Phase::Memory, Some(worker)) };
+        let changes = [
+            (10, by(submitted, leaf)),
+            (10, by(submitted, change(2, Some("load-2"), Phase::Queued, None))),
+            (10, by(submitted, change(3, Some("sum-0a1b2c3d4e"), Phase::Waiting, None))),
+            // A change of a task never seen (a journal cut short): dropped either way.
+            (11, by(Cause::Tick, change(99, None, Phase::Memory, Some(1)))),
+            (12, by(on1, ran(1, 1, 2))),
+            (12, by(on1, change(2, None, Phase::Processing, Some(1)))),
+            (15, by(on2, TaskChange { duration_us: Some(0), ..change(2, None, Phase::Erred, Some(1)) })),
+            (15, by(on2, change(3, None, Phase::Erred, None))),
+            (16, by(Cause::WorkerLeft { worker: 1 }, change(1, None, Phase::Waiting, None))),
+            (17, by(on2, change(1, None, Phase::Processing, Some(2)))),
+            (18, by(on2, ran(1, 2, 1))),
+            (18, by(on2, change(4, Some("once-1"), Phase::Forgotten, None))),
+            (20, by(Cause::Client { client: 7 }, change(3, None, Phase::Forgotten, None))),
+            (20, by(Cause::Client { client: 7 }, change(2, None, Phase::Forgotten, None))),
+            (21, by(Cause::Client { client: 7 }, change(1, None, Phase::Released, None))),
+        ];
+        for size in [1, 2, 3, 5, changes.len()] {
+            let (mut one, mut batched) = fold_both_ways(&changes, size);
+            assert_eq!(batched.status(), one.status(), "batches of {size}");
+            assert_eq!(batched.stream_after(0, 100), one.stream_after(0, 100), "batches of {size}");
+            for key in ["load-1", "load-2", "sum-0a1b2c3d4e", "once-1"] {
+                assert_eq!(batched.story(key), one.story(key), "story of {key}, batches of {size}");
+            }
+            let s = one.status();
+            assert_eq!((s.completed, s.failed, s.counts["released"], s.counts["erred"]), (2, 1, 1, 0));
+            let (now, story) = one.story("load-1");
+            assert_eq!(now, Some(Phase::Released));
+            assert_eq!(story.len(), 6);
+            assert_eq!((story[0].via, story[0].cause), (leaf_via, submitted));
+        }
     }
 
     #[test]
@@ -1351,14 +1595,6 @@ mod tests {
         assert!(log.causes.len() == 2 && log.causes[0].0 <= log.front, "{:?}", log.causes);
         let (_, later) = m.story("m-0");
         assert_eq!(later.iter().map(|e| (e.at_us, e.phase)).collect::<Vec<_>>(), [(12, Phase::Queued)]);
-    }
-
-    #[test]
-    fn live_index_is_the_position_in_live_phases() {
-        for (i, p) in LIVE_PHASES.iter().enumerate() {
-            assert_eq!(live_index(*p), Some(i), "{p:?}");
-        }
-        assert_eq!(live_index(Phase::Forgotten), None);
     }
 
     #[test]

@@ -248,8 +248,9 @@ impl Transition {
 
     /// Moves on to `phase` (on `worker`), the current phase joining `via`; false, and
     /// unchanged, when this record ended a run (its time and worker belong to that phase) or
-    /// its `via` is full.
-    pub(crate) fn extend(&mut self, phase: Phase, worker: Option<WorkerId>) -> bool {
+    /// its `via` is full. How the core makes one record of a task's changes in one event;
+    /// public for tools and tests that build records as the core does.
+    pub fn extend(&mut self, phase: Phase, worker: Option<WorkerId>) -> bool {
         if self.flags & Self::HAS_DURATION != 0 || !self.via.push(self.phase()) {
             return false;
         }
