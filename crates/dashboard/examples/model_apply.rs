@@ -8,50 +8,28 @@
 use std::time::Instant;
 
 use rask_dashboard::Model;
-use rask_runtime::feed::{Cause, ChangeBatch, FeedEvent};
-use rask_scheduler_core::{Phase, Transition, WorkerId};
-
-/// A batch's records, causes and key text.
-type Batch = (Vec<Transition>, Vec<(u32, Cause, u64)>, String);
+use rask_runtime::feed::{BatchBuilder, Cause, ChangeRef, FeedEvent, Phase, Via};
 
 /// Changes gathered into batches the way the scheduler's publisher cuts them.
 #[derive(Default)]
 struct Batcher {
-    done: Vec<Batch>,
-    records: Vec<Transition>,
-    causes: Vec<(u32, Cause, u64)>,
-    keys: String,
+    done: Vec<BatchBuilder>,
+    current: BatchBuilder,
 }
 
 impl Batcher {
     const CHUNK: usize = 1024;
 
     fn push(&mut self, at_us: u64, cause: Cause, task: u64, key: Option<&str>, phase: Phase, worker: Option<u32>) {
-        if self.causes.last().is_none_or(|&(_, c, t)| c != cause || t != at_us) {
-            self.causes.push((self.records.len() as u32, cause, at_us));
-        }
-        let span = key.map(|k| {
-            let start = self.keys.len() as u32;
-            self.keys.push_str(k);
-            (start, self.keys.len() as u32)
-        });
-        let mut t = Transition::new(task, span, phase, worker.map(WorkerId));
-        if phase == Phase::Memory {
-            t = t.with_duration_us(1);
-        }
-        self.records.push(t);
-        if self.records.len() == Self::CHUNK {
+        let duration_us = (phase == Phase::Memory).then_some(1);
+        self.current.push(at_us, ChangeRef { task, key, via: Via::EMPTY, phase, worker, duration_us, cause });
+        if self.current.len() == Self::CHUNK {
             self.flush();
         }
     }
 
     fn flush(&mut self) {
-        // The next batch starts under the cause in effect.
-        let last = self.causes.last().map(|&(_, c, t)| (0, c, t));
-        let batch =
-            (std::mem::take(&mut self.records), std::mem::take(&mut self.causes), std::mem::take(&mut self.keys));
-        self.done.push(batch);
-        self.causes.extend(last);
+        self.done.push(std::mem::take(&mut self.current));
     }
 }
 
@@ -124,10 +102,10 @@ fn main() {
         // Each batch is read once (not timed) before it is folded: the dashboard thread gets
         // batches the scheduler's thread has just written, from its cache, not from memory.
         let mut elapsed = std::time::Duration::ZERO;
-        for (records, causes, keys) in &b.done {
-            std::hint::black_box(records.iter().map(|t| t.task()).sum::<u64>() + keys.len() as u64);
+        for batch in &b.done {
+            std::hint::black_box(batch.batch().runs().flat_map(|r| r.changes()).map(|c| c.task).sum::<u64>());
             let t0 = Instant::now();
-            m.apply_batch(ChangeBatch::new(records, causes, keys));
+            m.apply_batch(batch.batch());
             elapsed += t0.elapsed();
         }
         best = best.min(elapsed.as_secs_f64() * 1e9 / tasks as f64);

@@ -1162,7 +1162,6 @@ mod tests {
     /// `size` as the scheduler publishes them (the core's records, each batch's causes from
     /// its first record on); both models must then show the same.
     fn fold_both_ways(changes: &[(u64, TaskChange)], size: usize) -> (Model, Model) {
-        use rask_scheduler_core::{Phase as CorePhase, Transition, WorkerId};
         let (mut one_by_one, mut batched) = (Model::new(), Model::new());
         for m in [&mut one_by_one, &mut batched] {
             joined(m, 1, "w1", 2);
@@ -1171,40 +1170,14 @@ mod tests {
         for (at_us, c) in changes {
             one_by_one.apply_change(*at_us, c);
         }
+        let mut b = rask_runtime::feed::BatchBuilder::default();
         for chunk in changes.chunks(size) {
-            let (mut records, mut causes, mut keys) = (Vec::new(), Vec::new(), String::new());
             for (at_us, c) in chunk {
-                if causes.last().is_none_or(|&(_, cause, t)| cause != c.cause || t != *at_us) {
-                    causes.push((records.len() as u32, c.cause, *at_us));
-                }
-                let span = c.key.as_ref().map(|k| {
-                    let start = keys.len() as u32;
-                    keys.push_str(k.as_str());
-                    (start, keys.len() as u32)
-                });
-                let core_phase = |p: Phase| match p {
-                    Phase::Released => CorePhase::Released,
-                    Phase::Waiting => CorePhase::Waiting,
-                    Phase::Queued => CorePhase::Queued,
-                    Phase::NoWorker => CorePhase::NoWorker,
-                    Phase::Processing => CorePhase::Processing,
-                    Phase::Memory => CorePhase::Memory,
-                    Phase::Erred => CorePhase::Erred,
-                    Phase::Forgotten => CorePhase::Forgotten,
-                };
-                let mut path = c.via.iter().chain([c.phase]);
-                let first = path.next().map_or(CorePhase::Released, core_phase);
-                let worker = c.worker.map(WorkerId);
-                let mut t = Transition::new(c.task, span, first, if c.via.is_empty() { worker } else { None });
-                for p in path {
-                    assert!(t.extend(core_phase(p), worker.filter(|_| p == c.phase)));
-                }
-                records.push(match c.duration_us {
-                    Some(d) => t.with_duration_us(d),
-                    None => t,
-                });
+                b.push(*at_us, c.borrowed());
             }
-            batched.apply_batch(ChangeBatch::new(&records, &causes, &keys));
+            assert_eq!(b.len(), chunk.len());
+            batched.apply_batch(b.batch());
+            b.clear();
         }
         (one_by_one, batched)
     }

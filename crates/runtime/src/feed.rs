@@ -178,6 +178,21 @@ impl Phase {
         Self::BY_CODE[usize::from(code & 0b111)]
     }
 
+    /// The scheduler core's phase of the same name.
+    fn to_core(self) -> rask_scheduler_core::Phase {
+        use rask_scheduler_core::Phase as P;
+        match self {
+            Phase::Released => P::Released,
+            Phase::Waiting => P::Waiting,
+            Phase::Queued => P::Queued,
+            Phase::NoWorker => P::NoWorker,
+            Phase::Processing => P::Processing,
+            Phase::Memory => P::Memory,
+            Phase::Erred => P::Erred,
+            Phase::Forgotten => P::Forgotten,
+        }
+    }
+
     /// Every phase, at the position of its code.
     const BY_CODE: [Phase; 8] = [
         Phase::Released,
@@ -298,9 +313,8 @@ pub struct ChangeBatch<'a> {
 impl<'a> ChangeBatch<'a> {
     /// A batch of `records` whose key spans index `keys`; `causes` as the scheduler's
     /// publisher files them: (index of the first record it caused, the cause, when), in
-    /// order, the first at 0. For tools and tests that feed an observer without a scheduler.
-    #[must_use]
-    pub fn new(records: &'a [Transition], causes: &'a [(u32, Cause, u64)], keys: &'a str) -> Self {
+    /// order, the first at 0.
+    fn new(records: &'a [Transition], causes: &'a [(u32, Cause, u64)], keys: &'a str) -> Self {
         ChangeBatch { records, causes, keys }
     }
 
@@ -330,6 +344,69 @@ impl<'a> ChangeBatch<'a> {
             ChangeRun { at_us, cause, records, keys }
         });
         untold.into_iter().chain(told)
+    }
+}
+
+/// Task changes gathered into one batch in the form the scheduler publishes them (the core's
+/// records, their keys as text, their causes by where they start), for tools and tests that
+/// feed an observer without a scheduler (`examples/model_apply.rs` in the dashboard crate).
+#[derive(Default)]
+pub struct BatchBuilder {
+    records: Vec<Transition>,
+    causes: Vec<(u32, Cause, u64)>,
+    keys: String,
+}
+
+impl BatchBuilder {
+    /// Adds a change made at `at_us`, as the core records it: one record for the phases it
+    /// passed through and its new one, the worker of the last.
+    pub fn push(&mut self, at_us: u64, c: ChangeRef<'_>) {
+        if self.causes.last().is_none_or(|&(_, cause, t)| cause != c.cause || t != at_us) {
+            self.causes.push((self.records.len() as u32, c.cause, at_us));
+        }
+        let span = c.key.map(|k| {
+            let start = self.keys.len() as u32;
+            self.keys.push_str(k);
+            (start, self.keys.len() as u32)
+        });
+        let worker = c.worker.map(rask_scheduler_core::WorkerId);
+        let mut path = c.via.iter().chain([c.phase]);
+        let first = path.next().map_or(rask_scheduler_core::Phase::Released, Phase::to_core);
+        let mut t = Transition::new(c.task, span, first, if c.via.is_empty() { worker } else { None });
+        for p in path {
+            let extended = t.extend(p.to_core(), worker.filter(|_| p == c.phase));
+            debug_assert!(extended, "a published path fits a record");
+        }
+        self.records.push(match c.duration_us {
+            Some(d) => t.with_duration_us(d),
+            None => t,
+        });
+    }
+
+    /// How many changes it holds.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether it holds none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The batch, as an observer is lent it (see [`Published::visit_batch`]).
+    #[must_use]
+    pub fn batch(&self) -> ChangeBatch<'_> {
+        ChangeBatch::new(&self.records, &self.causes, &self.keys)
+    }
+
+    /// Empties it for the next batch (which notes its first change's cause afresh, as the
+    /// scheduler's batches do).
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.causes.clear();
+        self.keys.clear();
     }
 }
 
