@@ -2,6 +2,7 @@
 //! scheduler: the changes a tree reduction makes (intake, runs on two workers, release, and
 //! the cascade that forgets it), in the core's records, fed to [`Model::apply_batch`] in
 //! batches of 1 024 as the dashboard thread receives them (built beforehand, not timed).
+//! A task is sent in one scheduler turn and reported finished in a later one, 16 at a time.
 //!
 //! `cargo run --release -p rask-dashboard --example model_apply [-- DEPTH [REPEAT]]`
 
@@ -43,19 +44,23 @@ fn feed(b: &mut Batcher, depth: u32, base: u64, names: &[String], clock: &mut u6
         let phase = if s < leaves { Phase::Queued } else { Phase::Waiting };
         b.push(*clock, submitted, base + s, Some(names[s as usize].as_str()), phase, None);
     }
-    // Runs, level by level, on two workers that report 16 at a time (one scheduler turn each:
-    // one time and one cause); a finished level releases its inputs.
+    // Runs, level by level, on two workers, 16 tasks at a time: the scheduler sends them in one
+    // turn and learns they finished in a later one (one time and one cause each, as a worker's
+    // frame of reports makes them); a finished level releases its inputs.
     let (mut start, mut width) = (0u64, leaves);
     while width >= 1 {
-        for i in 0..width {
-            let s = base + start + i;
-            let w = ((i / 16) % 2) as u32;
-            if i % 16 == 0 {
-                *clock += 3;
-            }
+        for group in (0..width).step_by(16) {
+            let w = ((group / 16) % 2) as u32;
             let finished = Cause::Finished { worker: w };
-            b.push(*clock, finished, s, None, Phase::Processing, Some(w));
-            b.push(*clock, finished, s, None, Phase::Memory, Some(w));
+            let tasks = (group..(group + 16).min(width)).map(|i| base + start + i);
+            *clock += 1;
+            for s in tasks.clone() {
+                b.push(*clock, finished, s, None, Phase::Processing, Some(w));
+            }
+            *clock += 1;
+            for s in tasks {
+                b.push(*clock, finished, s, None, Phase::Memory, Some(w));
+            }
         }
         if start > 0 {
             let below = 2 * width;
@@ -99,11 +104,10 @@ fn main() {
     for _ in 0..repeat {
         let mut b = Batcher::default();
         let tasks = feed(&mut b, depth, base, &names, &mut clock);
-        // Each batch is read once (not timed) before it is folded: the dashboard thread gets
-        // batches the scheduler's thread has just written, from its cache, not from memory.
+        // The batches come from memory, not from a cache: the dashboard's thread reads what
+        // the scheduler's thread wrote on another core.
         let mut elapsed = std::time::Duration::ZERO;
         for batch in &b.done {
-            std::hint::black_box(batch.batch().runs().flat_map(|r| r.changes()).map(|c| c.task).sum::<u64>());
             let t0 = Instant::now();
             m.apply_batch(batch.batch());
             elapsed += t0.elapsed();

@@ -287,7 +287,7 @@ impl Published {
         // Every recorded change follows the event that caused it: the first cause starts at
         // the first change.
         debug_assert!(records.is_empty() || causes.first().is_some_and(|(start, ..)| *start == 0));
-        on_batch(ChangeBatch { records: &records, causes: &causes, keys: &keys });
+        on_batch(ChangeBatch::new(&records, &causes, &keys));
         // Back to the scheduler, emptied. Buffers grown past a few batches' size (long keys)
         // give the excess back rather than circulate it for the scheduler's lifetime; when the
         // scheduler has spares enough, they are dropped.
@@ -303,7 +303,7 @@ impl Published {
 }
 
 /// A published batch of task changes, borrowed (see [`Published::visit_batch`]).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct ChangeBatch<'a> {
     records: &'a [Transition],
     causes: &'a [(u32, Cause, u64)],
@@ -315,6 +315,7 @@ impl<'a> ChangeBatch<'a> {
     /// publisher files them: (index of the first record it caused, the cause, when), in
     /// order, the first at 0.
     fn new(records: &'a [Transition], causes: &'a [(u32, Cause, u64)], keys: &'a str) -> Self {
+        debug_assert!(causes.windows(2).all(|w| w[0].0 <= w[1].0), "causes in the order of their changes");
         ChangeBatch { records, causes, keys }
     }
 
@@ -350,7 +351,7 @@ impl<'a> ChangeBatch<'a> {
 /// Task changes gathered into one batch in the form the scheduler publishes them (the core's
 /// records, their keys as text, their causes by where they start), for tools and tests that
 /// feed an observer without a scheduler (`examples/model_apply.rs` in the dashboard crate).
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct BatchBuilder {
     records: Vec<Transition>,
     causes: Vec<(u32, Cause, u64)>,
@@ -411,7 +412,7 @@ impl BatchBuilder {
 }
 
 /// Changes of one batch that share a cause and a time (see [`ChangeBatch::runs`]).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct ChangeRun<'a> {
     /// When they happened (µs since the scheduler started).
     pub at_us: u64,
@@ -667,9 +668,9 @@ impl TaskChange {
     }
 }
 
-/// A [`TaskChange`] whose key is borrowed from the batch it came in (see [`Published::visit`]):
-/// an observer that keeps keys its own way allocates nothing per change. The fields mean what
-/// they mean there.
+/// A [`TaskChange`] whose key is borrowed from the batch it came in (see
+/// [`Published::visit_batch`]): an observer that keeps keys its own way allocates nothing per
+/// change. The fields mean what they mean there.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ChangeRef<'a> {
     /// The task's serial number.
@@ -806,7 +807,7 @@ mod tests {
             [(0, Cause::Tick, vec![0, 1])],
             "none told: a tick"
         );
-        assert!(ChangeBatch::new(&[], &[], "").runs().all(|r| r.is_empty()));
+        assert_eq!(tasks(ChangeBatch::new(&[], &[], "")), [(0, Cause::Tick, vec![])], "an empty batch: one empty run");
     }
 
     fn record(task: u64, key: Option<(u32, u32)>, phase: CorePhase, worker: Option<u32>) -> Transition {

@@ -250,6 +250,7 @@ impl Transition {
     /// unchanged, when this record ended a run (its time and worker belong to that phase) or
     /// its `via` is full. How the core makes one record of a task's changes in one event;
     /// public for tools and tests that build records as the core does.
+    #[must_use]
     pub fn extend(&mut self, phase: Phase, worker: Option<WorkerId>) -> bool {
         if self.flags & Self::HAS_DURATION != 0 || !self.via.push(self.phase()) {
             return false;
