@@ -319,18 +319,6 @@ impl<'a> ChangeBatch<'a> {
         ChangeBatch { records, causes, keys }
     }
 
-    /// How many changes.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    /// Whether there are none.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
-
     /// The changes in runs that share a cause and a time, in order.
     pub fn runs(&self) -> impl Iterator<Item = ChangeRun<'a>> + use<'a> {
         let ChangeBatch { records, causes, keys } = *self;
@@ -423,18 +411,6 @@ pub struct ChangeRun<'a> {
 }
 
 impl<'a> ChangeRun<'a> {
-    /// How many changes.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    /// Whether there are none.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
-
     /// The changes, in order, their keys borrowed from the batch.
     pub fn changes(&self) -> impl ExactSizeIterator<Item = ChangeRef<'a>> + use<'a> {
         let ChangeRun { cause, records, keys, .. } = *self;
