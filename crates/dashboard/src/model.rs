@@ -321,7 +321,7 @@ impl PrefixProgress {
     /// A snapshot: the counts shown worked out from those kept. A task released or forgotten
     /// after its result was computed is done.
     fn snapshot(&self) -> PrefixProgress {
-        let n = |phase: Phase| self.by_state[state_code(phase, false)] + self.by_state[state_code(phase, true)];
+        let n = |phase: Phase| self.in_phase(phase);
         let finished = |phase: Phase| self.by_state[state_code(phase, true)];
         let unfinished = |phase: Phase| self.by_state[state_code(phase, false)];
         PrefixProgress {
@@ -337,6 +337,11 @@ impl PrefixProgress {
             runs: self.runs,
             total_duration_us: self.total_duration_us,
         }
+    }
+
+    /// Its tasks in `phase`, their results computed or not.
+    fn in_phase(&self, phase: Phase) -> u64 {
+        self.by_state[state_code(phase, false)] + self.by_state[state_code(phase, true)]
     }
 }
 
@@ -958,13 +963,7 @@ impl Model {
     /// Tasks known, by state (forgotten ones are not).
     #[must_use]
     pub fn counts(&self) -> BTreeMap<&'static str, u64> {
-        let mut by_phase = [0u64; 8];
-        for p in &self.prefixes {
-            for (code, n) in p.by_state.iter().enumerate() {
-                by_phase[code & 7] += n;
-            }
-        }
-        LIVE_PHASES.iter().map(|p| (phase_name(*p), by_phase[usize::from(p.code())])).collect()
+        LIVE_PHASES.iter().map(|&p| (phase_name(p), self.prefixes.iter().map(|x| x.in_phase(p)).sum())).collect()
     }
 
     /// Finished tasks per second over the last two seconds of events.

@@ -350,9 +350,7 @@ impl BatchBuilder {
     /// Adds a change made at `at_us`, as the core records it: one record for the phases it
     /// passed through and its new one, the worker of the last.
     pub fn push(&mut self, at_us: u64, c: ChangeRef<'_>) {
-        if self.causes.last().is_none_or(|&(_, cause, t)| cause != c.cause || t != at_us) {
-            self.causes.push((self.records.len() as u32, c.cause, at_us));
-        }
+        file_cause(&mut self.causes, self.records.len(), c.cause, at_us);
         let span = c.key.map(|k| {
             let start = self.keys.len() as u32;
             self.keys.push_str(k);
@@ -396,6 +394,14 @@ impl BatchBuilder {
         self.records.clear();
         self.causes.clear();
         self.keys.clear();
+    }
+}
+
+/// Notes that the changes from the `at`th on were made at `at_us` for `cause`, unless the
+/// cause in effect is that one already: how a batch's causes are filed (see [`ChangeBatch`]).
+fn file_cause(causes: &mut Vec<(u32, Cause, u64)>, at: usize, cause: Cause, at_us: u64) {
+    if causes.last().is_none_or(|&(_, c, t)| c != cause || t != at_us) {
+        causes.push((at as u32, cause, at_us));
     }
 }
 
@@ -488,8 +494,8 @@ impl Publisher {
     /// Files the changes the core recorded since it held `before` under `cause`, at `at_us`.
     pub fn caused<P: Clone>(&mut self, core: &mut Core<P>, before: usize, cause: Cause, at_us: u64) {
         let after = core.transitions_pending();
-        if after > before && self.causes.last().is_none_or(|&(_, c, t)| c != cause || t != at_us) {
-            self.causes.push((before as u32, cause, at_us));
+        if after > before {
+            file_cause(&mut self.causes, before, cause, at_us);
         }
         if after >= FEED_CHUNK {
             self.take_changes(core);
@@ -527,7 +533,7 @@ impl Publisher {
         if n == 0 {
             return;
         }
-        // Every change follows the event that caused it (see `Published::visit`).
+        // Every change follows the event that caused it (see `Published::visit_batch`).
         debug_assert!(self.causes.first().is_some_and(|&(at, ..)| at == 0), "the first change has its cause");
         // The cause in effect at each batch's start.
         let mut current = 0;
